@@ -1,0 +1,328 @@
+//! Who a WebSocket client is: JWT verification (HS256 with a shared secret,
+//! RS256/ES256 with a public key file) and minting for the `token` command.
+//!
+//! Each key only verifies its own algorithm family, so an RSA public key can
+//! never be used as an HMAC secret (algorithm confusion), and `alg: none` is
+//! never accepted.
+
+use std::{
+    collections::HashSet,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use jsonwebtoken::{
+    decode, decode_header, encode, Algorithm, AlgorithmFamily, DecodingKey, EncodingKey, Header,
+    Validation,
+};
+use serde_json::{Map, Value};
+
+use crate::{
+    config::{AuthConfig, AuthMode, ConfigError},
+    message::UserId,
+};
+
+/// The most clock skew tolerated on `exp` (the contract allows up to 60 s).
+pub const LEEWAY_SECS: u64 = 30;
+
+/// A verified client identity.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub user: UserId,
+    /// The channels this connection may join beyond the public ones.
+    pub channels: ChannelGrant,
+    /// When the token stops being valid; the connection is closed then.
+    pub expires_at: Option<SystemTime>,
+}
+
+/// Which channels a connection may join.
+#[derive(Debug, Clone)]
+pub enum ChannelGrant {
+    /// Development mode: every channel.
+    All,
+    /// The token's `channels` claim.
+    Listed(HashSet<String>),
+}
+
+impl ChannelGrant {
+    pub fn allows(&self, channel: &str) -> bool {
+        match self {
+            ChannelGrant::All => true,
+            ChannelGrant::Listed(set) => set.contains(channel),
+        }
+    }
+}
+
+/// Verifies tokens with the configured keys.
+pub struct Authenticator {
+    mode: AuthMode,
+    user_claim: String,
+    hmac: Option<(DecodingKey, Validation)>,
+    public: Option<(DecodingKey, Validation)>,
+}
+
+impl std::fmt::Debug for Authenticator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authenticator")
+            .field("mode", &self.mode)
+            .field("user_claim", &self.user_claim)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Authenticator {
+    /// Builds the verifier; a key file that cannot be read or parsed is a
+    /// configuration error naming `auth.jwt_public_key_file`.
+    pub fn from_config(config: &AuthConfig) -> Result<Self, ConfigError> {
+        let hmac = config.jwt_secret.as_ref().map(|secret| {
+            let mut v = validation(config, AlgorithmFamily::Hmac);
+            v.algorithms = vec![Algorithm::HS256, Algorithm::HS384, Algorithm::HS512];
+            (DecodingKey::from_secret(secret.as_bytes()), v)
+        });
+        let public = match &config.jwt_public_key_file {
+            None => None,
+            Some(path) => {
+                let pem = std::fs::read(path).map_err(|e| {
+                    ConfigError::key(
+                        "auth.jwt_public_key_file",
+                        format!("cannot read {}: {e}", path.display()),
+                    )
+                })?;
+                if let Ok(key) = DecodingKey::from_rsa_pem(&pem) {
+                    let mut v = validation(config, AlgorithmFamily::Rsa);
+                    v.algorithms = vec![Algorithm::RS256, Algorithm::RS384, Algorithm::RS512];
+                    Some((key, v))
+                } else if let Ok(key) = DecodingKey::from_ec_pem(&pem) {
+                    let mut v = validation(config, AlgorithmFamily::Ec);
+                    v.algorithms = vec![Algorithm::ES256, Algorithm::ES384];
+                    Some((key, v))
+                } else {
+                    return Err(ConfigError::key(
+                        "auth.jwt_public_key_file",
+                        format!(
+                            "{} is not an RSA or EC public key in PEM form",
+                            path.display()
+                        ),
+                    ));
+                }
+            }
+        };
+        Ok(Self {
+            mode: config.mode,
+            user_claim: config.user_claim.clone(),
+            hmac,
+            public,
+        })
+    }
+
+    pub fn mode(&self) -> AuthMode {
+        self.mode
+    }
+
+    /// Verifies a token and extracts the user and channel grant.
+    pub fn verify(&self, token: &str) -> Result<Identity, String> {
+        let header = decode_header(token).map_err(|_| "malformed token".to_string())?;
+        let (key, validation) = match header.alg {
+            Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => self.hmac.as_ref(),
+            Algorithm::RS256
+            | Algorithm::RS384
+            | Algorithm::RS512
+            | Algorithm::ES256
+            | Algorithm::ES384 => self.public.as_ref(),
+            _ => None,
+        }
+        .ok_or_else(|| format!("token algorithm {:?} is not accepted", header.alg))?;
+        let data = decode::<Map<String, Value>>(token, key, validation).map_err(|e| {
+            use jsonwebtoken::errors::ErrorKind;
+            match e.kind() {
+                ErrorKind::ExpiredSignature => "token expired".to_string(),
+                ErrorKind::InvalidSignature => "bad token signature".to_string(),
+                ErrorKind::InvalidAudience => "token audience not accepted".to_string(),
+                ErrorKind::InvalidIssuer => "token issuer not accepted".to_string(),
+                ErrorKind::MissingRequiredClaim(claim) => {
+                    format!("token lacks the `{claim}` claim")
+                }
+                ErrorKind::InvalidAlgorithm => "token algorithm not accepted".to_string(),
+                ErrorKind::ImmatureSignature => "token not valid yet".to_string(),
+                _ => "invalid token".to_string(),
+            }
+        })?;
+        let claims = data.claims;
+        let user = claims
+            .get(&self.user_claim)
+            .and_then(UserId::from_json)
+            .ok_or_else(|| {
+                format!(
+                    "token claim `{}` must be an integer or a non-empty string",
+                    self.user_claim
+                )
+            })?;
+        let channels = match claims.get("channels") {
+            None | Some(Value::Null) => HashSet::new(),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|c| c.as_str().map(String::from))
+                .collect::<Option<HashSet<_>>>()
+                .ok_or("token claim `channels` must be an array of strings")?,
+            Some(_) => return Err("token claim `channels` must be an array of strings".into()),
+        };
+        let expires_at = claims
+            .get("exp")
+            .and_then(Value::as_u64)
+            .map(|exp| UNIX_EPOCH + Duration::from_secs(exp));
+        Ok(Identity {
+            user,
+            channels: ChannelGrant::Listed(channels),
+            expires_at,
+        })
+    }
+}
+
+fn validation(config: &AuthConfig, family: AlgorithmFamily) -> Validation {
+    let mut v = Validation::new_for_family(family);
+    v.leeway = LEEWAY_SECS;
+    v.validate_exp = true;
+    v.set_required_spec_claims(&["exp"]);
+    match &config.audience {
+        Some(aud) => v.set_audience(&[aud]),
+        None => v.validate_aud = false,
+    }
+    if let Some(iss) = &config.issuer {
+        v.set_issuer(&[iss]);
+    }
+    v
+}
+
+/// Mints an HS256 token for `user`, as the `token` command and the demo page do.
+pub fn mint(
+    config: &AuthConfig,
+    user: &str,
+    channels: &[String],
+    ttl: Duration,
+) -> anyhow::Result<String> {
+    let secret = config.jwt_secret.as_ref().ok_or_else(|| {
+        anyhow::anyhow!(
+            "auth.jwt_secret is not set: tokens can only be minted with a shared secret \
+             (set NOTIFY_BRIDGE_AUTH__JWT_SECRET or auth.jwt_secret)"
+        )
+    })?;
+    let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
+    let mut claims = Map::new();
+    claims.insert(config.user_claim.clone(), Value::String(user.to_string()));
+    claims.insert("iat".into(), now.into());
+    claims.insert("exp".into(), (now + ttl.as_secs().max(1)).into());
+    if !channels.is_empty() {
+        claims.insert("channels".into(), channels.to_vec().into());
+    }
+    if let Some(aud) = &config.audience {
+        claims.insert("aud".into(), Value::String(aud.clone()));
+    }
+    if let Some(iss) = &config.issuer {
+        claims.insert("iss".into(), Value::String(iss.clone()));
+    }
+    Ok(encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> AuthConfig {
+        AuthConfig {
+            jwt_secret: Some("test-secret-0123456789".into()),
+            ..AuthConfig::default()
+        }
+    }
+
+    fn b64(bytes: &[u8]) -> String {
+        use std::fmt::Write;
+        // Minimal base64url without padding, enough for hand-made test tokens.
+        const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        let mut out = String::new();
+        for chunk in bytes.chunks(3) {
+            let n =
+                chunk.iter().fold(0u32, |acc, &b| (acc << 8) | b as u32) << (8 * (3 - chunk.len()));
+            for i in 0..=chunk.len() {
+                let _ = write!(out, "{}", T[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn minted_tokens_verify() {
+        let auth = Authenticator::from_config(&config()).unwrap();
+        let token = mint(&config(), "42", &["news".into()], Duration::from_secs(60)).unwrap();
+        let id = auth.verify(&token).unwrap();
+        assert_eq!(id.user.as_str(), "42");
+        assert!(id.channels.allows("news"));
+        assert!(!id.channels.allows("other"));
+        assert!(id.expires_at.unwrap() > SystemTime::now());
+    }
+
+    #[test]
+    fn wrong_secret_and_expired_tokens_are_refused() {
+        let auth = Authenticator::from_config(&config()).unwrap();
+        let other = AuthConfig {
+            jwt_secret: Some("another-secret-0123456".into()),
+            ..AuthConfig::default()
+        };
+        let token = mint(&other, "1", &[], Duration::from_secs(60)).unwrap();
+        assert!(auth.verify(&token).unwrap_err().contains("signature"));
+
+        let mut claims = Map::new();
+        claims.insert("sub".into(), "1".into());
+        claims.insert("exp".into(), 1_000u64.into());
+        let expired = encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(b"test-secret-0123456789"),
+        )
+        .unwrap();
+        assert!(auth.verify(&expired).unwrap_err().contains("expired"));
+    }
+
+    #[test]
+    fn missing_exp_and_alg_none_are_refused() {
+        let auth = Authenticator::from_config(&config()).unwrap();
+        let mut claims = Map::new();
+        claims.insert("sub".into(), "1".into());
+        let no_exp = encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(b"test-secret-0123456789"),
+        )
+        .unwrap();
+        assert!(auth.verify(&no_exp).unwrap_err().contains("exp"));
+
+        let none = format!(
+            "{}.{}.",
+            b64(br#"{"alg":"none","typ":"JWT"}"#),
+            b64(br#"{"sub":"1","exp":9999999999}"#)
+        );
+        assert!(auth.verify(&none).is_err());
+        assert!(auth.verify("garbage").is_err());
+    }
+
+    #[test]
+    fn integer_sub_and_custom_claim() {
+        let cfg = AuthConfig {
+            user_claim: "uid".into(),
+            ..config()
+        };
+        let auth = Authenticator::from_config(&cfg).unwrap();
+        let mut claims = Map::new();
+        claims.insert("uid".into(), 7.into());
+        claims.insert("exp".into(), 9_999_999_999u64.into());
+        let token = encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(b"test-secret-0123456789"),
+        )
+        .unwrap();
+        assert_eq!(auth.verify(&token).unwrap().user.as_str(), "7");
+    }
+}

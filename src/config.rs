@@ -1,0 +1,715 @@
+//! Configuration: built-in defaults, then a TOML file, then
+//! `NOTIFY_BRIDGE_SECTION__KEY` environment variables, merged by figment into
+//! one typed, validated [`Config`].
+//!
+//! Every error names the key in dotted form and where its value came from, so
+//! an operator can fix a bad deployment without reading the source.
+
+use std::{
+    fmt,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use figment::{
+    providers::{Env, Format, Serialized, Toml},
+    Figment,
+};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// The file read when `--config` is not given, if it exists.
+pub const DEFAULT_CONFIG_PATH: &str = "config/notify-bridge.toml";
+
+/// The prefix of every environment variable the bridge reads.
+pub const ENV_PREFIX: &str = "NOTIFY_BRIDGE_";
+
+/// The whole, validated configuration of one bridge instance.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub amqp: AmqpConfig,
+    pub websocket: WebSocketConfig,
+    pub http: HttpConfig,
+    pub inbox: InboxConfig,
+    pub auth: AuthConfig,
+    pub log: LogConfig,
+    /// How long a SIGTERM may take from "stop accepting" to exit.
+    #[serde(with = "duration_text")]
+    pub shutdown_timeout: Duration,
+}
+
+/// Where the bridge consumes from.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AmqpConfig {
+    pub url: String,
+    pub exchange: String,
+    /// Used only when the bridge has to create the exchange.
+    pub exchange_type: String,
+    pub routing_key: String,
+    /// This instance's queue; empty means `notify-bridge.<hostname>`.
+    pub queue: String,
+    pub prefetch: u16,
+    pub max_message_bytes: usize,
+    #[serde(with = "duration_text")]
+    pub reconnect_max_backoff: Duration,
+}
+
+/// The browser-facing WebSocket listener.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebSocketConfig {
+    pub listen: SocketAddr,
+    pub path: String,
+    #[serde(deserialize_with = "string_list")]
+    pub allowed_origins: Vec<String>,
+    #[serde(deserialize_with = "string_list")]
+    pub public_channels: Vec<String>,
+    /// Outbound queue per connection, in messages; full means close 1013.
+    pub send_queue: usize,
+    pub max_message_bytes: usize,
+    #[serde(with = "duration_text")]
+    pub ping_interval: Duration,
+    pub max_connections: usize,
+    pub max_connections_per_user: usize,
+    /// A client that has not finished its HTTP upgrade by then is dropped.
+    #[serde(with = "duration_text")]
+    pub handshake_timeout: Duration,
+}
+
+/// The HTTP side port.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    pub listen: SocketAddr,
+    #[serde(deserialize_with = "string_list")]
+    pub api_keys: Vec<String>,
+    #[serde(deserialize_with = "string_list")]
+    pub admin_keys: Vec<String>,
+    /// Lets the send endpoint accept calls without a key (development only).
+    pub allow_anonymous: bool,
+    /// Serves a token-minting endpoint for the demo page (development only).
+    pub dev_tokens: bool,
+}
+
+/// The per-user inbox (stored notifications).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct InboxConfig {
+    pub enabled: bool,
+    pub path: PathBuf,
+    pub max_per_user: usize,
+    #[serde(with = "duration_text")]
+    pub ttl: Duration,
+}
+
+/// How WebSocket clients prove who they are.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// Signed JWTs (the default).
+    Jwt,
+    /// The user id is taken from the URL: local development only.
+    None,
+}
+
+/// JWT verification settings.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    pub mode: AuthMode,
+    #[serde(
+        deserialize_with = "optional_text",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub jwt_secret: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwt_public_key_file: Option<PathBuf>,
+    pub user_claim: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub audience: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub issuer: Option<String>,
+}
+
+/// Log output.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// A tracing filter: `info`, `debug`, `notify_bridge=debug,lapin=warn`, …
+    pub level: String,
+    pub format: LogFormat,
+}
+
+/// Human-readable lines or one JSON object per line.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            amqp: AmqpConfig::default(),
+            websocket: WebSocketConfig::default(),
+            http: HttpConfig::default(),
+            inbox: InboxConfig::default(),
+            auth: AuthConfig::default(),
+            log: LogConfig::default(),
+            shutdown_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Default for AmqpConfig {
+    fn default() -> Self {
+        Self {
+            url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            exchange: "notifications_exchange".into(),
+            exchange_type: "direct".into(),
+            routing_key: "notifications.send".into(),
+            queue: String::new(),
+            prefetch: 200,
+            max_message_bytes: 1_048_576,
+            reconnect_max_backoff: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Default for WebSocketConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            path: "/ws".into(),
+            allowed_origins: Vec::new(),
+            public_channels: Vec::new(),
+            send_queue: 1024,
+            max_message_bytes: 65_536,
+            ping_interval: Duration::from_secs(25),
+            max_connections: 100_000,
+            max_connections_per_user: 100,
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8081)),
+            api_keys: Vec::new(),
+            admin_keys: Vec::new(),
+            allow_anonymous: false,
+            dev_tokens: false,
+        }
+    }
+}
+
+impl Default for InboxConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            path: PathBuf::from("data/inbox.db"),
+            max_per_user: 1000,
+            ttl: Duration::from_secs(30 * 24 * 3600),
+        }
+    }
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            mode: AuthMode::Jwt,
+            jwt_secret: None,
+            jwt_public_key_file: None,
+            user_claim: "sub".into(),
+            audience: None,
+            issuer: None,
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+impl AmqpConfig {
+    /// The queue this instance consumes: one per instance, so every instance
+    /// sees every message and delivers to its own clients.
+    pub fn queue_name(&self) -> String {
+        if self.queue.is_empty() {
+            format!("notify-bridge.{}", hostname())
+        } else {
+            self.queue.clone()
+        }
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// A configuration that cannot be used; `main` exits with code 2 on it.
+#[derive(Debug)]
+pub struct ConfigError {
+    problems: Vec<String>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid configuration:")?;
+        for problem in &self.problems {
+            write!(f, "\n  - {problem}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl ConfigError {
+    /// A single problem about one key, for checks made outside this module
+    /// (the inbox store, the JWT key file) that must still name the key.
+    pub fn key(key: &str, detail: impl fmt::Display) -> Self {
+        Self {
+            problems: vec![format!("{key}: {detail}")],
+        }
+    }
+}
+
+impl Config {
+    /// Loads defaults, then `path` (or the default file if present), then the
+    /// environment, and validates the result.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let figment = Self::figment(path)?;
+        let config: Config = figment.extract().map_err(|err| ConfigError {
+            problems: err
+                .into_iter()
+                .map(|e| describe_figment_error(&e))
+                .collect(),
+        })?;
+        config.validate(&figment)?;
+        Ok(config)
+    }
+
+    /// Loads from defaults plus environment only, for tests and embedding.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        let figment = Figment::from(Serialized::defaults(Config::default())).merge(env_provider());
+        let config: Config = figment.extract().map_err(|err| ConfigError {
+            problems: err
+                .into_iter()
+                .map(|e| describe_figment_error(&e))
+                .collect(),
+        })?;
+        config.validate(&figment)?;
+        Ok(config)
+    }
+
+    fn figment(path: Option<&Path>) -> Result<Figment, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        match path {
+            Some(path) => {
+                if !path.is_file() {
+                    return Err(ConfigError {
+                        problems: vec![format!("--config {}: no such file", path.display())],
+                    });
+                }
+                figment = figment.merge(Toml::file_exact(path));
+            }
+            None => {
+                let default = Path::new(DEFAULT_CONFIG_PATH);
+                if default.is_file() {
+                    figment = figment.merge(Toml::file_exact(default));
+                }
+            }
+        }
+        Ok(figment.merge(env_provider()))
+    }
+
+    /// Checks that figment cannot express as types; every problem is listed,
+    /// not only the first.
+    fn validate(&self, figment: &Figment) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        let mut check = |ok: bool, key: &str, detail: &str| {
+            if !ok {
+                problems.push(format!(
+                    "{key}: {detail} (from {})",
+                    source_of(figment, key)
+                ));
+            }
+        };
+        let a = &self.amqp;
+        check(!a.url.is_empty(), "amqp.url", "must not be empty");
+        check(
+            a.url.starts_with("amqp://") || a.url.starts_with("amqps://"),
+            "amqp.url",
+            "must start with amqp:// or amqps://",
+        );
+        check(!a.exchange.is_empty(), "amqp.exchange", "must not be empty");
+        check(
+            matches!(
+                a.exchange_type.as_str(),
+                "direct" | "fanout" | "topic" | "headers"
+            ),
+            "amqp.exchange_type",
+            "must be one of direct, fanout, topic, headers",
+        );
+        check(a.prefetch > 0, "amqp.prefetch", "must be at least 1");
+        check(
+            a.max_message_bytes > 0,
+            "amqp.max_message_bytes",
+            "must be at least 1",
+        );
+        check(
+            !a.reconnect_max_backoff.is_zero(),
+            "amqp.reconnect_max_backoff",
+            "must be longer than 0s",
+        );
+        let w = &self.websocket;
+        check(
+            w.path.starts_with('/'),
+            "websocket.path",
+            "must start with '/'",
+        );
+        check(
+            w.send_queue > 0,
+            "websocket.send_queue",
+            "must be at least 1",
+        );
+        check(
+            w.max_message_bytes >= 16,
+            "websocket.max_message_bytes",
+            "must be at least 16",
+        );
+        check(
+            !w.ping_interval.is_zero(),
+            "websocket.ping_interval",
+            "must be longer than 0s",
+        );
+        check(
+            w.max_connections > 0,
+            "websocket.max_connections",
+            "must be at least 1",
+        );
+        check(
+            w.max_connections_per_user > 0,
+            "websocket.max_connections_per_user",
+            "must be at least 1",
+        );
+        check(
+            !w.handshake_timeout.is_zero(),
+            "websocket.handshake_timeout",
+            "must be longer than 0s",
+        );
+        check(
+            self.inbox.max_per_user > 0,
+            "inbox.max_per_user",
+            "must be at least 1",
+        );
+        check(
+            !self.inbox.ttl.is_zero(),
+            "inbox.ttl",
+            "must be longer than 0s",
+        );
+        check(
+            !self.auth.user_claim.is_empty(),
+            "auth.user_claim",
+            "must not be empty",
+        );
+        if self.auth.mode == AuthMode::Jwt {
+            check(
+                self.auth.jwt_secret.is_some() || self.auth.jwt_public_key_file.is_some(),
+                "auth.jwt_secret",
+                "auth.mode = \"jwt\" needs auth.jwt_secret or auth.jwt_public_key_file \
+                 (or set auth.mode = \"none\" for local development)",
+            );
+        }
+        check(
+            !self.shutdown_timeout.is_zero(),
+            "shutdown_timeout",
+            "must be longer than 0s",
+        );
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            problems.push(format!(
+                "log.level: {:?} is not a valid filter such as \"info\" or \"notify_bridge=debug\" (from {})",
+                self.log.level,
+                source_of(figment, "log.level")
+            ));
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError { problems })
+        }
+    }
+
+    /// The effective configuration as TOML, secrets masked, for `check-config`.
+    pub fn to_masked_toml(&self) -> String {
+        let mut shown = self.clone();
+        const MASK: &str = "********";
+        if shown.auth.jwt_secret.is_some() {
+            shown.auth.jwt_secret = Some(MASK.into());
+        }
+        for key in shown
+            .http
+            .api_keys
+            .iter_mut()
+            .chain(shown.http.admin_keys.iter_mut())
+        {
+            *key = MASK.into();
+        }
+        shown.amqp.url = mask_url_password(&shown.amqp.url);
+        if shown.amqp.queue.is_empty() {
+            shown.amqp.queue = shown.amqp.queue_name();
+        }
+        toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+}
+
+/// The sections a `NOTIFY_BRIDGE_*` variable may address; other variables
+/// with the prefix (a test harness's, say) are not configuration.
+const TOP_LEVEL_KEYS: [&str; 7] = [
+    "amqp",
+    "websocket",
+    "http",
+    "inbox",
+    "auth",
+    "log",
+    "shutdown_timeout",
+];
+
+fn env_provider() -> Env {
+    Env::prefixed(ENV_PREFIX).split("__").filter(|key| {
+        let key = key.as_str().to_ascii_lowercase().replace("__", ".");
+        let top = key.split('.').next().unwrap_or_default();
+        TOP_LEVEL_KEYS.contains(&top)
+    })
+}
+
+fn mask_url_password(url: &str) -> String {
+    // amqp://user:password@host -> amqp://user:********@host
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_string();
+    };
+    let rest = &url[scheme_end + 3..];
+    let Some(at) = rest.find('@') else {
+        return url.to_string();
+    };
+    match rest[..at].find(':') {
+        Some(colon) => format!(
+            "{}{}:********{}",
+            &url[..scheme_end + 3],
+            &rest[..colon],
+            &rest[at..]
+        ),
+        None => url.to_string(),
+    }
+}
+
+/// "environment variable NOTIFY_BRIDGE_X__Y", "config/x.toml", or "default".
+fn source_of(figment: &Figment, key: &str) -> String {
+    match figment.find_metadata(key) {
+        Some(meta) => describe_metadata(meta, key),
+        None => "default".into(),
+    }
+}
+
+fn describe_metadata(meta: &figment::Metadata, key: &str) -> String {
+    if let Some(source) = &meta.source {
+        return format!("{} ({source})", meta.name);
+    }
+    if meta.name.contains("environment") {
+        let native = format!(
+            "{ENV_PREFIX}{}",
+            key.to_ascii_uppercase().replace('.', "__")
+        );
+        return format!("environment variable {native}");
+    }
+    meta.name.to_string()
+}
+
+fn describe_figment_error(err: &figment::Error) -> String {
+    let key = if err.path.is_empty() {
+        "(top level)".to_string()
+    } else {
+        err.path.join(".")
+    };
+    let source = match &err.metadata {
+        Some(meta) => describe_metadata(meta, &key),
+        None => "default".into(),
+    };
+    format!("{key}: {} (from {source})", err.kind)
+}
+
+/// Durations as `"25s"`, `"1h 30m"`, `"30d"`; a bare integer means seconds.
+mod duration_text {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Text {
+            Seconds(u64),
+            Text(String),
+        }
+        match Text::deserialize(d)? {
+            Text::Seconds(s) => Ok(Duration::from_secs(s)),
+            Text::Text(t) => humantime::parse_duration(t.trim()).map_err(|e| {
+                serde::de::Error::custom(format!(
+                    "{t:?} is not a duration like \"25s\", \"5m\" or \"30d\" ({e})"
+                ))
+            }),
+        }
+    }
+}
+
+/// A list from TOML (`["a","b"]`), or from one environment string, either
+/// as a TOML array (`'["a","b"]'`, already parsed by figment) or
+/// comma-separated (`a,b`).
+fn string_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Item {
+        Text(String),
+        Int(i64),
+    }
+    impl Item {
+        fn into_string(self) -> String {
+            match self {
+                Item::Text(s) => s,
+                Item::Int(i) => i.to_string(),
+            }
+        }
+    }
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum List {
+        Many(Vec<Item>),
+        One(Item),
+    }
+    Ok(match List::deserialize(d)? {
+        List::Many(items) => items.into_iter().map(Item::into_string).collect(),
+        List::One(item) => item
+            .into_string()
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect(),
+    })
+}
+
+/// A secret that an environment variable may spell as digits only.
+fn optional_text<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Text {
+        Text(String),
+        Int(i64),
+    }
+    Ok(match Option::<Text>::deserialize(d)? {
+        Some(Text::Text(s)) if s.is_empty() => None,
+        Some(Text::Text(s)) => Some(s),
+        Some(Text::Int(i)) => Some(i.to_string()),
+        None => None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_toml(text: &str) -> Result<Config, ConfigError> {
+        let figment =
+            Figment::from(Serialized::defaults(Config::default())).merge(Toml::string(text));
+        let config: Config = figment.extract().map_err(|err| ConfigError {
+            problems: err
+                .into_iter()
+                .map(|e| describe_figment_error(&e))
+                .collect(),
+        })?;
+        config.validate(&figment)?;
+        Ok(config)
+    }
+
+    const SECRET: &str = "auth.jwt_secret = \"0123456789abcdef0123\"\n";
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let c = load_toml(SECRET).unwrap();
+        assert_eq!(c.amqp.prefetch, 200);
+        assert_eq!(c.amqp.max_message_bytes, 1_048_576);
+        assert_eq!(c.websocket.max_message_bytes, 65_536);
+        assert_eq!(c.websocket.send_queue, 1024);
+        assert_eq!(c.websocket.ping_interval, Duration::from_secs(25));
+        assert_eq!(c.amqp.reconnect_max_backoff, Duration::from_secs(30));
+        assert_eq!(c.shutdown_timeout, Duration::from_secs(10));
+        assert_eq!(c.inbox.ttl, Duration::from_secs(30 * 86400));
+        assert!(c.amqp.queue_name().starts_with("notify-bridge."));
+    }
+
+    #[test]
+    fn bad_value_names_the_dotted_key() {
+        let err = load_toml(&format!("{SECRET}[websocket]\nsend_queue = \"lots\"\n")).unwrap_err();
+        assert!(err.to_string().contains("websocket.send_queue"), "{err}");
+        let err = load_toml(&format!("{SECRET}[websocket]\nsend_queue = 0\n")).unwrap_err();
+        assert!(err.to_string().contains("websocket.send_queue"), "{err}");
+        let err =
+            load_toml(&format!("{SECRET}[websocket]\nping_interval = \"soon\"\n")).unwrap_err();
+        assert!(err.to_string().contains("websocket.ping_interval"), "{err}");
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let err = load_toml(&format!("{SECRET}[websocket]\nsend_queeu = 5\n")).unwrap_err();
+        assert!(err.to_string().contains("send_queeu"), "{err}");
+    }
+
+    #[test]
+    fn jwt_mode_needs_a_key() {
+        let err = load_toml("").unwrap_err();
+        assert!(err.to_string().contains("auth.jwt_secret"), "{err}");
+        assert!(load_toml("auth.mode = \"none\"\n").is_ok());
+    }
+
+    #[test]
+    fn lists_accept_arrays_and_commas() {
+        let c = load_toml(&format!("{SECRET}[http]\napi_keys = \"k1, k2\"\n")).unwrap();
+        assert_eq!(c.http.api_keys, vec!["k1", "k2"]);
+        let c = load_toml(&format!("{SECRET}[http]\napi_keys = [\"k1\", 22]\n")).unwrap();
+        assert_eq!(c.http.api_keys, vec!["k1", "22"]);
+    }
+
+    #[test]
+    fn masked_output_hides_secrets() {
+        let c = load_toml(&format!(
+            "{SECRET}[http]\napi_keys = [\"apikey-visible\"]\n[amqp]\nurl = \"amqp://u:hunter2@h:5672/%2f\"\n"
+        ))
+        .unwrap();
+        let shown = c.to_masked_toml();
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(!shown.contains("apikey-visible"), "{shown}");
+        assert!(!shown.contains("0123456789abcdef0123"), "{shown}");
+        assert!(shown.contains("amqp://u:********@h:5672/%2f"), "{shown}");
+        // The masked output is itself a loadable config.
+        let again: Config = toml::from_str(&shown).unwrap();
+        assert_eq!(again.websocket, c.websocket);
+    }
+}

@@ -1,0 +1,79 @@
+//! The HTTP side port: health, readiness and metrics for operators (and,
+//! as the API grows, the REST routes). axum gives routing, extractors and
+//! 404/405 handling that would otherwise be hand-written; every error is
+//! the contract's `{"error": CODE, "detail": TEXT}`.
+
+mod error;
+mod health;
+
+use std::sync::Arc;
+
+use axum::{
+    http::{header, StatusCode},
+    response::IntoResponse,
+    routing::get,
+    Router as Routes,
+};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use error::ApiError;
+
+use crate::{metrics::Metrics, readiness::Readiness, router::Router};
+
+/// What the HTTP handlers share.
+pub struct HttpState {
+    pub metrics: Arc<Metrics>,
+    pub readiness: Arc<Readiness>,
+    pub router: Router,
+}
+
+/// The route table of the side port.
+pub fn routes(state: Arc<HttpState>) -> Routes {
+    Routes::new()
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+}
+
+/// Serves until shutdown.
+pub async fn serve(listener: TcpListener, state: Arc<HttpState>, shutdown: CancellationToken) {
+    let app = routes(state);
+    let result = axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await;
+    if let Err(e) = result {
+        tracing::error!(error = %e, "HTTP side port failed");
+    }
+}
+
+async fn metrics(
+    axum::extract::State(state): axum::extract::State<Arc<HttpState>>,
+) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
+}
+
+async fn not_found(uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!("no route for {}", uri.path()),
+    )
+}
+
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{method} is not allowed on {}", uri.path()),
+    )
+}

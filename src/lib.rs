@@ -1,0 +1,169 @@
+//! notify-bridge delivers notifications from RabbitMQ to the WebSockets of
+//! the users they are addressed to.
+//!
+//! Follow one message from the broker to a browser:
+//!
+//! ```text
+//! AMQP delivery ─▶ amqp::consumer ─▶ message::decode ─▶ router (one task)
+//!              ─▶ session queue ─▶ ws::session (writer) ─▶ socket
+//! ```
+//!
+//! What is where:
+//!
+//! - [`config`]: figment layers (defaults, TOML, environment) to a typed,
+//!   validated [`config::Config`].
+//! - [`message`]: the notification on the wire, decoded and validated once,
+//!   its frame serialized once.
+//! - [`amqp`]: topology, the consume loop with reconnects, ordered acks.
+//! - [`router`]: the one task that knows who is connected and fans out.
+//! - [`ws`]: the WebSocket server: handshake and auth, limits, sessions.
+//! - [`auth`]: JWT verification and minting.
+//! - [`http`]: the side port (health, readiness, metrics).
+//! - [`metrics`], [`readiness`]: shared state operators read.
+//! - [`shutdown`]: the signal every task watches.
+//!
+//! [`run`] starts it all and returns the bound addresses, so tests can bind
+//! port 0.
+
+pub mod amqp;
+pub mod auth;
+pub mod config;
+pub mod http;
+pub mod message;
+pub mod metrics;
+pub mod readiness;
+pub mod router;
+pub mod shutdown;
+pub mod ws;
+
+use std::{
+    net::SocketAddr,
+    sync::{atomic::AtomicU64, Arc},
+};
+
+use anyhow::Context;
+use tokio::{net::TcpListener, task::JoinHandle};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::{info, warn};
+
+use crate::{
+    amqp::consumer::{self, ConsumerContext},
+    auth::Authenticator,
+    config::{AuthMode, Config},
+    http::HttpState,
+    metrics::Metrics,
+    readiness::Readiness,
+    router::Router,
+    ws::{limits::ConnectionLimits, WsContext},
+};
+
+/// A started bridge.
+pub struct Running {
+    /// Where the WebSocket listener is bound.
+    pub ws_addr: SocketAddr,
+    /// Where the HTTP side port is bound.
+    pub http_addr: SocketAddr,
+    pub metrics: Arc<Metrics>,
+    pub readiness: Arc<Readiness>,
+    pub router: Router,
+    done: JoinHandle<()>,
+}
+
+impl Running {
+    /// Waits until the bridge has shut down (after `shutdown` was cancelled).
+    pub async fn wait(self) {
+        let _ = self.done.await;
+    }
+}
+
+/// Starts the bridge; it stops when `shutdown` is cancelled.
+///
+/// Fails only for what must stop startup: listeners that cannot bind, keys
+/// that cannot be read. An unreachable broker is not an error: the bridge
+/// serves sockets and keeps reconnecting.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<Running> {
+    let auth = Authenticator::from_config(&config.auth)?;
+    if config.auth.mode == AuthMode::None {
+        warn!("auth.mode = \"none\": ANY client can connect as ANY user. Local development only!");
+    }
+    let ws_listener = TcpListener::bind(config.websocket.listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on websocket.listen = {}",
+                config.websocket.listen
+            )
+        })?;
+    let http_listener = TcpListener::bind(config.http.listen)
+        .await
+        .with_context(|| format!("cannot listen on http.listen = {}", config.http.listen))?;
+    let ws_addr = ws_listener.local_addr()?;
+    let http_addr = http_listener.local_addr()?;
+
+    let metrics = Arc::new(Metrics::default());
+    let readiness = Arc::new(Readiness::default());
+    let (router, router_task) = Router::spawn(metrics.clone());
+
+    let consumer_task = tokio::spawn(consumer::run(ConsumerContext {
+        config: Arc::new(config.amqp.clone()),
+        router: router.clone(),
+        metrics: metrics.clone(),
+        readiness: readiness.clone(),
+        shutdown: shutdown.clone(),
+    }));
+
+    let sessions = TaskTracker::new();
+    let ws_ctx = Arc::new(WsContext {
+        limits: ConnectionLimits::new(
+            config.websocket.max_connections,
+            config.websocket.max_connections_per_user,
+        ),
+        settings: config.websocket.clone(),
+        auth,
+        router: router.clone(),
+        metrics: metrics.clone(),
+        next_connection_id: AtomicU64::new(0),
+        shutdown: shutdown.clone(),
+        sessions: sessions.clone(),
+    });
+    let ws_task = tokio::spawn(ws::serve(ws_listener, ws_ctx));
+
+    let http_state = Arc::new(HttpState {
+        metrics: metrics.clone(),
+        readiness: readiness.clone(),
+        router: router.clone(),
+    });
+    let http_task = tokio::spawn(http::serve(http_listener, http_state, shutdown.clone()));
+
+    info!(%ws_addr, path = %config.websocket.path, %http_addr, "notify-bridge listening");
+
+    let shutdown_timeout = config.shutdown_timeout;
+    let drain_router = router.clone();
+    let done = tokio::spawn(async move {
+        shutdown.cancelled().await;
+        info!("shutting down: closing clients with 1001");
+        let drain = async {
+            let _ = ws_task.await;
+            let _ = consumer_task.await;
+            drain_router.close_all(1001, "server shutting down").await;
+            sessions.close();
+            sessions.wait().await;
+            let _ = http_task.await;
+        };
+        if tokio::time::timeout(shutdown_timeout, drain).await.is_err() {
+            warn!(timeout = ?shutdown_timeout, "shutdown_timeout reached; exiting anyway");
+        }
+        drop(drain_router);
+        router_task.abort();
+        info!("stopped");
+    });
+
+    Ok(Running {
+        ws_addr,
+        http_addr,
+        metrics,
+        readiness,
+        router,
+        done,
+    })
+}

@@ -1,0 +1,420 @@
+//! The notification on the wire: one decoder for AMQP bodies and HTTP bodies,
+//! so both paths accept and refuse exactly the same messages.
+//!
+//! The payload is kept as the publisher's own JSON text (`RawValue`): key
+//! order, big integers and escapes reach the browser untouched, and the
+//! notification frame is serialized once per message, then shared by every
+//! recipient.
+
+use std::{fmt, sync::Arc};
+
+use serde::{Deserialize, Deserializer};
+use serde_json::value::RawValue;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+/// A user id, normalised to text so that `1` and `"1"` are the same user.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct UserId(Arc<str>);
+
+impl UserId {
+    /// Parses a user id as it appears in a URL or a token claim.
+    pub fn new(text: &str) -> Option<Self> {
+        let text = text.trim();
+        (!text.is_empty()).then(|| Self(Arc::from(text)))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// A user id from JSON: an integer or a non-empty string.
+    pub fn from_json(value: &serde_json::Value) -> Option<Self> {
+        match value {
+            serde_json::Value::String(s) => Self::new(s),
+            serde_json::Value::Number(n) if n.is_i64() || n.is_u64() => {
+                Some(Self(Arc::from(n.to_string())))
+            }
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for UserId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Who a notification is for: exactly one kind per message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    User(UserId),
+    /// Deduplicated: a user listed twice gets the message once.
+    Users(Vec<UserId>),
+    Channel(Arc<str>),
+    Broadcast,
+}
+
+/// A decoded, valid notification, with its frame already serialized.
+#[derive(Debug, Clone)]
+pub struct Notification {
+    pub id: String,
+    pub event: String,
+    pub target: Target,
+    /// `false` keeps the message out of the inbox (live feeds).
+    pub store: bool,
+    pub payload: Box<RawValue>,
+    /// The `notification` frame, shared (cheaply cloned) by every recipient.
+    pub frame: Utf8Bytes,
+}
+
+/// Why a message was refused; the text goes to the log, the dead-letter
+/// reason and HTTP 400 bodies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DecodeError {
+    TooLarge { size: usize, limit: usize },
+    Invalid(String),
+}
+
+impl fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DecodeError::TooLarge { size, limit } => {
+                write!(
+                    f,
+                    "message is {size} bytes, larger than the limit of {limit} bytes"
+                )
+            }
+            DecodeError::Invalid(reason) => f.write_str(reason),
+        }
+    }
+}
+
+impl std::error::Error for DecodeError {}
+
+fn invalid(reason: impl Into<String>) -> DecodeError {
+    DecodeError::Invalid(reason.into())
+}
+
+/// The fields as they arrive; each is kept raw so that presence, `null` and
+/// wrong types can be told apart and reported precisely.
+#[derive(Deserialize)]
+struct Wire<'a> {
+    #[serde(default, borrow, deserialize_with = "present")]
+    user_id: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    user_ids: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    channel: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    broadcast: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    payload: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    event: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    id: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    store: Option<&'a RawValue>,
+}
+
+/// `Some` whenever the key is present, even with `null`.
+fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
+}
+
+/// Decodes and validates one message body.
+///
+/// `fallback_id` is the AMQP `message_id` (or an HTTP-assigned id), used
+/// when the body has no `id`; with neither, a UUID v7 is made.
+pub fn decode(
+    body: &[u8],
+    fallback_id: Option<&str>,
+    max_bytes: usize,
+) -> Result<Notification, DecodeError> {
+    if body.len() > max_bytes {
+        return Err(DecodeError::TooLarge {
+            size: body.len(),
+            limit: max_bytes,
+        });
+    }
+    let text = std::str::from_utf8(body).map_err(|e| invalid(format!("body is not UTF-8: {e}")))?;
+    let trimmed = text.trim_start();
+    if !trimmed.starts_with('{') {
+        return Err(invalid(if trimmed.is_empty() {
+            "body is empty; expected a JSON object".to_string()
+        } else {
+            "body is not a JSON object".to_string()
+        }));
+    }
+    let wire: Wire<'_> =
+        serde_json::from_str(text).map_err(|e| invalid(format!("body is not valid JSON: {e}")))?;
+
+    let payload = wire
+        .payload
+        .ok_or_else(|| invalid("missing field `payload`"))?;
+
+    let mut targets = Vec::with_capacity(1);
+    if let Some(raw) = wire.user_id {
+        targets.push(Target::User(parse_user(raw, "user_id")?));
+    }
+    if let Some(raw) = wire.user_ids {
+        targets.push(Target::Users(parse_users(raw)?));
+    }
+    if let Some(raw) = wire.channel {
+        let channel: String = serde_json::from_str(raw.get())
+            .map_err(|_| invalid("`channel` must be a non-empty string"))?;
+        if channel.is_empty() {
+            return Err(invalid("`channel` must be a non-empty string"));
+        }
+        targets.push(Target::Channel(Arc::from(channel)));
+    }
+    if let Some(raw) = wire.broadcast {
+        match raw.get() {
+            "true" => targets.push(Target::Broadcast),
+            "false" => {}
+            _ => return Err(invalid("`broadcast` must be true or false")),
+        }
+    }
+    let target = match targets.len() {
+        0 => {
+            return Err(invalid(
+                "no target: give one of `user_id`, `user_ids`, `channel` or `broadcast: true`",
+            ))
+        }
+        1 => targets.pop().expect("one target"),
+        _ => {
+            return Err(invalid(
+                "more than one kind of target: give only one of `user_id`, `user_ids`, `channel`, `broadcast`",
+            ))
+        }
+    };
+
+    let event = match wire.event {
+        None => "notification".to_string(),
+        Some(raw) => serde_json::from_str::<String>(raw.get())
+            .map_err(|_| invalid("`event` must be a string"))?,
+    };
+    let id = match wire.id {
+        Some(raw) => {
+            let id: String = serde_json::from_str(raw.get())
+                .map_err(|_| invalid("`id` must be a non-empty string"))?;
+            if id.is_empty() {
+                return Err(invalid("`id` must be a non-empty string"));
+            }
+            id
+        }
+        None => match fallback_id.filter(|id| !id.is_empty()) {
+            Some(id) => id.to_string(),
+            None => uuid::Uuid::now_v7().to_string(),
+        },
+    };
+    let store = match wire.store.map(RawValue::get) {
+        None | Some("true") => true,
+        Some("false") => false,
+        Some(_) => return Err(invalid("`store` must be true or false")),
+    };
+
+    let payload: Box<RawValue> = payload.to_owned();
+    let frame = notification_frame(&id, &event, &target, &payload);
+    Ok(Notification {
+        id,
+        event,
+        target,
+        store,
+        payload,
+        frame,
+    })
+}
+
+fn parse_user(raw: &RawValue, field: &str) -> Result<UserId, DecodeError> {
+    let value: serde_json::Value = serde_json::from_str(raw.get())
+        .map_err(|e| invalid(format!("`{field}` is not valid JSON: {e}")))?;
+    UserId::from_json(&value).ok_or_else(|| {
+        invalid(format!(
+            "`{field}` must be an integer or a non-empty string"
+        ))
+    })
+}
+
+fn parse_users(raw: &RawValue) -> Result<Vec<UserId>, DecodeError> {
+    let items: Vec<&RawValue> = serde_json::from_str(raw.get())
+        .map_err(|_| invalid("`user_ids` must be a non-empty array of user ids"))?;
+    if items.is_empty() {
+        return Err(invalid("`user_ids` must be a non-empty array of user ids"));
+    }
+    let mut users = Vec::with_capacity(items.len());
+    for item in items {
+        let user = parse_user(item, "user_ids[]")?;
+        if !users.contains(&user) {
+            users.push(user);
+        }
+    }
+    Ok(users)
+}
+
+/// `{"type":"notification","id":…,"event":…,"payload":…}` plus the channel
+/// or broadcast marker; the payload text is copied as received.
+fn notification_frame(id: &str, event: &str, target: &Target, payload: &RawValue) -> Utf8Bytes {
+    let mut out = String::with_capacity(64 + id.len() + event.len() + payload.get().len());
+    out.push_str(r#"{"type":"notification","id":"#);
+    push_json_string(&mut out, id);
+    out.push_str(r#","event":"#);
+    push_json_string(&mut out, event);
+    match target {
+        Target::Channel(channel) => {
+            out.push_str(r#","channel":"#);
+            push_json_string(&mut out, channel);
+        }
+        Target::Broadcast => out.push_str(r#","broadcast":true"#),
+        Target::User(_) | Target::Users(_) => {}
+    }
+    out.push_str(r#","payload":"#);
+    out.push_str(payload.get());
+    out.push('}');
+    Utf8Bytes::from(out)
+}
+
+/// Appends `text` as a JSON string literal.
+pub fn push_json_string(out: &mut String, text: &str) {
+    // serde_json's escaping, without an intermediate allocation per call site.
+    out.push_str(&serde_json::to_string(text).expect("a str always serializes"));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(body: &str) -> Notification {
+        decode(body.as_bytes(), None, 1 << 20).unwrap_or_else(|e| panic!("{body}: {e}"))
+    }
+
+    fn err(body: &str) -> String {
+        decode(body.as_bytes(), None, 1 << 20)
+            .map(|n| format!("accepted: {:?}", n.target))
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn integer_and_string_user_ids_are_the_same_user() {
+        assert_eq!(
+            ok(r#"{"user_id":1,"payload":{}}"#).target,
+            ok(r#"{"user_id":"1","payload":{}}"#).target
+        );
+    }
+
+    #[test]
+    fn payload_text_is_forwarded_as_received() {
+        let n = ok(
+            r#"{"user_id":1,"payload":{"z":1,"a":12345678901234567890123,"f":1.50,"s":"\u00e9"}}"#,
+        );
+        let frame = n.frame.as_str();
+        assert!(
+            frame.ends_with(
+                r#""payload":{"z":1,"a":12345678901234567890123,"f":1.50,"s":"\u00e9"}}"#
+            ),
+            "{frame}"
+        );
+        let parsed: serde_json::Value = serde_json::from_str(frame).unwrap();
+        assert_eq!(parsed["type"], "notification");
+        assert_eq!(parsed["event"], "notification");
+    }
+
+    #[test]
+    fn null_payload_is_valid_but_missing_payload_is_not() {
+        assert_eq!(ok(r#"{"user_id":1,"payload":null}"#).payload.get(), "null");
+        assert!(err(r#"{"user_id":1}"#).contains("payload"));
+    }
+
+    #[test]
+    fn exactly_one_kind_of_target() {
+        assert!(err(r#"{"payload":1}"#).contains("no target"));
+        assert!(err(r#"{"user_id":1,"channel":"c","payload":1}"#).contains("more than one"));
+        assert!(err(r#"{"user_id":1,"broadcast":true,"payload":1}"#).contains("more than one"));
+        // broadcast:false is ignored, so it does not count as a second target.
+        assert_eq!(
+            ok(r#"{"user_id":1,"broadcast":false,"payload":1}"#).target,
+            Target::User(UserId::new("1").unwrap())
+        );
+        assert!(err(r#"{"broadcast":false,"payload":1}"#).contains("no target"));
+        assert!(err(r#"{"broadcast":"yes","payload":1}"#).contains("broadcast"));
+        assert_eq!(
+            ok(r#"{"broadcast":true,"payload":1}"#).target,
+            Target::Broadcast
+        );
+    }
+
+    #[test]
+    fn user_ids_are_deduplicated_and_validated() {
+        let n = ok(r#"{"user_ids":[1,"1",2],"payload":1}"#);
+        assert_eq!(
+            n.target,
+            Target::Users(vec![UserId::new("1").unwrap(), UserId::new("2").unwrap()])
+        );
+        assert!(err(r#"{"user_ids":[],"payload":1}"#).contains("user_ids"));
+        assert!(err(r#"{"user_ids":[1.5],"payload":1}"#).contains("user_ids"));
+        assert!(err(r#"{"user_id":"","payload":1}"#).contains("user_id"));
+        assert!(err(r#"{"user_id":null,"payload":1}"#).contains("user_id"));
+        assert!(err(r#"{"user_id":true,"payload":1}"#).contains("user_id"));
+        assert!(err(r#"{"user_id":{"a":1},"payload":1}"#).contains("user_id"));
+    }
+
+    #[test]
+    fn channel_and_broadcast_frames_carry_their_marker() {
+        let n = ok(r#"{"channel":"news","payload":1}"#);
+        assert!(n.frame.as_str().contains(r#""channel":"news""#));
+        let n = ok(r#"{"broadcast":true,"payload":1}"#);
+        assert!(n.frame.as_str().contains(r#""broadcast":true"#));
+        assert!(err(r#"{"channel":"","payload":1}"#).contains("channel"));
+        assert!(err(r#"{"channel":5,"payload":1}"#).contains("channel"));
+    }
+
+    #[test]
+    fn id_comes_from_body_then_message_id_then_uuid() {
+        assert_eq!(ok(r#"{"id":"abc","user_id":1,"payload":1}"#).id, "abc");
+        let n = decode(br#"{"user_id":1,"payload":1}"#, Some("amqp-id"), 1 << 20).unwrap();
+        assert_eq!(n.id, "amqp-id");
+        let made = ok(r#"{"user_id":1,"payload":1}"#).id;
+        assert_eq!(uuid::Uuid::parse_str(&made).unwrap().get_version_num(), 7);
+        assert!(err(r#"{"id":5,"user_id":1,"payload":1}"#).contains("id"));
+    }
+
+    #[test]
+    fn event_and_store_are_checked() {
+        let n = ok(r#"{"event":"chat","store":false,"user_id":1,"payload":1}"#);
+        assert_eq!(n.event, "chat");
+        assert!(!n.store);
+        assert!(n.frame.as_str().contains(r#""event":"chat""#));
+        assert!(err(r#"{"event":1,"user_id":1,"payload":1}"#).contains("event"));
+        assert!(err(r#"{"store":"no","user_id":1,"payload":1}"#).contains("store"));
+    }
+
+    #[test]
+    fn malformed_bodies_get_clear_reasons() {
+        assert!(err("").contains("empty"));
+        assert!(err("[1]").contains("not a JSON object"));
+        assert!(err("{not json").contains("not valid JSON"));
+        assert!(err(r#"{"user_id":1,"payload":1} trailing"#).contains("not valid JSON"));
+        assert!(decode(&[0xff, 0xfe], None, 100)
+            .unwrap_err()
+            .to_string()
+            .contains("UTF-8"));
+        let big = decode(&[b' '; 101], None, 100).unwrap_err();
+        assert!(matches!(
+            big,
+            DecodeError::TooLarge {
+                size: 101,
+                limit: 100
+            }
+        ));
+    }
+
+    #[test]
+    fn ids_and_events_are_escaped_in_the_frame() {
+        let n = ok(r#"{"id":"a\"b</script>","event":"e\\","user_id":1,"payload":1}"#);
+        let parsed: serde_json::Value = serde_json::from_str(n.frame.as_str()).unwrap();
+        assert_eq!(parsed["id"], "a\"b</script>");
+        assert_eq!(parsed["event"], "e\\");
+    }
+}

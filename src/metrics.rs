@@ -1,0 +1,235 @@
+//! Every metric the bridge exposes, registered in one place and rendered in
+//! the Prometheus text format.
+//!
+//! Hand-written on atomics rather than taken from a client crate: the
+//! contract names a gauge `notify_bridge_connections` next to a counter
+//! `notify_bridge_connections_total`, which the OpenMetrics-style crates
+//! refuse to register together (a counter's family name drops `_total`), and
+//! the hot path wants a relaxed atomic add per frame, nothing more.
+
+use std::{
+    fmt::Write,
+    sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed},
+    time::Duration,
+};
+
+/// A monotonically increasing count.
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Relaxed);
+    }
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Relaxed);
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(Relaxed)
+    }
+}
+
+/// A value that goes up and down.
+#[derive(Debug, Default)]
+pub struct Gauge(AtomicI64);
+
+impl Gauge {
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Relaxed);
+    }
+    pub fn dec(&self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+    pub fn set(&self, v: i64) {
+        self.0.store(v, Relaxed);
+    }
+    pub fn get(&self) -> i64 {
+        self.0.load(Relaxed)
+    }
+}
+
+/// Upper bounds, in seconds, of the latency histograms' buckets.
+pub const LATENCY_BUCKETS: [f64; 16] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+/// A histogram with explicit buckets (cumulative on render).
+#[derive(Debug)]
+pub struct Histogram {
+    buckets: [AtomicU64; LATENCY_BUCKETS.len()],
+    count: AtomicU64,
+    sum_nanos: AtomicU64,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Self {
+            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+            count: AtomicU64::new(0),
+            sum_nanos: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Histogram {
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        if let Some(i) = LATENCY_BUCKETS.iter().position(|&b| secs <= b) {
+            self.buckets[i].fetch_add(1, Relaxed);
+        }
+        self.count.fetch_add(1, Relaxed);
+        self.sum_nanos
+            .fetch_add(d.as_nanos().min(u64::MAX as u128) as u64, Relaxed);
+    }
+    pub fn count(&self) -> u64 {
+        self.count.load(Relaxed)
+    }
+}
+
+/// The process's metrics; one shared instance per running bridge.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub connections: Gauge,
+    pub connections_total: Counter,
+    pub messages_delivered: Counter,
+    pub messages_no_recipient: Counter,
+    pub messages_invalid: Counter,
+    pub frames_sent: Counter,
+    pub delivery_seconds: Histogram,
+    pub slow_client_closes: Counter,
+    pub amqp_connected: Gauge,
+    pub amqp_reconnects: Counter,
+}
+
+impl Metrics {
+    /// The Prometheus text exposition (format 0.0.4).
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        gauge(
+            &mut out,
+            "notify_bridge_connections",
+            "Open WebSocket connections.",
+            self.connections.get(),
+        );
+        counter(
+            &mut out,
+            "notify_bridge_connections_total",
+            "WebSocket connections accepted since start.",
+            self.connections_total.get(),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP notify_bridge_messages_total Messages taken from the broker, by outcome.\n\
+             # TYPE notify_bridge_messages_total counter"
+        );
+        for (outcome, c) in [
+            ("delivered", &self.messages_delivered),
+            ("no_recipient", &self.messages_no_recipient),
+            ("invalid", &self.messages_invalid),
+        ] {
+            let _ = writeln!(
+                out,
+                "notify_bridge_messages_total{{outcome=\"{outcome}\"}} {}",
+                c.get()
+            );
+        }
+        counter(
+            &mut out,
+            "notify_bridge_frames_sent_total",
+            "Text frames written to WebSocket clients.",
+            self.frames_sent.get(),
+        );
+        histogram(
+            &mut out,
+            "notify_bridge_delivery_seconds",
+            "Time from broker delivery to notification frame written.",
+            &self.delivery_seconds,
+        );
+        counter(
+            &mut out,
+            "notify_bridge_slow_client_closes_total",
+            "Connections closed with 1013 because their send queue was full.",
+            self.slow_client_closes.get(),
+        );
+        gauge(
+            &mut out,
+            "notify_bridge_amqp_connected",
+            "1 while consuming from the broker, else 0.",
+            self.amqp_connected.get(),
+        );
+        counter(
+            &mut out,
+            "notify_bridge_amqp_reconnects_total",
+            "Successful broker connections after the first.",
+            self.amqp_reconnects.get(),
+        );
+        out
+    }
+}
+
+fn gauge(out: &mut String, name: &str, help: &str, v: i64) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+}
+
+fn counter(out: &mut String, name: &str, help: &str, v: u64) {
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+    );
+}
+
+fn histogram(out: &mut String, name: &str, help: &str, h: &Histogram) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+    let mut cumulative = 0;
+    for (bound, bucket) in LATENCY_BUCKETS.iter().zip(&h.buckets) {
+        cumulative += bucket.load(Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
+    }
+    let count = h.count.load(Relaxed);
+    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+    let sum = h.sum_nanos.load(Relaxed) as f64 / 1e9;
+    let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {count}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_metric_is_exposed_from_the_start() {
+        let text = Metrics::default().render();
+        for line in [
+            "notify_bridge_connections 0",
+            "notify_bridge_connections_total 0",
+            "notify_bridge_messages_total{outcome=\"delivered\"} 0",
+            "notify_bridge_messages_total{outcome=\"no_recipient\"} 0",
+            "notify_bridge_messages_total{outcome=\"invalid\"} 0",
+            "notify_bridge_frames_sent_total 0",
+            "notify_bridge_delivery_seconds_count 0",
+            "notify_bridge_slow_client_closes_total 0",
+            "notify_bridge_amqp_connected 0",
+            "notify_bridge_amqp_reconnects_total 0",
+            "# TYPE notify_bridge_delivery_seconds histogram",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        let m = Metrics::default();
+        m.delivery_seconds.observe(Duration::from_micros(300));
+        m.delivery_seconds.observe(Duration::from_millis(3));
+        m.delivery_seconds.observe(Duration::from_secs(60));
+        let text = m.render();
+        assert!(text.contains("notify_bridge_delivery_seconds_bucket{le=\"0.0005\"} 1\n"));
+        assert!(text.contains("notify_bridge_delivery_seconds_bucket{le=\"0.005\"} 2\n"));
+        assert!(text.contains("notify_bridge_delivery_seconds_bucket{le=\"10\"} 2\n"));
+        assert!(text.contains("notify_bridge_delivery_seconds_bucket{le=\"+Inf\"} 3\n"));
+        assert!(text.contains("notify_bridge_delivery_seconds_count 3\n"));
+    }
+}

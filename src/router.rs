@@ -1,0 +1,575 @@
+//! The session router: one task that owns who is connected (user →
+//! sessions, channel → sessions, connection id → session) and fans each
+//! notification out to its recipients' outbound queues.
+//!
+//! Owning the maps in a single task means no locks on the hot path, and
+//! processing commands in arrival order is what keeps one user's frames in
+//! broker order. The router never awaits a session: it `try_send`s, and a
+//! full queue closes that session with 1013 (a slow client never slows
+//! anyone else).
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::SocketAddr,
+    sync::{Arc, OnceLock},
+    time::{Instant, SystemTime},
+};
+
+use tokio::sync::{mpsc, oneshot};
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    amqp::settle::Settlement,
+    message::{Notification, Target, UserId},
+    metrics::Metrics,
+    ws::frames,
+};
+
+/// Numeric connection id; shown to people as `c-<n>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnectionId(pub u64);
+
+impl std::fmt::Display for ConnectionId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "c-{}", self.0)
+    }
+}
+
+impl std::str::FromStr for ConnectionId {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        s.strip_prefix("c-")
+            .and_then(|n| n.parse().ok())
+            .map(ConnectionId)
+            .ok_or(())
+    }
+}
+
+/// One frame waiting in a session's outbound queue.
+#[derive(Debug)]
+pub struct Outbound {
+    pub message: Message,
+    /// When the broker delivered the message this frame carries, for the
+    /// delivery-latency histogram; `None` for control frames.
+    pub received_at: Option<Instant>,
+}
+
+impl Outbound {
+    pub fn control(text: Utf8Bytes) -> Self {
+        Self {
+            message: Message::Text(text),
+            received_at: None,
+        }
+    }
+}
+
+/// Why and how a session must close; the first reason given wins.
+#[derive(Debug, Default)]
+pub struct SessionControl {
+    reason: OnceLock<(u16, &'static str)>,
+    cancelled: CancellationToken,
+}
+
+impl SessionControl {
+    /// Asks the session to send a close frame with `code` and end.
+    pub fn close(&self, code: u16, reason: &'static str) {
+        let _ = self.reason.set((code, reason));
+        self.cancelled.cancel();
+    }
+
+    /// Resolves once [`SessionControl::close`] was called.
+    pub async fn closed(&self) {
+        self.cancelled.cancelled().await
+    }
+
+    pub fn reason(&self) -> Option<(u16, &'static str)> {
+        self.reason.get().copied()
+    }
+}
+
+/// What the router keeps of a session.
+#[derive(Debug, Clone)]
+pub struct SessionHandle {
+    pub id: ConnectionId,
+    pub user: UserId,
+    pub remote_addr: SocketAddr,
+    pub connected_at: SystemTime,
+    pub outbound: mpsc::Sender<Outbound>,
+    pub control: Arc<SessionControl>,
+}
+
+/// A connection as the admin API lists it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ConnectionInfo {
+    pub id: String,
+    pub user_id: String,
+    pub channels: Vec<String>,
+    pub remote_addr: String,
+    pub connected_at: String,
+}
+
+/// A notification on its way to its recipients, with what to do once it
+/// was handed to their queues.
+#[derive(Debug)]
+pub struct RouteRequest {
+    pub notification: Notification,
+    pub received_at: Instant,
+    pub settlement: Option<Settlement>,
+}
+
+enum Command {
+    Register {
+        session: SessionHandle,
+        channels: Vec<String>,
+        registered: oneshot::Sender<()>,
+    },
+    Unregister(ConnectionId),
+    Subscribe(ConnectionId, String),
+    Unsubscribe(ConnectionId, String),
+    Route(RouteRequest),
+    List {
+        user: Option<UserId>,
+        reply: oneshot::Sender<Vec<ConnectionInfo>>,
+    },
+    Disconnect {
+        id: ConnectionId,
+        reply: oneshot::Sender<bool>,
+    },
+    CloseAll {
+        code: u16,
+        reason: &'static str,
+    },
+    /// Answered once everything routed before it was handed over.
+    Barrier(oneshot::Sender<()>),
+}
+
+/// A cheap, cloneable handle to the router task.
+#[derive(Clone)]
+pub struct Router {
+    commands: mpsc::Sender<Command>,
+}
+
+/// How many commands may wait for the router before senders wait.
+const COMMAND_QUEUE: usize = 4096;
+
+impl Router {
+    /// Starts the router task.
+    pub fn spawn(metrics: Arc<Metrics>) -> (Self, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
+        let task = RouterTask {
+            metrics,
+            sessions: HashMap::new(),
+            by_user: HashMap::new(),
+            by_channel: HashMap::new(),
+        };
+        let join = tokio::spawn(task.run(rx));
+        (Self { commands: tx }, join)
+    }
+
+    /// Registers a session; once this returns, every message routed after
+    /// it reaches the session.
+    pub async fn register(&self, session: SessionHandle, channels: Vec<String>) -> bool {
+        let (registered, done) = oneshot::channel();
+        self.send(Command::Register {
+            session,
+            channels,
+            registered,
+        })
+        .await;
+        done.await.is_ok()
+    }
+
+    pub async fn unregister(&self, id: ConnectionId) {
+        self.send(Command::Unregister(id)).await
+    }
+
+    pub async fn subscribe(&self, id: ConnectionId, channel: String) {
+        self.send(Command::Subscribe(id, channel)).await
+    }
+
+    pub async fn unsubscribe(&self, id: ConnectionId, channel: String) {
+        self.send(Command::Unsubscribe(id, channel)).await
+    }
+
+    /// Queues a notification for routing; waits only when the router is
+    /// behind by more than its command queue (backpressure to the broker).
+    pub async fn route(&self, request: RouteRequest) {
+        self.send(Command::Route(request)).await
+    }
+
+    pub async fn list(&self, user: Option<UserId>) -> Vec<ConnectionInfo> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::List { user, reply }).await;
+        rx.await.unwrap_or_default()
+    }
+
+    /// Closes one connection with 1008; false when no such connection is open.
+    pub async fn disconnect(&self, id: ConnectionId) -> bool {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Disconnect { id, reply }).await;
+        rx.await.unwrap_or(false)
+    }
+
+    pub async fn close_all(&self, code: u16, reason: &'static str) {
+        self.send(Command::CloseAll { code, reason }).await
+    }
+
+    /// Waits until every request routed before this call was handed to its
+    /// recipients (and its settlement queued to the settler).
+    pub async fn barrier(&self) {
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::Barrier(tx)).await;
+        let _ = rx.await;
+    }
+
+    async fn send(&self, command: Command) {
+        // The router only stops when every handle is gone, so this fails
+        // only during teardown, when nothing is left to do.
+        let _ = self.commands.send(command).await;
+    }
+}
+
+struct Entry {
+    handle: SessionHandle,
+    channels: HashSet<Arc<str>>,
+}
+
+struct RouterTask {
+    metrics: Arc<Metrics>,
+    sessions: HashMap<ConnectionId, Entry>,
+    by_user: HashMap<UserId, Vec<ConnectionId>>,
+    by_channel: HashMap<Arc<str>, HashSet<ConnectionId>>,
+}
+
+impl RouterTask {
+    async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+        let mut batch = Vec::with_capacity(64);
+        while commands.recv_many(&mut batch, 64).await > 0 {
+            for command in batch.drain(..) {
+                self.handle(command);
+            }
+        }
+    }
+
+    fn handle(&mut self, command: Command) {
+        match command {
+            Command::Register {
+                session,
+                channels,
+                registered,
+            } => {
+                let id = session.id;
+                self.by_user
+                    .entry(session.user.clone())
+                    .or_default()
+                    .push(id);
+                let mut entry = Entry {
+                    handle: session,
+                    channels: HashSet::new(),
+                };
+                for channel in channels {
+                    let channel: Arc<str> = Arc::from(channel);
+                    self.by_channel
+                        .entry(channel.clone())
+                        .or_default()
+                        .insert(id);
+                    entry.channels.insert(channel);
+                }
+                self.sessions.insert(id, entry);
+                self.metrics.connections.inc();
+                self.metrics.connections_total.inc();
+                let _ = registered.send(());
+            }
+            Command::Unregister(id) => self.remove(id),
+            Command::Subscribe(id, channel) => {
+                let Some(entry) = self.sessions.get_mut(&id) else {
+                    return;
+                };
+                let channel: Arc<str> = Arc::from(channel);
+                self.by_channel
+                    .entry(channel.clone())
+                    .or_default()
+                    .insert(id);
+                let frame = frames::subscribed(&channel);
+                entry.channels.insert(channel);
+                self.push(id, Outbound::control(frame));
+            }
+            Command::Unsubscribe(id, channel) => {
+                let Some(entry) = self.sessions.get_mut(&id) else {
+                    return;
+                };
+                entry.channels.remove(channel.as_str());
+                if let Some(set) = self.by_channel.get_mut(channel.as_str()) {
+                    set.remove(&id);
+                    if set.is_empty() {
+                        self.by_channel.remove(channel.as_str());
+                    }
+                }
+                self.push(id, Outbound::control(frames::unsubscribed(&channel)));
+            }
+            Command::Route(request) => self.route(request),
+            Command::List { user, reply } => {
+                let mut list: Vec<ConnectionInfo> = self
+                    .sessions
+                    .values()
+                    .filter(|e| user.as_ref().is_none_or(|u| *u == e.handle.user))
+                    .map(|e| ConnectionInfo {
+                        id: e.handle.id.to_string(),
+                        user_id: e.handle.user.to_string(),
+                        channels: {
+                            let mut c: Vec<String> =
+                                e.channels.iter().map(|c| c.to_string()).collect();
+                            c.sort();
+                            c
+                        },
+                        remote_addr: e.handle.remote_addr.to_string(),
+                        connected_at: rfc3339(e.handle.connected_at),
+                    })
+                    .collect();
+                list.sort_by(|a, b| a.id.cmp(&b.id));
+                let _ = reply.send(list);
+            }
+            Command::Disconnect { id, reply } => {
+                let found = match self.sessions.get(&id) {
+                    Some(entry) => {
+                        entry.handle.control.close(1008, "disconnected by an admin");
+                        true
+                    }
+                    None => false,
+                };
+                self.remove(id);
+                let _ = reply.send(found);
+            }
+            Command::CloseAll { code, reason } => {
+                for entry in self.sessions.values() {
+                    entry.handle.control.close(code, reason);
+                }
+                let ids: Vec<ConnectionId> = self.sessions.keys().copied().collect();
+                for id in ids {
+                    self.remove(id);
+                }
+            }
+            Command::Barrier(done) => {
+                let _ = done.send(());
+            }
+        }
+    }
+
+    fn route(&mut self, request: RouteRequest) {
+        let RouteRequest {
+            notification,
+            received_at,
+            settlement,
+        } = request;
+        let mut handed = 0usize;
+        let mut dead: Vec<ConnectionId> = Vec::new();
+        {
+            let mut offer = |id: &ConnectionId, sessions: &HashMap<ConnectionId, Entry>| {
+                if let Some(entry) = sessions.get(id) {
+                    let out = Outbound {
+                        message: Message::Text(notification.frame.clone()),
+                        received_at: Some(received_at),
+                    };
+                    match entry.handle.outbound.try_send(out) {
+                        Ok(()) => handed += 1,
+                        Err(mpsc::error::TrySendError::Full(_)) => {
+                            entry.handle.control.close(1013, "client reads too slowly");
+                            self.metrics.slow_client_closes.inc();
+                            dead.push(*id);
+                        }
+                        Err(mpsc::error::TrySendError::Closed(_)) => dead.push(*id),
+                    }
+                }
+            };
+            match &notification.target {
+                Target::User(user) => {
+                    for id in self.by_user.get(user).into_iter().flatten() {
+                        offer(id, &self.sessions);
+                    }
+                }
+                Target::Users(users) => {
+                    for user in users {
+                        for id in self.by_user.get(user).into_iter().flatten() {
+                            offer(id, &self.sessions);
+                        }
+                    }
+                }
+                Target::Channel(channel) => {
+                    for id in self.by_channel.get(channel).into_iter().flatten() {
+                        offer(id, &self.sessions);
+                    }
+                }
+                Target::Broadcast => {
+                    for id in self.sessions.keys() {
+                        offer(id, &self.sessions);
+                    }
+                }
+            }
+        }
+        for id in dead {
+            self.remove(id);
+        }
+        if handed > 0 {
+            self.metrics.messages_delivered.inc();
+        } else {
+            self.metrics.messages_no_recipient.inc();
+        }
+        if let Some(settlement) = settlement {
+            settlement.ack();
+        }
+    }
+
+    /// Pushes a control frame to one session, with the same slow-client
+    /// rule as notifications.
+    fn push(&mut self, id: ConnectionId, out: Outbound) {
+        let Some(entry) = self.sessions.get(&id) else {
+            return;
+        };
+        match entry.handle.outbound.try_send(out) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                entry.handle.control.close(1013, "client reads too slowly");
+                self.metrics.slow_client_closes.inc();
+                self.remove(id);
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => self.remove(id),
+        }
+    }
+
+    fn remove(&mut self, id: ConnectionId) {
+        let Some(entry) = self.sessions.remove(&id) else {
+            return;
+        };
+        self.metrics.connections.dec();
+        if let Some(ids) = self.by_user.get_mut(&entry.handle.user) {
+            ids.retain(|other| *other != id);
+            if ids.is_empty() {
+                self.by_user.remove(&entry.handle.user);
+            }
+        }
+        for channel in &entry.channels {
+            if let Some(set) = self.by_channel.get_mut(channel) {
+                set.remove(&id);
+                if set.is_empty() {
+                    self.by_channel.remove(channel);
+                }
+            }
+        }
+    }
+}
+
+/// `2026-11-25T03:35:10Z`, UTC, second precision.
+pub fn rfc3339(t: SystemTime) -> String {
+    let secs = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (h, m, s) = (rem / 3600, rem % 3600 / 60, rem % 60);
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let mo = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(mo <= 2);
+    format!("{y:04}-{mo:02}-{d:02}T{h:02}:{m:02}:{s:02}Z")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn rfc3339_formats_utc() {
+        assert_eq!(rfc3339(SystemTime::UNIX_EPOCH), "1970-01-01T00:00:00Z");
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_577_710);
+        assert_eq!(rfc3339(t), "2026-11-25T03:35:10Z");
+        let leap = SystemTime::UNIX_EPOCH + Duration::from_secs(951_782_400);
+        assert_eq!(rfc3339(leap), "2000-02-29T00:00:00Z");
+    }
+
+    #[test]
+    fn connection_ids_round_trip() {
+        let id = ConnectionId(42);
+        assert_eq!(id.to_string(), "c-42");
+        assert_eq!("c-42".parse::<ConnectionId>(), Ok(id));
+        assert!("42".parse::<ConnectionId>().is_err());
+    }
+
+    fn session(id: u64, user: &str, queue: usize) -> (SessionHandle, mpsc::Receiver<Outbound>) {
+        let (tx, rx) = mpsc::channel(queue);
+        (
+            SessionHandle {
+                id: ConnectionId(id),
+                user: UserId::new(user).unwrap(),
+                remote_addr: "127.0.0.1:1".parse().unwrap(),
+                connected_at: SystemTime::now(),
+                outbound: tx,
+                control: Arc::new(SessionControl::default()),
+            },
+            rx,
+        )
+    }
+
+    fn note(body: &str) -> RouteRequest {
+        RouteRequest {
+            notification: crate::message::decode(body.as_bytes(), None, 1 << 20).unwrap(),
+            received_at: Instant::now(),
+            settlement: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn routes_to_the_right_sessions_and_closes_slow_ones() {
+        let metrics = Arc::new(Metrics::default());
+        let (router, _task) = Router::spawn(metrics.clone());
+        let (a1, mut a1_rx) = session(1, "1", 8);
+        let (a2, mut a2_rx) = session(2, "1", 8);
+        let (b, mut b_rx) = session(3, "2", 1);
+        let b_control = b.control.clone();
+        assert!(router.register(a1, vec![]).await);
+        assert!(router.register(a2, vec!["news".into()]).await);
+        assert!(router.register(b, vec![]).await);
+
+        router.route(note(r#"{"user_id":1,"payload":"x"}"#)).await;
+        router
+            .route(note(r#"{"channel":"news","payload":"c"}"#))
+            .await;
+        router
+            .route(note(r#"{"user_ids":[2,2],"payload":"y"}"#))
+            .await;
+        router
+            .route(note(r#"{"user_id":2,"payload":"overflow"}"#))
+            .await;
+        router
+            .route(note(r#"{"user_id":99,"payload":"nobody"}"#))
+            .await;
+        router.barrier().await;
+
+        let text = |o: Outbound| match o.message {
+            Message::Text(t) => t.to_string(),
+            other => panic!("{other:?}"),
+        };
+        assert!(text(a1_rx.try_recv().unwrap()).contains(r#""payload":"x""#));
+        assert!(a1_rx.try_recv().is_err());
+        assert!(text(a2_rx.try_recv().unwrap()).contains(r#""payload":"x""#));
+        assert!(text(a2_rx.try_recv().unwrap()).contains(r#""channel":"news""#));
+        assert!(text(b_rx.try_recv().unwrap()).contains(r#""payload":"y""#));
+        // b's queue (capacity 1) was full for "overflow": closed with 1013.
+        assert_eq!(b_control.reason(), Some((1013, "client reads too slowly")));
+        assert_eq!(metrics.slow_client_closes.get(), 1);
+        assert_eq!(metrics.messages_delivered.get(), 3);
+        assert_eq!(metrics.messages_no_recipient.get(), 2);
+        assert_eq!(metrics.connections.get(), 2);
+        assert_eq!(router.list(None).await.len(), 2);
+        assert_eq!(router.list(UserId::new("1")).await.len(), 2);
+        assert!(router.disconnect(ConnectionId(1)).await);
+        assert!(!router.disconnect(ConnectionId(1)).await);
+    }
+}

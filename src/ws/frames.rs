@@ -1,0 +1,125 @@
+//! The JSON frames of the WebSocket protocol: server-to-client frames are
+//! built here (notification frames are built once per message by
+//! `message`), client-to-server frames are parsed here.
+
+use serde::Serialize;
+use serde_json::Value;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use crate::{message::UserId, router::ConnectionId};
+
+fn to_frame<T: Serialize>(value: &T) -> Utf8Bytes {
+    Utf8Bytes::from(serde_json::to_string(value).expect("frames always serialize"))
+}
+
+/// The first frame of every connection, sent once it is registered.
+pub fn welcome(id: ConnectionId, user: &UserId, channels: &[String]) -> Utf8Bytes {
+    #[derive(Serialize)]
+    struct Welcome<'a> {
+        r#type: &'static str,
+        connection_id: String,
+        user_id: &'a str,
+        channels: &'a [String],
+    }
+    to_frame(&Welcome {
+        r#type: "welcome",
+        connection_id: id.to_string(),
+        user_id: user.as_str(),
+        channels,
+    })
+}
+
+pub fn pong() -> Utf8Bytes {
+    Utf8Bytes::from_static(r#"{"type":"pong"}"#)
+}
+
+pub fn subscribed(channel: &str) -> Utf8Bytes {
+    to_frame(&serde_json::json!({"type": "subscribed", "channel": channel}))
+}
+
+pub fn unsubscribed(channel: &str) -> Utf8Bytes {
+    to_frame(&serde_json::json!({"type": "unsubscribed", "channel": channel}))
+}
+
+/// An `error` frame; the connection stays open.
+pub fn error(code: &str, detail: &str) -> Utf8Bytes {
+    to_frame(&serde_json::json!({"type": "error", "code": code, "detail": detail}))
+}
+
+/// A frame a client may send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientFrame {
+    Ping,
+    Subscribe(String),
+    Unsubscribe(String),
+}
+
+/// Parses a client text frame; the error text goes into a `bad_request`
+/// error frame.
+pub fn parse_client(text: &str) -> Result<ClientFrame, String> {
+    let value: Value =
+        serde_json::from_str(text).map_err(|e| format!("frame is not valid JSON: {e}"))?;
+    let object = value
+        .as_object()
+        .ok_or("frame must be a JSON object with a `type`")?;
+    let kind = match object.get("type") {
+        Some(Value::String(kind)) => kind.as_str(),
+        Some(_) => return Err("`type` must be a string".into()),
+        None => return Err("frame lacks the `type` field".into()),
+    };
+    let channel = || match object.get("channel") {
+        Some(Value::String(c)) if !c.is_empty() => Ok(c.clone()),
+        Some(_) => Err(format!("`{kind}` needs `channel` as a non-empty string")),
+        None => Err(format!("`{kind}` frame lacks the `channel` field")),
+    };
+    match kind {
+        "ping" => Ok(ClientFrame::Ping),
+        "subscribe" => channel().map(ClientFrame::Subscribe),
+        "unsubscribe" => channel().map(ClientFrame::Unsubscribe),
+        other => Err(format!(
+            "unknown frame type `{other}`; expected ping, subscribe or unsubscribe"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_client_frames() {
+        assert_eq!(parse_client(r#"{"type":"ping"}"#), Ok(ClientFrame::Ping));
+        assert_eq!(
+            parse_client(r#"{"type":"subscribe","channel":"a"}"#),
+            Ok(ClientFrame::Subscribe("a".into()))
+        );
+        assert_eq!(
+            parse_client(r#"{"type":"unsubscribe","channel":"a"}"#),
+            Ok(ClientFrame::Unsubscribe("a".into()))
+        );
+        assert!(parse_client("nope").unwrap_err().contains("JSON"));
+        assert!(parse_client("[]").unwrap_err().contains("object"));
+        assert!(parse_client(r#"{"type":"dance"}"#)
+            .unwrap_err()
+            .contains("unknown"));
+        assert!(parse_client(r#"{"type":"subscribe"}"#)
+            .unwrap_err()
+            .contains("channel"));
+        assert!(parse_client(r#"{"type":"subscribe","channel":""}"#).is_err());
+        assert!(parse_client(r#"{"kind":"ping"}"#)
+            .unwrap_err()
+            .contains("type"));
+    }
+
+    #[test]
+    fn server_frames_are_json() {
+        let w = welcome(ConnectionId(3), &UserId::new("1").unwrap(), &["g".into()]);
+        let v: Value = serde_json::from_str(w.as_str()).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"type":"welcome","connection_id":"c-3","user_id":"1","channels":["g"]})
+        );
+        let e: Value = serde_json::from_str(error("bad_request", "x\"y").as_str()).unwrap();
+        assert_eq!(e["detail"], "x\"y");
+    }
+}

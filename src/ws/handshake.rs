@@ -1,0 +1,461 @@
+//! Deciding, from the HTTP upgrade request alone, who a client is and what
+//! it may join: path, query, headers, subprotocol, origin, channels. The
+//! result is an [`Admission`] or a [`Refusal`] that becomes a plain HTTP
+//! response with a JSON body.
+
+use std::time::SystemTime;
+
+use tokio_tungstenite::tungstenite::http::{self, HeaderMap, StatusCode};
+
+use crate::{
+    auth::{Authenticator, ChannelGrant, Identity},
+    config::{AuthMode, WebSocketConfig},
+    message::UserId,
+};
+
+/// The subprotocol that carries a token: `Sec-WebSocket-Protocol: bearer, T`.
+pub const BEARER_PROTOCOL: &str = "bearer";
+
+/// What the handshake settled about a client.
+#[derive(Debug)]
+pub struct Admission {
+    pub user: UserId,
+    /// Channels joined at connect (`?channel=`), already authorised.
+    pub channels: Vec<String>,
+    pub grant: ChannelGrant,
+    pub expires_at: Option<SystemTime>,
+    /// Whether to answer `Sec-WebSocket-Protocol: bearer`.
+    pub bearer_protocol: bool,
+}
+
+/// A refused handshake: status, error code and a human-readable detail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub detail: String,
+}
+
+impl Refusal {
+    pub fn new(status: StatusCode, code: &'static str, detail: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            detail: detail.into(),
+        }
+    }
+
+    /// The plain HTTP response tungstenite writes for a refused upgrade.
+    pub fn into_response(self) -> http::Response<Option<String>> {
+        let body = serde_json::json!({"error": self.code, "detail": self.detail}).to_string();
+        http::Response::builder()
+            .status(self.status)
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(Some(body))
+            .expect("a static response is valid")
+    }
+}
+
+fn unauthorized(detail: impl Into<String>) -> Refusal {
+    Refusal::new(StatusCode::UNAUTHORIZED, "unauthorized", detail)
+}
+
+fn forbidden(detail: impl Into<String>) -> Refusal {
+    Refusal::new(StatusCode::FORBIDDEN, "forbidden", detail)
+}
+
+/// Everything the handshake decision depends on besides the request.
+pub struct HandshakePolicy<'a> {
+    pub settings: &'a WebSocketConfig,
+    pub auth: &'a Authenticator,
+}
+
+impl HandshakePolicy<'_> {
+    /// Decides on one upgrade request.
+    pub fn admit(&self, uri: &http::Uri, headers: &HeaderMap) -> Result<Admission, Refusal> {
+        let path_user = self.path_user(uri.path())?;
+        let query = parse_query(uri.query().unwrap_or(""));
+
+        if let Some(origin) = header(headers, "origin") {
+            if !origin_allowed(&self.settings.allowed_origins, origin) {
+                return Err(forbidden(format!(
+                    "origin {origin} is not in websocket.allowed_origins"
+                )));
+            }
+        }
+
+        let offered_bearer = protocol_token(headers);
+        let bearer_protocol = offered_bearer.is_some();
+        let identity = match self.auth.mode() {
+            AuthMode::Jwt => {
+                let token = bearer_header(headers)
+                    .or_else(|| query_value(&query, "token"))
+                    .or(offered_bearer.as_deref().filter(|t| !t.is_empty()))
+                    .ok_or_else(|| {
+                        unauthorized(
+                            "no token: send Authorization: Bearer T, ?token=T, \
+                             or Sec-WebSocket-Protocol: bearer, T",
+                        )
+                    })?;
+                let identity = self.auth.verify(token).map_err(unauthorized)?;
+                if let Some(path_user) = &path_user {
+                    if *path_user != identity.user {
+                        return Err(forbidden(format!(
+                            "the path names user {path_user}, the token user {}",
+                            identity.user
+                        )));
+                    }
+                }
+                identity
+            }
+            AuthMode::None => {
+                let user = query_value(&query, "user_id")
+                    .and_then(UserId::new)
+                    .or(path_user)
+                    .ok_or_else(|| {
+                        unauthorized("auth.mode is \"none\": give ?user_id=U or connect to /ws/U")
+                    })?;
+                Identity {
+                    user,
+                    channels: ChannelGrant::All,
+                    expires_at: None,
+                }
+            }
+        };
+
+        let mut channels: Vec<String> = Vec::new();
+        for (key, value) in &query {
+            if key != "channel" {
+                continue;
+            }
+            if value.is_empty() {
+                return Err(Refusal::new(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    "`channel` must not be empty",
+                ));
+            }
+            if !self.may_join(&identity.channels, value) {
+                return Err(forbidden(format!("channel {value} is not allowed")));
+            }
+            if !channels.contains(value) {
+                channels.push(value.clone());
+            }
+        }
+
+        Ok(Admission {
+            user: identity.user,
+            channels,
+            grant: identity.channels,
+            expires_at: identity.expires_at,
+            bearer_protocol,
+        })
+    }
+
+    /// A channel may be joined if the token lists it or it matches one of
+    /// `websocket.public_channels`.
+    pub fn may_join(&self, grant: &ChannelGrant, channel: &str) -> bool {
+        grant.allows(channel)
+            || self
+                .settings
+                .public_channels
+                .iter()
+                .any(|pattern| glob_match(pattern, channel))
+    }
+
+    /// `None` for the endpoint itself; the last non-empty segment for a
+    /// path below it (older clients: `/ws/1`, `/ws/notifications/1/`).
+    fn path_user(&self, path: &str) -> Result<Option<UserId>, Refusal> {
+        let base = self.settings.path.trim_end_matches('/');
+        let path = path.trim_end_matches('/');
+        if path == base {
+            return Ok(None);
+        }
+        let below = path
+            .strip_prefix(base)
+            .filter(|rest| rest.starts_with('/'))
+            .ok_or_else(|| {
+                Refusal::new(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    format!(
+                        "no WebSocket endpoint here; connect to {}",
+                        self.settings.path
+                    ),
+                )
+            })?;
+        let last = below.rsplit('/').find(|s| !s.is_empty());
+        Ok(last.map(percent_decode).as_deref().and_then(UserId::new))
+    }
+}
+
+fn header<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+fn bearer_header(headers: &HeaderMap) -> Option<&str> {
+    let value = header(headers, "authorization")?.trim();
+    let (scheme, token) = value.split_once(' ')?;
+    (scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty()).then(|| token.trim())
+}
+
+/// The token of `Sec-WebSocket-Protocol: bearer, T`, when offered.
+fn protocol_token(headers: &HeaderMap) -> Option<String> {
+    let offered: Vec<&str> = headers
+        .get_all("sec-websocket-protocol")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .collect();
+    let at = offered.iter().position(|p| *p == BEARER_PROTOCOL)?;
+    Some(
+        offered
+            .get(at + 1)
+            .map(|t| t.to_string())
+            .unwrap_or_default(),
+    )
+}
+
+fn origin_allowed(allowed: &[String], origin: &str) -> bool {
+    let origin = origin.trim_end_matches('/');
+    allowed.is_empty()
+        || allowed
+            .iter()
+            .any(|a| a == "*" || a.trim_end_matches('/').eq_ignore_ascii_case(origin))
+}
+
+/// `*` matches any run of characters, `?` exactly one.
+pub fn glob_match(pattern: &str, text: &str) -> bool {
+    let p: Vec<char> = pattern.chars().collect();
+    let t: Vec<char> = text.chars().collect();
+    let (mut pi, mut ti) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while ti < t.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
+            pi += 1;
+            ti += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some((pi, ti));
+            pi += 1;
+        } else if let Some((sp, st)) = star {
+            pi = sp + 1;
+            ti = st + 1;
+            star = Some((sp, st + 1));
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&c| c == '*')
+}
+
+/// The query string as decoded `(key, value)` pairs, in order.
+pub fn parse_query(query: &str) -> Vec<(String, String)> {
+    query
+        .split('&')
+        .filter(|part| !part.is_empty())
+        .map(|part| {
+            let (k, v) = part.split_once('=').unwrap_or((part, ""));
+            (percent_decode(k), percent_decode(v))
+        })
+        .collect()
+}
+
+fn query_value<'q>(query: &'q [(String, String)], key: &str) -> Option<&'q str> {
+    query
+        .iter()
+        .find(|(k, v)| k == key && !v.is_empty())
+        .map(|(_, v)| v.as_str())
+}
+
+/// Form-style decoding: `+` is a space, `%XX` a byte; invalid escapes are
+/// kept as they are.
+pub fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
+                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                    Some(b) => {
+                        out.push(b);
+                        i += 2;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::AuthConfig;
+
+    fn settings() -> WebSocketConfig {
+        WebSocketConfig {
+            allowed_origins: vec!["https://app.example".into()],
+            public_channels: vec!["public:*".into()],
+            ..WebSocketConfig::default()
+        }
+    }
+
+    fn auth(mode: AuthMode) -> Authenticator {
+        Authenticator::from_config(&AuthConfig {
+            mode,
+            jwt_secret: Some("handshake-secret-0123".into()),
+            ..AuthConfig::default()
+        })
+        .unwrap()
+    }
+
+    fn token(user: &str, channels: &[&str]) -> String {
+        let cfg = AuthConfig {
+            jwt_secret: Some("handshake-secret-0123".into()),
+            ..AuthConfig::default()
+        };
+        let channels: Vec<String> = channels.iter().map(|c| c.to_string()).collect();
+        crate::auth::mint(&cfg, user, &channels, std::time::Duration::from_secs(60)).unwrap()
+    }
+
+    fn admit(mode: AuthMode, uri: &str, headers: &[(&str, &str)]) -> Result<Admission, Refusal> {
+        let settings = settings();
+        let auth = auth(mode);
+        let policy = HandshakePolicy {
+            settings: &settings,
+            auth: &auth,
+        };
+        let mut map = HeaderMap::new();
+        for (k, v) in headers {
+            map.append(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        policy.admit(&uri.parse().unwrap(), &map)
+    }
+
+    #[test]
+    fn three_token_transports() {
+        let t = token("1", &[]);
+        assert_eq!(
+            admit(AuthMode::Jwt, &format!("/ws?token={t}"), &[])
+                .unwrap()
+                .user
+                .as_str(),
+            "1"
+        );
+        let auth_header = format!("Bearer {t}");
+        assert_eq!(
+            admit(AuthMode::Jwt, "/ws", &[("authorization", &auth_header)])
+                .unwrap()
+                .user
+                .as_str(),
+            "1"
+        );
+        let proto = format!("bearer, {t}");
+        let a = admit(AuthMode::Jwt, "/ws", &[("sec-websocket-protocol", &proto)]).unwrap();
+        assert!(a.bearer_protocol);
+        assert_eq!(a.user.as_str(), "1");
+    }
+
+    #[test]
+    fn refusals_have_the_contract_statuses() {
+        assert_eq!(admit(AuthMode::Jwt, "/ws", &[]).unwrap_err().status, 401);
+        assert_eq!(
+            admit(AuthMode::Jwt, "/ws?token=nonsense", &[])
+                .unwrap_err()
+                .status,
+            401
+        );
+        assert_eq!(
+            admit(AuthMode::Jwt, "/elsewhere", &[]).unwrap_err().status,
+            404
+        );
+        assert_eq!(admit(AuthMode::Jwt, "/wsx", &[]).unwrap_err().status, 404);
+        let t = token("1", &[]);
+        let e = admit(
+            AuthMode::Jwt,
+            &format!("/ws?token={t}"),
+            &[("origin", "https://evil.example")],
+        )
+        .unwrap_err();
+        assert_eq!((e.status.as_u16(), e.code), (403, "forbidden"));
+        assert!(admit(
+            AuthMode::Jwt,
+            &format!("/ws?token={t}"),
+            &[("origin", "https://app.example")]
+        )
+        .is_ok());
+        let e = admit(AuthMode::Jwt, &format!("/ws?token={t}&channel=secret"), &[]).unwrap_err();
+        assert_eq!(e.status, 403);
+    }
+
+    #[test]
+    fn compatibility_paths_must_name_the_token_user() {
+        let t = token("7", &[]);
+        assert!(admit(AuthMode::Jwt, &format!("/ws/7?token={t}"), &[]).is_ok());
+        assert!(admit(
+            AuthMode::Jwt,
+            &format!("/ws/notifications/7/?token={t}"),
+            &[]
+        )
+        .is_ok());
+        assert_eq!(
+            admit(AuthMode::Jwt, &format!("/ws/8?token={t}"), &[])
+                .unwrap_err()
+                .status,
+            403
+        );
+        assert!(admit(AuthMode::Jwt, &format!("/ws/?token={t}"), &[]).is_ok());
+    }
+
+    #[test]
+    fn channels_from_claim_and_public_patterns() {
+        let t = token("1", &["team-a"]);
+        let a = admit(
+            AuthMode::Jwt,
+            &format!("/ws?token={t}&channel=team-a&channel=public:news"),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(a.channels, vec!["team-a", "public:news"]);
+    }
+
+    #[test]
+    fn none_mode_takes_the_user_from_the_url() {
+        assert_eq!(
+            admit(AuthMode::None, "/ws?user_id=5", &[])
+                .unwrap()
+                .user
+                .as_str(),
+            "5"
+        );
+        assert_eq!(
+            admit(AuthMode::None, "/ws/6", &[]).unwrap().user.as_str(),
+            "6"
+        );
+        assert_eq!(admit(AuthMode::None, "/ws", &[]).unwrap_err().status, 401);
+        assert!(admit(AuthMode::None, "/ws?user_id=5&channel=anything", &[]).is_ok());
+    }
+
+    #[test]
+    fn globs_and_decoding() {
+        assert!(glob_match("public:*", "public:news"));
+        assert!(glob_match("a?c", "abc"));
+        assert!(!glob_match("public:*", "private:x"));
+        assert!(glob_match("*", ""));
+        assert_eq!(percent_decode("a%20b+c%2"), "a b c%2");
+        assert_eq!(
+            parse_query("channel=a%3Ab&x"),
+            vec![("channel".into(), "a:b".into()), ("x".into(), "".into())]
+        );
+    }
+}

@@ -1,0 +1,12 @@
+//! The browser-facing WebSocket server: accept and limit connections
+//! (`server`), decide who a client is and what it may join (`handshake`),
+//! then run one task per connection (`session`) speaking the frames of
+//! `frames`.
+
+pub mod frames;
+pub mod handshake;
+pub mod limits;
+pub mod server;
+pub mod session;
+
+pub use server::{serve, WsContext};

@@ -1,0 +1,283 @@
+//! One task per connection: it writes what the router queued (batched: feed
+//! many, flush once), answers client frames, pings, and closes with the
+//! right code when told to or when the client misbehaves.
+
+use std::{
+    net::SocketAddr,
+    sync::{atomic::Ordering, Arc},
+    time::{Duration, SystemTime},
+};
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::{net::TcpStream, sync::mpsc, time::Instant};
+use tokio_tungstenite::{
+    tungstenite::{
+        error::{CapacityError, Error as WsError},
+        protocol::{frame::coding::CloseCode, CloseFrame},
+        Message, Utf8Bytes,
+    },
+    WebSocketStream,
+};
+use tracing::debug;
+
+use crate::{
+    router::{ConnectionId, Outbound, SessionControl, SessionHandle},
+    ws::{
+        frames::{self, ClientFrame},
+        handshake::Admission,
+        limits::Permit,
+        server::WsContext,
+    },
+};
+
+/// How long a close frame may take to be written before the TCP
+/// connection is simply dropped.
+const CLOSE_DEADLINE: Duration = Duration::from_secs(2);
+/// The most frames written between two flushes.
+const WRITE_BATCH: usize = 64;
+
+/// Runs one admitted connection to its end.
+pub async fn run(
+    ws: WebSocketStream<TcpStream>,
+    admission: Admission,
+    permit: Permit,
+    remote_addr: SocketAddr,
+    ctx: Arc<WsContext>,
+) {
+    let id = ConnectionId(ctx.next_connection_id.fetch_add(1, Ordering::Relaxed) + 1);
+    let (outbound, mut queue) = mpsc::channel(ctx.settings.send_queue);
+    let control = Arc::new(SessionControl::default());
+    let handle = SessionHandle {
+        id,
+        user: admission.user.clone(),
+        remote_addr,
+        connected_at: SystemTime::now(),
+        outbound: outbound.clone(),
+        control: control.clone(),
+    };
+    if !ctx
+        .router
+        .register(handle, admission.channels.clone())
+        .await
+    {
+        return;
+    }
+    debug!(connection = %id, user = %admission.user, %remote_addr, "connected");
+
+    let (mut sink, mut stream) = ws.split();
+    let mut session = Session {
+        id,
+        admission,
+        outbound,
+        ctx: ctx.clone(),
+    };
+    let welcome = frames::welcome(id, &session.admission.user, &session.admission.channels);
+    let ending = match tokio::time::timeout(CLOSE_DEADLINE, sink.send(Message::Text(welcome))).await
+    {
+        Ok(Ok(())) => {
+            ctx.metrics.frames_sent.inc();
+            session
+                .serve(&mut sink, &mut stream, &mut queue, &control)
+                .await
+        }
+        _ => Ending::Drop,
+    };
+
+    ctx.router.unregister(id).await;
+    match ending {
+        Ending::Close(code, reason) => {
+            let frame = CloseFrame {
+                code: CloseCode::from(code),
+                reason: Utf8Bytes::from_static(reason),
+            };
+            // Write the close frame, then give the client the same deadline
+            // to answer it, so the close is not lost to a TCP reset.
+            let _ = tokio::time::timeout(CLOSE_DEADLINE, async {
+                if sink.send(Message::Close(Some(frame))).await.is_ok() {
+                    while let Some(Ok(m)) = stream.next().await {
+                        if m.is_close() {
+                            break;
+                        }
+                    }
+                }
+            })
+            .await;
+        }
+        Ending::ClientClosed => {
+            // tungstenite queued the close reply; write it out.
+            let _ = tokio::time::timeout(CLOSE_DEADLINE, sink.close()).await;
+        }
+        Ending::Drop => {}
+    }
+    drop(permit);
+    debug!(connection = %id, "disconnected");
+}
+
+enum Ending {
+    /// Send a close frame with this code and reason.
+    Close(u16, &'static str),
+    /// The client sent a close frame; finish the closing handshake.
+    ClientClosed,
+    /// The peer is gone or unresponsive: drop the TCP connection.
+    Drop,
+}
+
+struct Session {
+    id: ConnectionId,
+    admission: Admission,
+    /// The session's own handle on its queue, for pongs and error frames.
+    outbound: mpsc::Sender<Outbound>,
+    ctx: Arc<WsContext>,
+}
+
+type Sink = futures_util::stream::SplitSink<WebSocketStream<TcpStream>, Message>;
+
+/// Feeds a batch of frames and flushes once; returns how many were written
+/// and leaves the broker-delivery times of notification frames in
+/// `latencies`.
+async fn write_batch(
+    sink: &mut Sink,
+    batch: &mut Vec<Outbound>,
+    latencies: &mut Vec<std::time::Instant>,
+) -> Result<u64, WsError> {
+    latencies.clear();
+    let frames = batch.len() as u64;
+    for out in batch.drain(..) {
+        if let Some(at) = out.received_at {
+            latencies.push(at);
+        }
+        sink.feed(out.message).await?;
+    }
+    sink.flush().await?;
+    Ok(frames)
+}
+type Stream = futures_util::stream::SplitStream<WebSocketStream<TcpStream>>;
+
+impl Session {
+    async fn serve(
+        &mut self,
+        sink: &mut Sink,
+        stream: &mut Stream,
+        queue: &mut mpsc::Receiver<Outbound>,
+        control: &SessionControl,
+    ) -> Ending {
+        let ping_interval = self.ctx.settings.ping_interval;
+        let mut ping = tokio::time::interval_at(Instant::now() + ping_interval, ping_interval);
+        let mut last_seen = Instant::now();
+        let expiry = self.admission.expires_at.map(|at| {
+            let left = at.duration_since(SystemTime::now()).unwrap_or_default();
+            Instant::now() + left
+        });
+        let expired = async {
+            match expiry {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(expired);
+        let mut batch: Vec<Outbound> = Vec::with_capacity(WRITE_BATCH);
+        let mut latencies: Vec<std::time::Instant> = Vec::with_capacity(WRITE_BATCH);
+
+        loop {
+            tokio::select! {
+                biased;
+                _ = control.closed() => {
+                    return control.reason().map_or(Ending::Drop, |(c, r)| Ending::Close(c, r));
+                }
+                _ = &mut expired => return Ending::Close(1008, "token expired"),
+                n = queue.recv_many(&mut batch, WRITE_BATCH) => {
+                    if n == 0 {
+                        return Ending::Close(1011, "internal error");
+                    }
+                    // A peer that stops reading blocks the write; the router
+                    // then finds the queue full and asks us to close, which
+                    // must win over the blocked write.
+                    tokio::select! {
+                        biased;
+                        _ = control.closed() => {
+                            return control.reason().map_or(Ending::Drop, |(c, r)| Ending::Close(c, r));
+                        }
+                        written = write_batch(sink, &mut batch, &mut latencies) => match written {
+                            Ok(frames) => {
+                                let metrics = &self.ctx.metrics;
+                                metrics.frames_sent.add(frames);
+                                for at in latencies.drain(..) {
+                                    metrics.delivery_seconds.observe(at.elapsed());
+                                }
+                            }
+                            Err(_) => return Ending::Drop,
+                        },
+                    }
+                }
+                incoming = stream.next() => {
+                    last_seen = Instant::now();
+                    match incoming {
+                        Some(Ok(Message::Text(text))) => {
+                            if let Some(ending) = self.on_text(&text).await {
+                                return ending;
+                            }
+                        }
+                        Some(Ok(Message::Binary(_))) => {
+                            return Ending::Close(1003, "binary frames are not accepted");
+                        }
+                        Some(Ok(Message::Close(_))) => return Ending::ClientClosed,
+                        Some(Ok(_)) => {} // ping (answered by tungstenite), pong
+                        Some(Err(WsError::Capacity(CapacityError::MessageTooLong { .. }))) => {
+                            return Ending::Close(1009, "message too big");
+                        }
+                        Some(Err(WsError::Capacity(_))) => return Ending::Close(1009, "message too big"),
+                        Some(Err(WsError::Utf8(_))) => return Ending::Close(1007, "invalid UTF-8"),
+                        Some(Err(WsError::Protocol(_))) => return Ending::Close(1002, "protocol error"),
+                        Some(Err(_)) | None => return Ending::Drop,
+                    }
+                }
+                _ = ping.tick() => {
+                    if last_seen.elapsed() > ping_interval * 2 {
+                        debug!(connection = %self.id, "no answer to pings; dropping");
+                        return Ending::Drop;
+                    }
+                    tokio::select! {
+                        biased;
+                        _ = control.closed() => {
+                            return control.reason().map_or(Ending::Drop, |(c, r)| Ending::Close(c, r));
+                        }
+                        sent = sink.send(Message::Ping(Default::default())) => {
+                            if sent.is_err() {
+                                return Ending::Drop;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Handles one client text frame; `Some` ends the session.
+    async fn on_text(&mut self, text: &str) -> Option<Ending> {
+        let reply = match frames::parse_client(text) {
+            Ok(ClientFrame::Ping) => frames::pong(),
+            Ok(ClientFrame::Subscribe(channel)) => {
+                if self.ctx.policy().may_join(&self.admission.grant, &channel) {
+                    // The router answers `subscribed`, in order with the
+                    // channel's messages.
+                    self.ctx.router.subscribe(self.id, channel).await;
+                    return None;
+                }
+                frames::error("forbidden", &format!("channel {channel} is not allowed"))
+            }
+            Ok(ClientFrame::Unsubscribe(channel)) => {
+                self.ctx.router.unsubscribe(self.id, channel).await;
+                return None;
+            }
+            Err(detail) => frames::error("bad_request", &detail),
+        };
+        match self.outbound.try_send(Outbound::control(reply)) {
+            Ok(()) => None,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.ctx.metrics.slow_client_closes.inc();
+                Some(Ending::Close(1013, "client reads too slowly"))
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Some(Ending::Drop),
+        }
+    }
+}

@@ -1,0 +1,296 @@
+//! Test harness: a real bridge on port 0 against the real broker started by
+//! `scripts/rabbitmq` (URL in NOTIFY_BRIDGE_TEST_AMQP_URL), WebSocket
+//! clients, and an AMQP publisher with confirms.
+//!
+//! Every bridge gets its own exchange and queue, so tests running in
+//! parallel never see each other's messages.
+
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use lapin::{
+    options::{
+        BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions, QueueDeleteOptions,
+    },
+    BasicProperties, Connection, ConnectionProperties,
+};
+use notify_bridge::{
+    config::{AuthMode, Config},
+    Running,
+};
+use serde_json::Value;
+use tokio::net::TcpStream;
+use tokio_tungstenite::{
+    tungstenite::{client::IntoClientRequest, http, Message},
+    MaybeTlsStream, WebSocketStream,
+};
+use tokio_util::sync::CancellationToken;
+
+pub const SECRET: &str = "integration-test-secret-0123456789";
+pub const WAIT: Duration = Duration::from_secs(10);
+
+pub type Client = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+pub fn amqp_url() -> String {
+    std::env::var("NOTIFY_BRIDGE_TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}.{}", uuid::Uuid::now_v7().simple())
+}
+
+/// A configuration for one isolated test bridge.
+pub fn test_config() -> Config {
+    let mut config = Config::default();
+    let name = unique("test");
+    config.amqp.url = amqp_url();
+    config.amqp.exchange = format!("{name}.exchange");
+    config.amqp.queue = format!("notify-bridge.{name}");
+    config.websocket.listen = "127.0.0.1:0".parse().unwrap();
+    config.http.listen = "127.0.0.1:0".parse().unwrap();
+    config.auth.mode = AuthMode::Jwt;
+    config.auth.jwt_secret = Some(SECRET.into());
+    config.shutdown_timeout = Duration::from_secs(5);
+    config
+}
+
+pub struct Bridge {
+    pub config: Config,
+    pub running: Option<Running>,
+    pub shutdown: CancellationToken,
+}
+
+impl Bridge {
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Starts a bridge and waits until it consumes from the broker.
+    pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> Self {
+        let mut config = test_config();
+        tweak(&mut config);
+        let bridge = Self::start_unready(config).await;
+        bridge.wait_ready().await;
+        bridge
+    }
+
+    /// Starts a bridge without waiting for the broker.
+    pub async fn start_unready(config: Config) -> Self {
+        let shutdown = CancellationToken::new();
+        let running = notify_bridge::run(config.clone(), shutdown.clone())
+            .await
+            .expect("bridge starts");
+        Self {
+            config,
+            running: Some(running),
+            shutdown,
+        }
+    }
+
+    pub fn running(&self) -> &Running {
+        self.running.as_ref().unwrap()
+    }
+
+    pub async fn wait_ready(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while self.running().readiness.get().is_err() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "bridge not ready: {:?}",
+                self.running().readiness.get()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn ws_url(&self, path_and_query: &str) -> String {
+        format!("ws://{}{}", self.running().ws_addr, path_and_query)
+    }
+
+    /// Connects as `user` with a token in the query and reads `welcome`.
+    pub async fn connect(&self, user: &str) -> Client {
+        self.connect_channels(user, &[], &[]).await
+    }
+
+    pub async fn connect_channels(&self, user: &str, granted: &[&str], join: &[&str]) -> Client {
+        let token = token(user, granted);
+        let mut url = self.ws_url(&format!("/ws?token={token}"));
+        for channel in join {
+            url.push_str(&format!("&channel={channel}"));
+        }
+        let (mut client, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("handshake accepted");
+        let welcome = next_json(&mut client).await;
+        assert_eq!(welcome["type"], "welcome", "{welcome}");
+        client
+    }
+
+    /// Publishes to this bridge's exchange and waits for the broker's confirm.
+    pub async fn publish(&self, publisher: &Publisher, body: &str) {
+        publisher
+            .publish(&self.config.amqp.exchange, body, BasicProperties::default())
+            .await;
+    }
+
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(running) = self.running.take() {
+            tokio::time::timeout(Duration::from_secs(15), running.wait())
+                .await
+                .expect("bridge stops in time");
+        }
+        // Leave the shared broker as we found it.
+        if let Ok(conn) = Connection::connect(&amqp_url(), ConnectionProperties::default()).await {
+            if let Ok(ch) = conn.create_channel().await {
+                let _ = ch
+                    .queue_delete(
+                        self.config.amqp.queue.as_str().into(),
+                        QueueDeleteOptions::default(),
+                    )
+                    .await;
+                let _ = ch
+                    .exchange_delete(
+                        self.config.amqp.exchange.as_str().into(),
+                        ExchangeDeleteOptions::default(),
+                    )
+                    .await;
+            }
+            let _ = conn.close(200, "test done".into()).await;
+        }
+    }
+}
+
+/// An HS256 token for `user`, valid for an hour.
+pub fn token(user: &str, channels: &[&str]) -> String {
+    let config = test_config();
+    let channels: Vec<String> = channels.iter().map(|c| c.to_string()).collect();
+    notify_bridge::auth::mint(&config.auth, user, &channels, Duration::from_secs(3600)).unwrap()
+}
+
+/// A handshake request with extra headers.
+pub fn request(url: &str, headers: &[(&str, &str)]) -> http::Request<()> {
+    let mut request = url.into_client_request().unwrap();
+    for (k, v) in headers {
+        request.headers_mut().append(
+            http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            v.parse().unwrap(),
+        );
+    }
+    request
+}
+
+/// The status and JSON body of a refused handshake.
+pub async fn refused(request: http::Request<()>) -> (u16, Value) {
+    match tokio_tungstenite::connect_async(request).await {
+        Ok(_) => panic!("handshake unexpectedly accepted"),
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            let status = response.status().as_u16();
+            let body = response
+                .body()
+                .as_ref()
+                .map(|b| serde_json::from_slice(b).expect("JSON body"))
+                .unwrap_or(Value::Null);
+            (status, body)
+        }
+        Err(e) => panic!("unexpected handshake error: {e}"),
+    }
+}
+
+/// The next JSON text frame (skipping pings and pongs), within [`WAIT`].
+pub async fn next_json(client: &mut Client) -> Value {
+    next_json_within(client, WAIT)
+        .await
+        .expect("a frame arrives in time")
+}
+
+pub async fn next_json_within(client: &mut Client, wait: Duration) -> Option<Value> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let msg = tokio::time::timeout_at(deadline, client.next())
+            .await
+            .ok()??;
+        match msg.expect("websocket read") {
+            Message::Text(text) => return Some(serde_json::from_str(&text).expect("JSON frame")),
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => panic!("unexpected frame {other:?}"),
+        }
+    }
+}
+
+/// Asserts that no text frame arrives within `wait`.
+pub async fn assert_silent(client: &mut Client, wait: Duration) {
+    if let Some(frame) = next_json_within(client, wait).await {
+        panic!("unexpected frame {frame}");
+    }
+}
+
+/// The close code the server sends next (skipping other frames).
+pub async fn close_code(client: &mut Client) -> Option<u16> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match tokio::time::timeout_at(deadline, client.next()).await {
+            Ok(Some(Ok(Message::Close(frame)))) => return frame.map(|f| u16::from(f.code)),
+            Ok(Some(Ok(_))) => continue,
+            Ok(Some(Err(_))) | Ok(None) => return None,
+            Err(_) => panic!("no close frame within {WAIT:?}"),
+        }
+    }
+}
+
+pub async fn send_text(client: &mut Client, text: &str) {
+    client.send(Message::Text(text.into())).await.unwrap();
+}
+
+/// An AMQP publisher with publisher confirms.
+pub struct Publisher {
+    pub connection: Connection,
+    pub channel: lapin::Channel,
+}
+
+impl Publisher {
+    pub async fn connect() -> Self {
+        let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
+            .await
+            .expect("test publisher connects to the broker");
+        let channel = connection.create_channel().await.unwrap();
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        Self {
+            connection,
+            channel,
+        }
+    }
+
+    pub async fn publish(&self, exchange: &str, body: &str, properties: BasicProperties) {
+        let confirm = self
+            .channel
+            .basic_publish(
+                exchange.into(),
+                "notifications.send".into(),
+                BasicPublishOptions::default(),
+                body.as_bytes(),
+                properties,
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+        assert!(confirm.is_ack(), "broker nacked the publish");
+    }
+}
+
+/// The value of one metric line in the Prometheus text.
+pub fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+        .unwrap_or_else(|| panic!("no metric {name}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
