@@ -18,7 +18,8 @@
 //! - [`router`]: the one task that knows who is connected and fans out.
 //! - [`ws`]: the WebSocket server: handshake and auth, limits, sessions.
 //! - [`auth`]: JWT verification and minting.
-//! - [`http`]: the side port (health, readiness, metrics).
+//! - [`http`]: the side port: REST send (republished with publisher
+//!   confirms), admin, health, readiness, metrics, OpenAPI.
 //! - [`metrics`], [`readiness`]: shared state operators read.
 //! - [`shutdown`]: the signal every task watches.
 //!
@@ -47,10 +48,13 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn};
 
 use crate::{
-    amqp::consumer::{self, ConsumerContext},
+    amqp::{
+        consumer::{self, ConsumerContext},
+        publisher::Publisher,
+    },
     auth::Authenticator,
     config::{AuthMode, Config},
-    http::HttpState,
+    http::{ApiKeys, HttpState},
     metrics::Metrics,
     readiness::Readiness,
     router::Router,
@@ -128,10 +132,25 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     });
     let ws_task = tokio::spawn(ws::serve(ws_listener, ws_ctx));
 
+    let keys = ApiKeys::from_config(&config.http);
+    if !keys.sender_possible() {
+        warn!(
+            "no API key configured: POST /api/notifications/send refuses everything with 401. \
+             Set http.api_keys (NOTIFY_BRIDGE_HTTP__API_KEYS=key1,key2), or \
+             http.allow_anonymous = true for local development"
+        );
+    } else if config.http.allow_anonymous {
+        warn!(
+            "http.allow_anonymous = true: anyone who reaches the side port can send notifications"
+        );
+    }
     let http_state = Arc::new(HttpState {
         metrics: metrics.clone(),
         readiness: readiness.clone(),
         router: router.clone(),
+        publisher: Publisher::new(config.amqp.clone()),
+        keys,
+        max_message_bytes: config.amqp.max_message_bytes,
     });
     let http_task = tokio::spawn(http::serve(http_listener, http_state, shutdown.clone()));
 

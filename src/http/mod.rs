@@ -1,36 +1,51 @@
-//! The HTTP side port: health, readiness and metrics for operators (and,
-//! as the API grows, the REST routes). axum gives routing, extractors and
+//! The HTTP side port: the REST send endpoint (republished onto the
+//! exchange), admin routes, health, readiness, metrics and OpenAPI. axum gives routing, extractors and
 //! 404/405 handling that would otherwise be hand-written; every error is
 //! the contract's `{"error": CODE, "detail": TEXT}`.
 
+mod admin;
 mod error;
 mod health;
+mod keys;
+mod openapi;
+mod send;
 
 use std::sync::Arc;
 
 use axum::{
     http::{header, StatusCode},
     response::IntoResponse,
-    routing::get,
+    routing::{delete, get, post},
     Router as Routes,
 };
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use error::ApiError;
+pub use keys::ApiKeys;
+pub use openapi::document as openapi_document;
 
-use crate::{metrics::Metrics, readiness::Readiness, router::Router};
+use crate::{amqp::publisher::Publisher, metrics::Metrics, readiness::Readiness, router::Router};
 
 /// What the HTTP handlers share.
 pub struct HttpState {
     pub metrics: Arc<Metrics>,
     pub readiness: Arc<Readiness>,
     pub router: Router,
+    pub publisher: Publisher,
+    pub keys: ApiKeys,
+    /// `amqp.max_message_bytes`: the send endpoint's body limit.
+    pub max_message_bytes: usize,
 }
 
 /// The route table of the side port.
 pub fn routes(state: Arc<HttpState>) -> Routes {
     Routes::new()
+        .route("/api/notifications/send", post(send::send))
+        .route("/api/notifications/send/", post(send::send))
+        .route("/api/connections", get(admin::list))
+        .route("/api/connections/{id}", delete(admin::disconnect))
+        .route("/openapi.json", get(openapi::openapi))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(metrics))

@@ -1,0 +1,70 @@
+//! `POST /api/notifications/send`: validate with the same decoder the
+//! consumer uses, republish onto the exchange with publisher confirms, and
+//! answer 202 only once the broker confirmed.
+
+use std::sync::Arc;
+
+use axum::{
+    body::Body,
+    extract::State,
+    http::{header, HeaderMap, StatusCode},
+    Json,
+};
+use serde_json::{json, Value};
+
+use super::{ApiError, HttpState};
+use crate::message::{self, DecodeError};
+
+/// Validates, publishes, and answers `202 {"status":"queued","id":…}`.
+pub async fn send(
+    State(state): State<Arc<HttpState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    state.keys.check_sender(&headers)?;
+    let limit = state.max_message_bytes;
+    let too_large = |size: Option<usize>| {
+        let detail = match size {
+            Some(size) => {
+                format!("body is {size} bytes, larger than amqp.max_message_bytes = {limit}")
+            }
+            None => format!("body is larger than amqp.max_message_bytes = {limit}"),
+        };
+        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", detail)
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if let Some(size) = declared.filter(|&size| size > limit) {
+        return Err(too_large(Some(size)));
+    }
+    let bytes = axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| too_large(None))?;
+
+    let fallback_id = uuid::Uuid::now_v7().to_string();
+    let notification = message::decode(&bytes, Some(&fallback_id), limit).map_err(|e| match e {
+        DecodeError::TooLarge { size, .. } => too_large(Some(size)),
+        DecodeError::Invalid(reason) => {
+            ApiError::new(StatusCode::BAD_REQUEST, "bad_request", reason)
+        }
+    })?;
+
+    state
+        .publisher
+        .publish(&bytes, &notification.id)
+        .await
+        .map_err(|e| {
+            tracing::warn!(error = %e, "send refused: broker unavailable");
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                format!("{e}; nothing was queued, retry later"),
+            )
+        })?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({"status": "queued", "id": notification.id})),
+    ))
+}
