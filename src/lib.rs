@@ -54,7 +54,7 @@ use crate::{
     },
     auth::Authenticator,
     config::{AuthMode, Config},
-    http::{ApiKeys, HttpState},
+    http::{demo::DemoSettings, ApiKeys, HttpState},
     metrics::Metrics,
     readiness::Readiness,
     router::Router,
@@ -151,6 +151,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         publisher: Publisher::new(config.amqp.clone()),
         keys,
         max_message_bytes: config.amqp.max_message_bytes,
+        demo: DemoSettings {
+            ws_addr,
+            ws_path: config.websocket.path.clone(),
+            auth_mode: config.auth.mode,
+            dev_tokens: config.http.dev_tokens,
+            auth: config.auth.clone(),
+        },
     });
     let http_task = tokio::spawn(http::serve(http_listener, http_state, shutdown.clone()));
 

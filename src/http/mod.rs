@@ -4,6 +4,7 @@
 //! the contract's `{"error": CODE, "detail": TEXT}`.
 
 mod admin;
+pub mod demo;
 mod error;
 mod health;
 mod keys;
@@ -36,6 +37,7 @@ pub struct HttpState {
     pub keys: ApiKeys,
     /// `amqp.max_message_bytes`: the send endpoint's body limit.
     pub max_message_bytes: usize,
+    pub demo: demo::DemoSettings,
 }
 
 /// The route table of the side port.
@@ -46,6 +48,8 @@ pub fn routes(state: Arc<HttpState>) -> Routes {
         .route("/api/connections", get(admin::list))
         .route("/api/connections/{id}", delete(admin::disconnect))
         .route("/openapi.json", get(openapi::openapi))
+        .route("/", get(demo::page))
+        .route("/api/dev/token", get(demo::dev_token))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(metrics))
