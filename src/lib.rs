@@ -4,8 +4,8 @@
 //! Follow one message from the broker to a browser:
 //!
 //! ```text
-//! AMQP delivery ─▶ amqp::consumer ─▶ message::decode ─▶ router (one task)
-//!              ─▶ session queue ─▶ ws::session (writer) ─▶ socket
+//! AMQP delivery ─▶ amqp::consumer ─▶ message::decode ─▶ [inbox::stage]
+//!              ─▶ router (one task) ─▶ session queue ─▶ ws::session ─▶ socket
 //! ```
 //!
 //! What is where:
@@ -18,6 +18,8 @@
 //! - [`router`]: the one task that knows who is connected and fans out.
 //! - [`ws`]: the WebSocket server: handshake and auth, limits, sessions.
 //! - [`auth`]: JWT verification and minting.
+//! - [`inbox`]: the per-user store of notifications (when enabled): the
+//!   commit stage between consumer and router, replay on reconnect.
 //! - [`http`]: the side port: REST send (republished with publisher
 //!   confirms), admin, health, readiness, metrics, OpenAPI.
 //! - [`metrics`], [`readiness`]: shared state operators read.
@@ -30,9 +32,11 @@ pub mod amqp;
 pub mod auth;
 pub mod config;
 pub mod http;
+pub mod inbox;
 pub mod message;
 pub mod metrics;
 pub mod readiness;
+pub mod rfc3339;
 pub mod router;
 pub mod shutdown;
 pub mod ws;
@@ -49,12 +53,13 @@ use tracing::{info, warn};
 
 use crate::{
     amqp::{
-        consumer::{self, ConsumerContext},
+        consumer::{self, ConsumerContext, Downstream},
         publisher::Publisher,
     },
     auth::Authenticator,
     config::{AuthMode, Config},
     http::{demo::DemoSettings, ApiKeys, HttpState},
+    inbox::{stage::InboxStage, Inbox},
     metrics::Metrics,
     readiness::Readiness,
     router::Router,
@@ -86,7 +91,12 @@ impl Running {
 /// that cannot be read. An unreachable broker is not an error: the bridge
 /// serves sockets and keeps reconnecting.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<Running> {
-    let auth = Authenticator::from_config(&config.auth)?;
+    let auth = Arc::new(Authenticator::from_config(&config.auth)?);
+    let inbox = if config.inbox.enabled {
+        Some(Inbox::open(&config.inbox)?)
+    } else {
+        None
+    };
     if config.auth.mode == AuthMode::None {
         warn!("auth.mode = \"none\": ANY client can connect as ANY user. Local development only!");
     }
@@ -108,8 +118,20 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let readiness = Arc::new(Readiness::default());
     let (router, router_task) = Router::spawn(metrics.clone());
 
+    let downstream = match &inbox {
+        Some(inbox) => Downstream::Inbox(InboxStage::spawn(
+            inbox.clone(),
+            router.clone(),
+            metrics.clone(),
+            readiness.clone(),
+            shutdown.clone(),
+            usize::from(config.amqp.prefetch),
+        )),
+        None => Downstream::Router(router.clone()),
+    };
     let consumer_task = tokio::spawn(consumer::run(ConsumerContext {
         config: Arc::new(config.amqp.clone()),
+        downstream,
         router: router.clone(),
         metrics: metrics.clone(),
         readiness: readiness.clone(),
@@ -123,12 +145,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             config.websocket.max_connections_per_user,
         ),
         settings: config.websocket.clone(),
-        auth,
+        auth: auth.clone(),
         router: router.clone(),
         metrics: metrics.clone(),
         next_connection_id: AtomicU64::new(0),
         shutdown: shutdown.clone(),
         sessions: sessions.clone(),
+        inbox: inbox.clone(),
     });
     let ws_task = tokio::spawn(ws::serve(ws_listener, ws_ctx));
 
@@ -158,6 +181,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             dev_tokens: config.http.dev_tokens,
             auth: config.auth.clone(),
         },
+        auth,
+        inbox,
     });
     let http_task = tokio::spawn(http::serve(http_listener, http_state, shutdown.clone()));
 

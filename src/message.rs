@@ -216,7 +216,7 @@ pub fn decode(
     };
 
     let payload: Box<RawValue> = payload.to_owned();
-    let frame = notification_frame(&id, &event, &target, &payload);
+    let frame = notification_frame(None, &id, &event, Some(&target), payload.get());
     Ok(Notification {
         id,
         event,
@@ -253,24 +253,56 @@ fn parse_users(raw: &RawValue) -> Result<Vec<UserId>, DecodeError> {
     Ok(users)
 }
 
-/// `{"type":"notification","id":…,"event":…,"payload":…}` plus the channel
-/// or broadcast marker; the payload text is copied as received.
-fn notification_frame(id: &str, event: &str, target: &Target, payload: &RawValue) -> Utf8Bytes {
-    let mut out = String::with_capacity(64 + id.len() + event.len() + payload.get().len());
-    out.push_str(r#"{"type":"notification","id":"#);
+impl Notification {
+    /// The frame for one user's stored copy: the shared frame plus its
+    /// per-user inbox position.
+    pub fn frame_with_seq(&self, seq: u64) -> Utf8Bytes {
+        notification_frame(
+            Some(seq),
+            &self.id,
+            &self.event,
+            Some(&self.target),
+            self.payload.get(),
+        )
+    }
+}
+
+/// The frame of an inbox entry being replayed.
+pub fn stored_frame(seq: u64, id: &str, event: &str, payload: &str) -> Utf8Bytes {
+    notification_frame(Some(seq), id, event, None, payload)
+}
+
+/// `{"type":"notification","seq":…,"id":…,"event":…,"payload":…}` plus the
+/// channel or broadcast marker (`seq` only for stored copies); the payload
+/// text is copied as received.
+fn notification_frame(
+    seq: Option<u64>,
+    id: &str,
+    event: &str,
+    target: Option<&Target>,
+    payload: &str,
+) -> Utf8Bytes {
+    let mut out = String::with_capacity(80 + id.len() + event.len() + payload.len());
+    out.push_str(r#"{"type":"notification","#);
+    if let Some(seq) = seq {
+        out.push_str(r#""seq":"#);
+        out.push_str(&seq.to_string());
+        out.push(',');
+    }
+    out.push_str(r#""id":"#);
     push_json_string(&mut out, id);
     out.push_str(r#","event":"#);
     push_json_string(&mut out, event);
     match target {
-        Target::Channel(channel) => {
+        Some(Target::Channel(channel)) => {
             out.push_str(r#","channel":"#);
             push_json_string(&mut out, channel);
         }
-        Target::Broadcast => out.push_str(r#","broadcast":true"#),
-        Target::User(_) | Target::Users(_) => {}
+        Some(Target::Broadcast) => out.push_str(r#","broadcast":true"#),
+        Some(Target::User(_) | Target::Users(_)) | None => {}
     }
     out.push_str(r#","payload":"#);
-    out.push_str(payload.get());
+    out.push_str(payload);
     out.push('}');
     Utf8Bytes::from(out)
 }
@@ -408,6 +440,18 @@ mod tests {
                 limit: 100
             }
         ));
+    }
+
+    #[test]
+    fn stored_frames_carry_their_seq() {
+        let n = ok(r#"{"user_id":1,"id":"s","payload":{"a":1}}"#);
+        let v: serde_json::Value = serde_json::from_str(n.frame_with_seq(7).as_str()).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"type":"notification","seq":7,"id":"s","event":"notification","payload":{"a":1}})
+        );
+        let replayed = stored_frame(7, "s", "notification", r#"{"a":1}"#);
+        assert_eq!(replayed, n.frame_with_seq(7));
     }
 
     #[test]

@@ -100,6 +100,10 @@ pub struct Metrics {
     pub slow_client_closes: Counter,
     pub amqp_connected: Gauge,
     pub amqp_reconnects: Counter,
+    pub inbox_stored: Counter,
+    pub inbox_replayed: Counter,
+    pub inbox_gaps: Counter,
+    pub inbox_commit_seconds: Histogram,
 }
 
 impl Metrics {
@@ -164,6 +168,30 @@ impl Metrics {
             "Successful broker connections after the first.",
             self.amqp_reconnects.get(),
         );
+        counter(
+            &mut out,
+            "notify_bridge_inbox_stored_total",
+            "Inbox entries stored (one per user and message).",
+            self.inbox_stored.get(),
+        );
+        counter(
+            &mut out,
+            "notify_bridge_inbox_replayed_total",
+            "Inbox entries replayed to reconnecting clients.",
+            self.inbox_replayed.get(),
+        );
+        counter(
+            &mut out,
+            "notify_bridge_inbox_gaps_total",
+            "Gap frames sent: entries after a client's `since` were dropped by retention.",
+            self.inbox_gaps.get(),
+        );
+        histogram(
+            &mut out,
+            "notify_bridge_inbox_commit_seconds",
+            "Time to commit one batch of inbox entries.",
+            &self.inbox_commit_seconds,
+        );
         out
     }
 }
@@ -210,6 +238,10 @@ mod tests {
             "notify_bridge_slow_client_closes_total 0",
             "notify_bridge_amqp_connected 0",
             "notify_bridge_amqp_reconnects_total 0",
+            "notify_bridge_inbox_stored_total 0",
+            "notify_bridge_inbox_replayed_total 0",
+            "notify_bridge_inbox_gaps_total 0",
+            "notify_bridge_inbox_commit_seconds_count 0",
             "# TYPE notify_bridge_delivery_seconds histogram",
         ] {
             assert!(

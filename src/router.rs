@@ -53,6 +53,9 @@ pub struct Outbound {
     /// When the broker delivered the message this frame carries, for the
     /// delivery-latency histogram; `None` for control frames.
     pub received_at: Option<Instant>,
+    /// The inbox position of a stored notification, so a session can drop
+    /// a live frame that its replay already sent.
+    pub seq: Option<u64>,
 }
 
 impl Outbound {
@@ -60,6 +63,7 @@ impl Outbound {
         Self {
             message: Message::Text(text),
             received_at: None,
+            seq: None,
         }
     }
 }
@@ -116,6 +120,22 @@ pub struct RouteRequest {
     pub notification: Notification,
     pub received_at: Instant,
     pub settlement: Option<Settlement>,
+    /// Filled by the inbox stage: each target user with the seq of their
+    /// stored copy, or `None` when their inbox already held the id (a
+    /// redelivery: not sent again). Empty when nothing was stored.
+    pub stored: Vec<(UserId, Option<u64>)>,
+}
+
+impl RouteRequest {
+    /// A delivery fresh from the broker, not yet through the inbox.
+    pub fn new(notification: Notification, settlement: Option<Settlement>) -> Self {
+        Self {
+            notification,
+            received_at: Instant::now(),
+            settlement,
+            stored: Vec::new(),
+        }
+    }
 }
 
 enum Command {
@@ -136,6 +156,8 @@ enum Command {
         id: ConnectionId,
         reply: oneshot::Sender<bool>,
     },
+    /// A frame for every socket of one user (inbox counts).
+    ToUser(UserId, Utf8Bytes),
     CloseAll {
         code: u16,
         reason: &'static str,
@@ -209,6 +231,11 @@ impl Router {
         let (reply, rx) = oneshot::channel();
         self.send(Command::Disconnect { id, reply }).await;
         rx.await.unwrap_or(false)
+    }
+
+    /// Sends a control frame to every socket of `user`.
+    pub async fn to_user(&self, user: UserId, frame: Utf8Bytes) {
+        self.send(Command::ToUser(user, frame)).await
     }
 
     pub async fn close_all(&self, code: u16, reason: &'static str) {
@@ -309,6 +336,12 @@ impl RouterTask {
                 self.push(id, Outbound::control(frames::unsubscribed(&channel)));
             }
             Command::Route(request) => self.route(request),
+            Command::ToUser(user, frame) => {
+                let ids = self.by_user.get(&user).cloned().unwrap_or_default();
+                for id in ids {
+                    self.push(id, Outbound::control(frame.clone()));
+                }
+            }
             Command::List { user, reply } => {
                 let mut list: Vec<ConnectionInfo> = self
                     .sessions
@@ -324,7 +357,7 @@ impl RouterTask {
                             c
                         },
                         remote_addr: e.handle.remote_addr.to_string(),
-                        connected_at: rfc3339(e.handle.connected_at),
+                        connected_at: crate::rfc3339::format(e.handle.connected_at),
                     })
                     .collect();
                 list.sort_by(|a, b| a.id.cmp(&b.id));
@@ -361,48 +394,68 @@ impl RouterTask {
             notification,
             received_at,
             settlement,
+            stored,
         } = request;
         let mut handed = 0usize;
         let mut dead: Vec<ConnectionId> = Vec::new();
         {
-            let mut offer = |id: &ConnectionId, sessions: &HashMap<ConnectionId, Entry>| {
-                if let Some(entry) = sessions.get(id) {
-                    let out = Outbound {
-                        message: Message::Text(notification.frame.clone()),
-                        received_at: Some(received_at),
-                    };
-                    match entry.handle.outbound.try_send(out) {
-                        Ok(()) => handed += 1,
-                        Err(mpsc::error::TrySendError::Full(_)) => {
-                            entry.handle.control.close(1013, "client reads too slowly");
-                            self.metrics.slow_client_closes.inc();
-                            dead.push(*id);
-                        }
-                        Err(mpsc::error::TrySendError::Closed(_)) => dead.push(*id),
+            let sessions = &self.sessions;
+            let metrics = &self.metrics;
+            let mut offer = |id: &ConnectionId, frame: &Utf8Bytes, seq: Option<u64>| {
+                let Some(entry) = sessions.get(id) else {
+                    return;
+                };
+                let out = Outbound {
+                    message: Message::Text(frame.clone()),
+                    received_at: Some(received_at),
+                    seq,
+                };
+                match entry.handle.outbound.try_send(out) {
+                    Ok(()) => handed += 1,
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        entry.handle.control.close(1013, "client reads too slowly");
+                        metrics.slow_client_closes.inc();
+                        dead.push(*id);
                     }
+                    Err(mpsc::error::TrySendError::Closed(_)) => dead.push(*id),
                 }
             };
-            match &notification.target {
-                Target::User(user) => {
-                    for id in self.by_user.get(user).into_iter().flatten() {
-                        offer(id, &self.sessions);
+            let frame = &notification.frame;
+            if !stored.is_empty() {
+                // Stored copies: one frame per user, carrying their seq.
+                for (user, seq) in &stored {
+                    let Some(seq) = *seq else { continue };
+                    let Some(ids) = self.by_user.get(user) else {
+                        continue;
+                    };
+                    let frame = notification.frame_with_seq(seq);
+                    for id in ids {
+                        offer(id, &frame, Some(seq));
                     }
                 }
-                Target::Users(users) => {
-                    for user in users {
+            } else {
+                match &notification.target {
+                    Target::User(user) => {
                         for id in self.by_user.get(user).into_iter().flatten() {
-                            offer(id, &self.sessions);
+                            offer(id, frame, None);
                         }
                     }
-                }
-                Target::Channel(channel) => {
-                    for id in self.by_channel.get(channel).into_iter().flatten() {
-                        offer(id, &self.sessions);
+                    Target::Users(users) => {
+                        for user in users {
+                            for id in self.by_user.get(user).into_iter().flatten() {
+                                offer(id, frame, None);
+                            }
+                        }
                     }
-                }
-                Target::Broadcast => {
-                    for id in self.sessions.keys() {
-                        offer(id, &self.sessions);
+                    Target::Channel(channel) => {
+                        for id in self.by_channel.get(channel).into_iter().flatten() {
+                            offer(id, frame, None);
+                        }
+                    }
+                    Target::Broadcast => {
+                        for id in self.sessions.keys() {
+                            offer(id, frame, None);
+                        }
                     }
                 }
             }
@@ -459,40 +512,9 @@ impl RouterTask {
     }
 }
 
-/// `2026-11-25T03:35:10Z`, UTC, second precision.
-pub fn rfc3339(t: SystemTime) -> String {
-    let secs = t
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    let (h, m, s) = (rem / 3600, rem % 3600 / 60, rem % 60);
-    // Civil-from-days (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let mo = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(mo <= 2);
-    format!("{y:04}-{mo:02}-{d:02}T{h:02}:{m:02}:{s:02}Z")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
-
-    #[test]
-    fn rfc3339_formats_utc() {
-        assert_eq!(rfc3339(SystemTime::UNIX_EPOCH), "1970-01-01T00:00:00Z");
-        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_577_710);
-        assert_eq!(rfc3339(t), "2026-11-25T03:35:10Z");
-        let leap = SystemTime::UNIX_EPOCH + Duration::from_secs(951_782_400);
-        assert_eq!(rfc3339(leap), "2000-02-29T00:00:00Z");
-    }
 
     #[test]
     fn connection_ids_round_trip() {
@@ -518,11 +540,10 @@ mod tests {
     }
 
     fn note(body: &str) -> RouteRequest {
-        RouteRequest {
-            notification: crate::message::decode(body.as_bytes(), None, 1 << 20).unwrap(),
-            received_at: Instant::now(),
-            settlement: None,
-        }
+        RouteRequest::new(
+            crate::message::decode(body.as_bytes(), None, 1 << 20).unwrap(),
+            None,
+        )
     }
 
     #[tokio::test]

@@ -21,6 +21,7 @@ use tracing::{error, info, warn};
 use crate::{
     amqp::{settle::Settler, topology},
     config::AmqpConfig,
+    inbox::stage::InboxStage,
     message,
     metrics::Metrics,
     readiness::Readiness,
@@ -32,10 +33,29 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The first reconnect delay; it doubles up to `amqp.reconnect_max_backoff`.
 const INITIAL_BACKOFF: Duration = Duration::from_millis(200);
 
+/// Where decoded deliveries go: straight to the router, or through the
+/// inbox's commit stage first.
+#[derive(Clone)]
+pub enum Downstream {
+    Router(Router),
+    Inbox(InboxStage),
+}
+
+impl Downstream {
+    async fn submit(&self, request: RouteRequest) {
+        match self {
+            Downstream::Router(router) => router.route(request).await,
+            Downstream::Inbox(stage) => stage.submit(request).await,
+        }
+    }
+}
+
 /// What the consume loop needs; cheap to clone.
 #[derive(Clone)]
 pub struct ConsumerContext {
     pub config: Arc<AmqpConfig>,
+    pub downstream: Downstream,
+    /// For the shutdown barrier: everything routed before it is settled.
     pub router: Router,
     pub metrics: Arc<Metrics>,
     pub readiness: Arc<Readiness>,
@@ -137,12 +157,11 @@ async fn consume_once(ctx: &ConsumerContext, connected_before: &mut bool) -> Res
             }
             delivery = consumer.next() => match delivery {
                 Some(Ok(delivery)) => {
-                    let received_at = std::time::Instant::now();
                     let message_id = delivery.properties.message_id().as_ref().map(|id| id.as_str());
                     match message::decode(&delivery.data, message_id, config.max_message_bytes) {
                         Ok(notification) => {
                             let settlement = Some(settler.settlement(delivery.acker));
-                            ctx.router.route(RouteRequest { notification, received_at, settlement }).await;
+                            ctx.downstream.submit(RouteRequest::new(notification, settlement)).await;
                         }
                         Err(reason) => {
                             ctx.metrics.messages_invalid.inc();

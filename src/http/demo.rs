@@ -1,12 +1,17 @@
-//! The demo page (`GET /`) and its development-only token endpoint
-//! (`GET /api/dev/token`, served only with `http.dev_tokens = true`).
+//! The demo page (`GET /`, with its script and style sheet under
+//! `/assets/`) and its development-only token endpoint (`GET /api/dev/token`,
+//! served only with `http.dev_tokens = true`).
+//!
+//! The page is three files in `assets/`, embedded in the binary: no CDN, no
+//! build step. The HTML gets the page settings (where the WebSocket listener
+//! is, the auth mode) as JSON in `<script id="settings">`; demo.js reads them.
 
 use std::sync::Arc;
 
 use axum::{
     extract::State,
-    http::{StatusCode, Uri},
-    response::Html,
+    http::{header, HeaderName, StatusCode, Uri},
+    response::{Html, IntoResponse},
     Json,
 };
 use serde_json::{json, Value};
@@ -27,14 +32,63 @@ pub struct DemoSettings {
     pub auth: crate::config::AuthConfig,
 }
 
-/// `GET /`: the demo page (placeholder until the real page lands).
-pub async fn page(State(state): State<Arc<HttpState>>) -> Html<String> {
-    let settings = page_settings(&state.demo);
-    Html(format!(
-        "<!doctype html><html><head><meta charset=\"utf-8\"><title>notify-bridge</title></head>\
-         <body><script id=\"settings\" type=\"application/json\">{}</script></body></html>",
-        settings.to_string().replace('<', "\\u003c")
-    ))
+const PAGE: &str = include_str!("assets/demo.html");
+const SCRIPT: &str = include_str!("assets/demo.js");
+const STYLE: &str = include_str!("assets/demo.css");
+
+/// Where the settings JSON goes in `demo.html`.
+const SETTINGS_SLOT: &str = "{{SETTINGS}}";
+
+/// Only this page's own script and style sheet, and WebSockets to any host
+/// (the listener is on another port): even a payload that slipped into the
+/// DOM as HTML could not run script. `no-referrer` keeps `?token=` out of
+/// Referer headers.
+const PAGE_HEADERS: [(HeaderName, &str); 4] = [
+    (
+        header::CONTENT_SECURITY_POLICY,
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
+         connect-src 'self' ws: wss:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    ),
+    (header::REFERRER_POLICY, "no-referrer"),
+    (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+    (header::CACHE_CONTROL, "no-store"),
+];
+
+/// `GET /`: the demo page, with this bridge's settings embedded.
+pub async fn page(State(state): State<Arc<HttpState>>) -> impl IntoResponse {
+    (PAGE_HEADERS, Html(render_page(&page_settings(&state.demo))))
+}
+
+/// The page's HTML with `settings` in its JSON slot. `<` is escaped so the
+/// JSON can never end the `<script>` element early.
+pub fn render_page(settings: &Value) -> String {
+    PAGE.replacen(
+        SETTINGS_SLOT,
+        &settings.to_string().replace('<', "\\u003c"),
+        1,
+    )
+}
+
+/// `GET /assets/demo.js`.
+pub async fn script() -> impl IntoResponse {
+    asset("text/javascript; charset=utf-8", SCRIPT)
+}
+
+/// `GET /assets/demo.css`.
+pub async fn style() -> impl IntoResponse {
+    asset("text/css; charset=utf-8", STYLE)
+}
+
+fn asset(content_type: &'static str, body: &'static str) -> impl IntoResponse {
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            // Revalidate every time, so an upgraded bridge never runs an old script.
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
 }
 
 /// The settings the page reads from its embedded JSON.
@@ -90,4 +144,36 @@ pub async fn dev_token(
     Ok(Json(
         json!({ "token": token, "user_id": user, "expires_in": 3600 }),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_cannot_close_the_script_element() {
+        let html = render_page(&json!({"ws_path": "</script><script>alert(1)</script>"}));
+        assert!(!html.contains(SETTINGS_SLOT));
+        assert!(!html.contains("</script><script>alert(1)"), "{html}");
+        assert!(html.contains(r#"\u003c/script>\u003cscript>alert(1)"#));
+        let start = html
+            .find(r#"<script id="settings" type="application/json">"#)
+            .unwrap();
+        let json_text = html[start..].split_once('>').unwrap().1;
+        let json_text = json_text.split_once("</script>").unwrap().0;
+        let back: Value = serde_json::from_str(json_text).unwrap();
+        assert_eq!(back["ws_path"], "</script><script>alert(1)</script>");
+    }
+
+    #[test]
+    fn the_page_uses_only_its_own_embedded_assets() {
+        assert_eq!(PAGE.matches(SETTINGS_SLOT).count(), 1);
+        assert!(PAGE.contains(r#"src="assets/demo.js""#));
+        assert!(PAGE.contains(r#"href="assets/demo.css""#));
+        for text in [PAGE, SCRIPT, STYLE] {
+            assert!(!text.contains("http://") && !text.contains("https://"));
+        }
+        // Data is never put into the page as HTML.
+        assert!(!SCRIPT.contains("innerHTML") && !SCRIPT.contains("insertAdjacentHTML"));
+    }
 }

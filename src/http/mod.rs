@@ -7,6 +7,7 @@ mod admin;
 pub mod demo;
 mod error;
 mod health;
+mod inbox;
 mod keys;
 mod openapi;
 mod send;
@@ -26,7 +27,10 @@ pub use error::ApiError;
 pub use keys::ApiKeys;
 pub use openapi::document as openapi_document;
 
-use crate::{amqp::publisher::Publisher, metrics::Metrics, readiness::Readiness, router::Router};
+use crate::{
+    amqp::publisher::Publisher, auth::Authenticator, inbox::Inbox, metrics::Metrics,
+    readiness::Readiness, router::Router,
+};
 
 /// What the HTTP handlers share.
 pub struct HttpState {
@@ -38,6 +42,9 @@ pub struct HttpState {
     /// `amqp.max_message_bytes`: the send endpoint's body limit.
     pub max_message_bytes: usize,
     pub demo: demo::DemoSettings,
+    /// Verifies users' own tokens for the inbox routes.
+    pub auth: Arc<Authenticator>,
+    pub inbox: Option<Inbox>,
 }
 
 /// The route table of the side port.
@@ -47,8 +54,15 @@ pub fn routes(state: Arc<HttpState>) -> Routes {
         .route("/api/notifications/send/", post(send::send))
         .route("/api/connections", get(admin::list))
         .route("/api/connections/{id}", delete(admin::disconnect))
+        .route(
+            "/api/me/notifications",
+            get(inbox::list_mine).patch(inbox::change_mine),
+        )
+        .route("/api/users/{user}/notifications", get(inbox::list_for_user))
         .route("/openapi.json", get(openapi::openapi))
         .route("/", get(demo::page))
+        .route("/assets/demo.js", get(demo::script))
+        .route("/assets/demo.css", get(demo::style))
         .route("/api/dev/token", get(demo::dev_token))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))

@@ -6,7 +6,11 @@ use serde::Serialize;
 use serde_json::Value;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-use crate::{message::UserId, router::ConnectionId};
+use crate::{
+    inbox::{Change, Counts},
+    message::UserId,
+    router::ConnectionId,
+};
 
 fn to_frame<T: Serialize>(value: &T) -> Utf8Bytes {
     Utf8Bytes::from(serde_json::to_string(value).expect("frames always serialize"))
@@ -46,12 +50,25 @@ pub fn error(code: &str, detail: &str) -> Utf8Bytes {
     to_frame(&serde_json::json!({"type": "error", "code": code, "detail": detail}))
 }
 
+/// `{"type":"inbox","total":T,"unread":U}`: sent on connect and after every
+/// read-state change, to every socket of the user.
+pub fn inbox_counts(counts: Counts) -> Utf8Bytes {
+    to_frame(&serde_json::json!({"type": "inbox", "total": counts.total, "unread": counts.unread}))
+}
+
+/// `{"type":"gap","since":N,"oldest":M}`: retention dropped entries after N.
+pub fn gap(since: u64, oldest: u64) -> Utf8Bytes {
+    to_frame(&serde_json::json!({"type": "gap", "since": since, "oldest": oldest}))
+}
+
 /// A frame a client may send.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClientFrame {
     Ping,
     Subscribe(String),
     Unsubscribe(String),
+    /// `read`, `remove`, `read_all`: inbox read-state changes.
+    Inbox(Change),
 }
 
 /// Parses a client text frame; the error text goes into a `bad_request`
@@ -72,12 +89,32 @@ pub fn parse_client(text: &str) -> Result<ClientFrame, String> {
         Some(_) => Err(format!("`{kind}` needs `channel` as a non-empty string")),
         None => Err(format!("`{kind}` frame lacks the `channel` field")),
     };
+    let ids = || match object.get("ids") {
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|id| id.as_str().map(String::from))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| format!("`{kind}` needs `ids` as an array of strings")),
+        Some(_) => Err(format!("`{kind}` needs `ids` as an array of strings")),
+        None => Err(format!("`{kind}` frame lacks the `ids` field")),
+    };
     match kind {
         "ping" => Ok(ClientFrame::Ping),
         "subscribe" => channel().map(ClientFrame::Subscribe),
         "unsubscribe" => channel().map(ClientFrame::Unsubscribe),
+        "read" => match object.get("up_to") {
+            Some(up_to) => up_to
+                .as_u64()
+                .map(|n| ClientFrame::Inbox(Change::MarkReadUpTo(n)))
+                .ok_or_else(|| "`up_to` must be a non-negative integer".to_string()),
+            None => ids()
+                .map(|ids| ClientFrame::Inbox(Change::MarkRead(ids)))
+                .map_err(|_| "`read` needs `ids` (an array of strings) or `up_to` (a seq)".to_string()),
+        },
+        "remove" => ids().map(|ids| ClientFrame::Inbox(Change::Remove(ids))),
+        "read_all" => Ok(ClientFrame::Inbox(Change::MarkAllRead)),
         other => Err(format!(
-            "unknown frame type `{other}`; expected ping, subscribe or unsubscribe"
+            "unknown frame type `{other}`; expected ping, subscribe, unsubscribe, read, remove or read_all"
         )),
     }
 }

@@ -26,6 +26,8 @@ pub struct Admission {
     pub expires_at: Option<SystemTime>,
     /// Whether to answer `Sec-WebSocket-Protocol: bearer`.
     pub bearer_protocol: bool,
+    /// `?since=N`: replay inbox entries with `seq > N` first.
+    pub since: Option<u64>,
 }
 
 /// A refused handshake: status, error code and a human-readable detail.
@@ -75,6 +77,16 @@ impl HandshakePolicy<'_> {
     pub fn admit(&self, uri: &http::Uri, headers: &HeaderMap) -> Result<Admission, Refusal> {
         let path_user = self.path_user(uri.path())?;
         let query = parse_query(uri.query().unwrap_or(""));
+        let since = match query.iter().find(|(k, _)| k == "since") {
+            None => None,
+            Some((_, v)) => Some(v.parse::<u64>().map_err(|_| {
+                Refusal::new(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    format!("`since` must be a non-negative integer, not {v:?}"),
+                )
+            })?),
+        };
 
         if let Some(origin) = header(headers, "origin") {
             if !origin_allowed(&self.settings.allowed_origins, origin) {
@@ -149,6 +161,7 @@ impl HandshakePolicy<'_> {
             grant: identity.channels,
             expires_at: identity.expires_at,
             bearer_protocol,
+            since,
         })
     }
 
@@ -444,6 +457,27 @@ mod tests {
         );
         assert_eq!(admit(AuthMode::None, "/ws", &[]).unwrap_err().status, 401);
         assert!(admit(AuthMode::None, "/ws?user_id=5&channel=anything", &[]).is_ok());
+    }
+
+    #[test]
+    fn since_must_be_a_non_negative_integer() {
+        let t = token("1", &[]);
+        assert_eq!(
+            admit(AuthMode::Jwt, &format!("/ws?token={t}&since=5"), &[])
+                .unwrap()
+                .since,
+            Some(5)
+        );
+        assert_eq!(
+            admit(AuthMode::Jwt, &format!("/ws?token={t}"), &[])
+                .unwrap()
+                .since,
+            None
+        );
+        for bad in ["-1", "x", "", "1.5"] {
+            let e = admit(AuthMode::Jwt, &format!("/ws?token={t}&since={bad}"), &[]).unwrap_err();
+            assert_eq!((e.status.as_u16(), e.code), (400, "bad_request"), "{bad}");
+        }
     }
 
     #[test]

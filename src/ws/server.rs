@@ -19,6 +19,7 @@ use tracing::{debug, warn};
 use crate::{
     auth::Authenticator,
     config::WebSocketConfig,
+    inbox::Inbox,
     metrics::Metrics,
     router::Router,
     ws::{
@@ -37,7 +38,7 @@ pub const READ_BUFFER_BYTES: usize = 4096;
 /// Everything the WebSocket side shares across connections.
 pub struct WsContext {
     pub settings: WebSocketConfig,
-    pub auth: Authenticator,
+    pub auth: Arc<Authenticator>,
     pub limits: Arc<ConnectionLimits>,
     pub router: Router,
     pub metrics: Arc<Metrics>,
@@ -45,6 +46,8 @@ pub struct WsContext {
     pub shutdown: CancellationToken,
     /// Session tasks, so that shutdown can wait for their close frames.
     pub sessions: TaskTracker,
+    /// The inbox, when `inbox.enabled`.
+    pub inbox: Option<Inbox>,
 }
 
 impl WsContext {

@@ -35,6 +35,8 @@ use crate::{
 const CLOSE_DEADLINE: Duration = Duration::from_secs(2);
 /// The most frames written between two flushes.
 const WRITE_BATCH: usize = 64;
+/// How long the opening frames (welcome, inbox counts, replay) may take.
+const OPENING_DEADLINE: Duration = Duration::from_secs(10);
 
 /// Runs one admitted connection to its end.
 pub async fn run(
@@ -69,18 +71,31 @@ pub async fn run(
         id,
         admission,
         outbound,
+        skip_through: 0,
         ctx: ctx.clone(),
     };
-    let welcome = frames::welcome(id, &session.admission.user, &session.admission.channels);
-    let ending = match tokio::time::timeout(CLOSE_DEADLINE, sink.send(Message::Text(welcome))).await
-    {
-        Ok(Ok(())) => {
-            ctx.metrics.frames_sent.inc();
-            session
-                .serve(&mut sink, &mut stream, &mut queue, &control)
-                .await
+    let ending = match session.opening_frames().await {
+        Err(ending) => ending,
+        Ok(mut opening) => {
+            let mut latencies = Vec::new();
+            let written = tokio::select! {
+                biased;
+                _ = control.closed() => Err(control.reason().map_or(Ending::Drop, |(c, r)| Ending::Close(c, r))),
+                written = tokio::time::timeout(OPENING_DEADLINE, write_batch(&mut sink, &mut opening, &mut latencies, 0)) => match written {
+                    Ok(Ok(frames)) => Ok(frames),
+                    _ => Err(Ending::Drop),
+                },
+            };
+            match written {
+                Ok(frames) => {
+                    ctx.metrics.frames_sent.add(frames);
+                    session
+                        .serve(&mut sink, &mut stream, &mut queue, &control)
+                        .await
+                }
+                Err(ending) => ending,
+            }
         }
-        _ => Ending::Drop,
     };
 
     ctx.router.unregister(id).await;
@@ -127,6 +142,9 @@ struct Session {
     admission: Admission,
     /// The session's own handle on its queue, for pongs and error frames.
     outbound: mpsc::Sender<Outbound>,
+    /// The highest inbox seq the client already has (from `since` and the
+    /// replay); live copies up to it are duplicates.
+    skip_through: u64,
     ctx: Arc<WsContext>,
 }
 
@@ -135,18 +153,25 @@ type Sink = futures_util::stream::SplitSink<WebSocketStream<TcpStream>, Message>
 /// Feeds a batch of frames and flushes once; returns how many were written
 /// and leaves the broker-delivery times of notification frames in
 /// `latencies`.
+/// Stored notifications with `seq <= skip_through` are dropped: the replay
+/// already sent them.
 async fn write_batch(
     sink: &mut Sink,
     batch: &mut Vec<Outbound>,
     latencies: &mut Vec<std::time::Instant>,
+    skip_through: u64,
 ) -> Result<u64, WsError> {
     latencies.clear();
-    let frames = batch.len() as u64;
+    let mut frames = 0;
     for out in batch.drain(..) {
+        if out.seq.is_some_and(|seq| seq <= skip_through) {
+            continue;
+        }
         if let Some(at) = out.received_at {
             latencies.push(at);
         }
         sink.feed(out.message).await?;
+        frames += 1;
     }
     sink.flush().await?;
     Ok(frames)
@@ -154,6 +179,50 @@ async fn write_batch(
 type Stream = futures_util::stream::SplitStream<WebSocketStream<TcpStream>>;
 
 impl Session {
+    /// `welcome`, then with the inbox: the counts, a `gap` if retention
+    /// dropped entries after `since`, and the replay. Read after the session
+    /// was registered, so whatever is committed later arrives live; what
+    /// arrives live and was also replayed is dropped by seq.
+    async fn opening_frames(&mut self) -> Result<Vec<Outbound>, Ending> {
+        let user = &self.admission.user;
+        let mut frames = vec![Outbound::control(frames::welcome(
+            self.id,
+            user,
+            &self.admission.channels,
+        ))];
+        let Some(inbox) = &self.ctx.inbox else {
+            return Ok(frames);
+        };
+        let since = self.admission.since;
+        let replay = match inbox.replay(user.as_str(), since).await {
+            Ok(replay) => replay,
+            Err(e) => {
+                tracing::error!(error = %e, user = %user, "inbox replay failed");
+                return Err(Ending::Close(1011, "inbox unavailable"));
+            }
+        };
+        frames.push(Outbound::control(frames::inbox_counts(replay.counts)));
+        if let (Some(since), Some(oldest)) = (since, replay.gap_oldest) {
+            frames.push(Outbound::control(frames::gap(since, oldest)));
+            self.ctx.metrics.inbox_gaps.inc();
+        }
+        self.ctx
+            .metrics
+            .inbox_replayed
+            .add(replay.entries.len() as u64);
+        self.skip_through = since.unwrap_or(0);
+        for entry in replay.entries {
+            self.skip_through = self.skip_through.max(entry.seq);
+            frames.push(Outbound::control(crate::message::stored_frame(
+                entry.seq,
+                &entry.id,
+                &entry.event,
+                &entry.payload,
+            )));
+        }
+        Ok(frames)
+    }
+
     async fn serve(
         &mut self,
         sink: &mut Sink,
@@ -197,7 +266,7 @@ impl Session {
                         _ = control.closed() => {
                             return control.reason().map_or(Ending::Drop, |(c, r)| Ending::Close(c, r));
                         }
-                        written = write_batch(sink, &mut batch, &mut latencies) => match written {
+                        written = write_batch(sink, &mut batch, &mut latencies, self.skip_through) => match written {
                             Ok(frames) => {
                                 let metrics = &self.ctx.metrics;
                                 metrics.frames_sent.add(frames);
@@ -269,6 +338,27 @@ impl Session {
                 self.ctx.router.unsubscribe(self.id, channel).await;
                 return None;
             }
+            Ok(ClientFrame::Inbox(change)) => match &self.ctx.inbox {
+                None => frames::error("bad_request", "the inbox is not enabled on this server"),
+                Some(inbox) => {
+                    let user = &self.admission.user;
+                    match inbox.change(user.as_str(), change).await {
+                        Ok((true, counts)) => {
+                            // Every tab of the user learns the new counts.
+                            self.ctx
+                                .router
+                                .to_user(user.clone(), frames::inbox_counts(counts))
+                                .await;
+                            return None;
+                        }
+                        Ok((false, _)) => return None,
+                        Err(e) => {
+                            tracing::error!(error = %e, "inbox change failed");
+                            frames::error("unavailable", "the inbox is unavailable; try again")
+                        }
+                    }
+                }
+            },
             Err(detail) => frames::error("bad_request", &detail),
         };
         match self.outbound.try_send(Outbound::control(reply)) {

@@ -1,0 +1,217 @@
+//! The inbox over HTTP: a user lists and changes their own notifications
+//! with their JWT; admins read any user's. Every route answers 404 while
+//! the inbox is disabled.
+
+use std::sync::Arc;
+
+use axum::{
+    body::Bytes,
+    extract::{Path, State},
+    http::{header, HeaderMap, StatusCode, Uri},
+    Json,
+};
+use serde_json::{json, value::RawValue, Value};
+
+use super::{ApiError, HttpState};
+use crate::{
+    config::AuthMode,
+    inbox::{Change, Counts, Entry, Inbox, ListQuery},
+    message::UserId,
+    ws::{frames, handshake::parse_query},
+};
+
+/// The most entries one listing returns.
+pub const MAX_LIMIT: usize = 500;
+const DEFAULT_LIMIT: usize = 50;
+
+fn bad_request(detail: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, "bad_request", detail)
+}
+
+fn inbox(state: &HttpState) -> Result<&Inbox, ApiError> {
+    state.inbox.as_ref().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "the inbox is not enabled on this server (inbox.enabled = false)",
+        )
+    })
+}
+
+fn unavailable(e: anyhow::Error) -> ApiError {
+    tracing::error!(error = %e, "inbox request failed");
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "unavailable",
+        "the inbox store is unavailable",
+    )
+}
+
+/// The user a request speaks for: the JWT's user (or, in `auth.mode =
+/// "none"`, `?user_id=`).
+fn caller(state: &HttpState, headers: &HeaderMap, uri: &Uri) -> Result<UserId, ApiError> {
+    let unauthorized =
+        |detail: String| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", detail);
+    if state.auth.mode() == AuthMode::None {
+        let query = parse_query(uri.query().unwrap_or(""));
+        return query
+            .iter()
+            .find(|(k, _)| k == "user_id")
+            .and_then(|(_, v)| UserId::new(v))
+            .ok_or_else(|| unauthorized("auth.mode is \"none\": give ?user_id=U".into()));
+    }
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim())
+        .ok_or_else(|| unauthorized("send your token as Authorization: Bearer T".into()))?;
+    state
+        .auth
+        .verify(token)
+        .map(|identity| identity.user)
+        .map_err(unauthorized)
+}
+
+fn parse_list_query(uri: &Uri) -> Result<ListQuery, ApiError> {
+    let mut query = ListQuery {
+        unread_only: false,
+        before: None,
+        limit: DEFAULT_LIMIT,
+    };
+    for (key, value) in parse_query(uri.query().unwrap_or("")) {
+        match key.as_str() {
+            "unread" => {
+                query.unread_only = match value.as_str() {
+                    "true" | "1" => true,
+                    "false" | "0" => false,
+                    _ => return Err(bad_request("`unread` must be true or false")),
+                }
+            }
+            "before" => {
+                query.before =
+                    Some(value.parse().map_err(|_| {
+                        bad_request("`before` must be a non-negative integer (a seq)")
+                    })?)
+            }
+            "limit" => {
+                query.limit = value
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=MAX_LIMIT).contains(n))
+                    .ok_or_else(|| {
+                        bad_request(format!("`limit` must be an integer from 1 to {MAX_LIMIT}"))
+                    })?
+            }
+            _ => {}
+        }
+    }
+    Ok(query)
+}
+
+fn listing(counts: Counts, entries: Vec<Entry>) -> Json<Value> {
+    let notifications: Vec<Value> = entries
+        .into_iter()
+        .map(|e| {
+            let payload = RawValue::from_string(e.payload)
+                .unwrap_or_else(|_| RawValue::from_string("null".into()).expect("null is JSON"));
+            let created_at = std::time::UNIX_EPOCH
+                + std::time::Duration::from_millis(e.created_at_ms.max(0) as u64);
+            json!({
+                "id": e.id,
+                "seq": e.seq,
+                "event": e.event,
+                "payload": payload,
+                "created_at": crate::rfc3339::format(created_at),
+                "read": e.read,
+            })
+        })
+        .collect();
+    Json(json!({"total": counts.total, "unread": counts.unread, "notifications": notifications}))
+}
+
+/// `GET /api/me/notifications?unread=true&before=N&limit=50`, newest first.
+pub async fn list_mine(
+    State(state): State<Arc<HttpState>>,
+    headers: HeaderMap,
+    uri: Uri,
+) -> Result<Json<Value>, ApiError> {
+    let inbox = inbox(&state)?;
+    let user = caller(&state, &headers, &uri)?;
+    let query = parse_list_query(&uri)?;
+    let (counts, entries) = inbox
+        .list(user.as_str(), query)
+        .await
+        .map_err(unavailable)?;
+    Ok(listing(counts, entries))
+}
+
+/// `GET /api/users/{user}/notifications` with an admin key.
+pub async fn list_for_user(
+    State(state): State<Arc<HttpState>>,
+    headers: HeaderMap,
+    Path(user): Path<String>,
+    uri: Uri,
+) -> Result<Json<Value>, ApiError> {
+    let inbox = inbox(&state)?;
+    state.keys.check_admin(&headers)?;
+    let user = UserId::new(&user).ok_or_else(|| bad_request("the user id must not be empty"))?;
+    let query = parse_list_query(&uri)?;
+    let (counts, entries) = inbox
+        .list(user.as_str(), query)
+        .await
+        .map_err(unavailable)?;
+    Ok(listing(counts, entries))
+}
+
+/// `PATCH /api/me/notifications` with `{"action": …, "ids": […]}`.
+pub async fn change_mine(
+    State(state): State<Arc<HttpState>>,
+    headers: HeaderMap,
+    uri: Uri,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let inbox = inbox(&state)?;
+    let user = caller(&state, &headers, &uri)?;
+    let change = parse_change(&body)?;
+    let (changed, counts) = inbox
+        .change(user.as_str(), change)
+        .await
+        .map_err(unavailable)?;
+    if changed {
+        state
+            .router
+            .to_user(user, frames::inbox_counts(counts))
+            .await;
+    }
+    Ok(Json(
+        json!({"total": counts.total, "unread": counts.unread}),
+    ))
+}
+
+fn parse_change(body: &[u8]) -> Result<Change, ApiError> {
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| bad_request(format!("body is not valid JSON: {e}")))?;
+    let ids = || -> Result<Vec<String>, ApiError> {
+        match value.get("ids") {
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|id| id.as_str().map(String::from))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| bad_request("`ids` must be an array of strings")),
+            Some(_) => Err(bad_request("`ids` must be an array of strings")),
+            None => Err(bad_request("this action needs `ids`")),
+        }
+    };
+    match value.get("action").and_then(Value::as_str) {
+        Some("mark_read") => Ok(Change::MarkRead(ids()?)),
+        Some("remove") => Ok(Change::Remove(ids()?)),
+        Some("mark_all_read") => Ok(Change::MarkAllRead),
+        Some("remove_all") => Ok(Change::RemoveAll),
+        Some(other) => Err(bad_request(format!(
+            "unknown action {other:?}; expected mark_read, remove, mark_all_read or remove_all"
+        ))),
+        None => Err(bad_request("missing `action`")),
+    }
+}

@@ -1,0 +1,147 @@
+//! The ordered commit stage: deliveries from the consumer pass through here,
+//! in broker order, on their way to the router. Each batch's entries are
+//! committed in one transaction (group commit: while one commit runs, the
+//! next batch gathers), then the batch is routed, and only routing queues
+//! the acks. A message that is not stored waits behind stored ones, so it
+//! never overtakes them.
+
+use std::{sync::Arc, time::Duration};
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::error;
+
+use crate::{
+    inbox::{Inbox, NewEntry},
+    message::Target,
+    metrics::Metrics,
+    readiness::Readiness,
+    router::{RouteRequest, Router},
+};
+
+/// The most deliveries committed in one transaction.
+const BATCH: usize = 256;
+
+/// Handle to the stage task.
+#[derive(Clone)]
+pub struct InboxStage {
+    requests: mpsc::Sender<RouteRequest>,
+}
+
+impl InboxStage {
+    /// Starts the stage; `capacity` bounds the deliveries waiting for it.
+    pub fn spawn(
+        inbox: Inbox,
+        router: Router,
+        metrics: Arc<Metrics>,
+        readiness: Arc<Readiness>,
+        shutdown: CancellationToken,
+        capacity: usize,
+    ) -> Self {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        tokio::spawn(run(rx, inbox, router, metrics, readiness, shutdown));
+        Self { requests: tx }
+    }
+
+    /// Queues a delivery; waits only when the stage is full (backpressure).
+    pub async fn submit(&self, request: RouteRequest) {
+        let _ = self.requests.send(request).await;
+    }
+}
+
+/// The users a message is stored for: `user_id` / `user_ids` targets with
+/// `store` not false; never channels or broadcasts.
+fn storage_users(request: &RouteRequest) -> &[crate::message::UserId] {
+    let n = &request.notification;
+    if !n.store {
+        return &[];
+    }
+    match &n.target {
+        Target::User(user) => std::slice::from_ref(user),
+        Target::Users(users) => users,
+        Target::Channel(_) | Target::Broadcast => &[],
+    }
+}
+
+async fn run(
+    mut rx: mpsc::Receiver<RouteRequest>,
+    inbox: Inbox,
+    router: Router,
+    metrics: Arc<Metrics>,
+    readiness: Arc<Readiness>,
+    shutdown: CancellationToken,
+) {
+    let mut batch: Vec<RouteRequest> = Vec::with_capacity(BATCH);
+    while rx.recv_many(&mut batch, BATCH).await > 0 {
+        let entries: Vec<NewEntry> = batch
+            .iter()
+            .flat_map(|request| {
+                let n = &request.notification;
+                storage_users(request).iter().map(move |user| NewEntry {
+                    user: user.to_string(),
+                    id: n.id.clone(),
+                    event: n.event.clone(),
+                    payload: n.payload.get().to_string(),
+                })
+            })
+            .collect();
+        let mut seqs = if entries.is_empty() {
+            Vec::new()
+        } else {
+            match commit(&inbox, entries, &metrics, &readiness, &shutdown).await {
+                Some(seqs) => seqs,
+                // Shutting down with the store failing: leave the batch
+                // unacknowledged; the broker redelivers it.
+                None => return,
+            }
+        }
+        .into_iter();
+        for mut request in batch.drain(..) {
+            let users = storage_users(&request).to_vec();
+            request.stored = users
+                .into_iter()
+                .map(|user| (user, seqs.next().flatten()))
+                .collect();
+            router.route(request).await;
+        }
+    }
+}
+
+/// Commits until it works: a failing store stops consumption (nothing is
+/// acked, readiness says why) instead of dropping messages.
+async fn commit(
+    inbox: &Inbox,
+    entries: Vec<NewEntry>,
+    metrics: &Metrics,
+    readiness: &Readiness,
+    shutdown: &CancellationToken,
+) -> Option<Vec<Option<u64>>> {
+    let entries = Arc::new(entries);
+    let mut backoff = Duration::from_millis(200);
+    let mut failing = false;
+    loop {
+        let started = std::time::Instant::now();
+        match inbox.append(entries.clone()).await {
+            Ok(seqs) => {
+                if failing && metrics.amqp_connected.get() == 1 {
+                    readiness.set_ready();
+                }
+                metrics.inbox_commit_seconds.observe(started.elapsed());
+                metrics
+                    .inbox_stored
+                    .add(seqs.iter().filter(|s| s.is_some()).count() as u64);
+                return Some(seqs);
+            }
+            Err(e) => {
+                error!(error = %e, retry_in = ?backoff, "inbox commit failed; consumption paused");
+                readiness.set_not_ready(format!("inbox store failing: {e}"));
+                failing = true;
+                tokio::select! {
+                    _ = shutdown.cancelled() => return None,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}

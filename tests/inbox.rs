@@ -1,0 +1,564 @@
+//! The per-user inbox against the real broker: offline delivery, replay
+//! with `since`, gaps, read state across tabs, the HTTP routes, restarts.
+
+mod common;
+
+use std::{path::PathBuf, time::Duration};
+
+use common::*;
+use notify_bridge::config::Config;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const ADMIN_KEY: &str = "inbox-admin-key";
+
+fn store_path() -> PathBuf {
+    std::env::temp_dir()
+        .join(unique("nb-inbox"))
+        .join("data")
+        .join("inbox.db")
+}
+
+fn with_inbox(path: PathBuf) -> impl FnOnce(&mut Config) {
+    move |c: &mut Config| {
+        c.inbox.enabled = true;
+        c.inbox.path = path;
+        c.http.admin_keys = vec![ADMIN_KEY.into()];
+    }
+}
+
+async fn connect_since(bridge: &Bridge, user: &str, since: Option<u64>) -> (Client, Value) {
+    let token = token(user, &[]);
+    let mut url = bridge.ws_url(&format!("/ws?token={token}"));
+    if let Some(since) = since {
+        url.push_str(&format!("&since={since}"));
+    }
+    let (mut client, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    assert_eq!(next_json(&mut client).await["type"], "welcome");
+    let counts = next_json(&mut client).await;
+    assert_eq!(counts["type"], "inbox", "{counts}");
+    (client, counts)
+}
+
+/// Publishes `n` messages to `user` without waiting for each confirm.
+async fn publish_many(
+    bridge: &Bridge,
+    publisher: &Publisher,
+    user: &str,
+    range: std::ops::Range<u32>,
+) {
+    for i in range {
+        let body = format!(r#"{{"user_id":"{user}","id":"{user}-{i}","payload":{{"n":{i}}}}}"#);
+        drop(
+            publisher
+                .channel
+                .basic_publish(
+                    bridge.config.amqp.exchange.as_str().into(),
+                    "notifications.send".into(),
+                    Default::default(),
+                    body.as_bytes(),
+                    Default::default(),
+                )
+                .await
+                .unwrap(),
+        );
+    }
+    publisher.channel.wait_for_confirms().await.unwrap();
+}
+
+async fn wait_for_stored(bridge: &Bridge, at_least: u64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while bridge.running().metrics.inbox_stored.get() < at_least {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "entries not stored in time"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn offline_messages_arrive_on_connect_in_order() {
+    let bridge = Bridge::start_with(with_inbox(store_path())).await;
+    let publisher = Publisher::connect().await;
+    publish_many(&bridge, &publisher, "off", 0..5).await;
+    wait_for_stored(&bridge, 5).await;
+
+    let (mut client, counts) = connect_since(&bridge, "off", Some(0)).await;
+    assert_eq!(counts, json!({"type": "inbox", "total": 5, "unread": 5}));
+    for i in 0..5u64 {
+        let frame = next_json(&mut client).await;
+        assert_eq!(frame["seq"], i + 1, "{frame}");
+        assert_eq!(frame["id"], format!("off-{i}"));
+        assert_eq!(frame["payload"], json!({"n": i}));
+    }
+    // Live messages carry the next seq.
+    publish_many(&bridge, &publisher, "off", 5..6).await;
+    assert_eq!(next_json(&mut client).await["seq"], 6);
+
+    // Without `since`, counts only, no replay.
+    let (mut plain, counts) = connect_since(&bridge, "off", None).await;
+    assert_eq!(counts["total"], 6);
+    assert_silent(&mut plain, Duration::from_millis(300)).await;
+    assert_eq!(bridge.running().metrics.inbox_replayed.get(), 5);
+    bridge.stop().await;
+}
+
+#[tokio::test]
+async fn reconnecting_with_since_during_a_stream_loses_and_duplicates_nothing() {
+    let bridge = Bridge::start_with(with_inbox(store_path())).await;
+    let publisher = Publisher::connect().await;
+    let total = 1000u64;
+    let producer = {
+        let exchange = bridge.config.amqp.exchange.clone();
+        tokio::spawn(async move {
+            let publisher = Publisher::connect().await;
+            for i in 0..total {
+                let body = format!(r#"{{"user_id":"stream","id":"s-{i}","payload":{i}}}"#);
+                drop(
+                    publisher
+                        .channel
+                        .basic_publish(
+                            exchange.as_str().into(),
+                            "notifications.send".into(),
+                            Default::default(),
+                            body.as_bytes(),
+                            Default::default(),
+                        )
+                        .await
+                        .unwrap(),
+                );
+                if i % 50 == 0 {
+                    publisher.channel.wait_for_confirms().await.unwrap();
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+            publisher.channel.wait_for_confirms().await.unwrap();
+        })
+    };
+    let mut seen: Vec<u64> = Vec::new();
+    let mut last = 0u64;
+    let mut reconnects = 0;
+    while last < total {
+        let (mut client, _) = connect_since(&bridge, "stream", Some(last)).await;
+        // Read a few frames (or until quiet), then drop the connection.
+        let budget = if reconnects < 6 { 120 } else { usize::MAX };
+        let mut read = 0;
+        while read < budget {
+            let Some(frame) = next_json_within(&mut client, Duration::from_secs(5)).await else {
+                break;
+            };
+            if frame["type"] == "gap" {
+                panic!("unexpected gap {frame}");
+            }
+            if frame["type"] != "notification" {
+                continue;
+            }
+            let seq = frame["seq"].as_u64().unwrap();
+            seen.push(seq);
+            last = seq;
+            read += 1;
+        }
+        reconnects += 1;
+        drop(client);
+        assert!(reconnects < 50, "stuck at {last}");
+    }
+    producer.await.unwrap();
+    assert!(reconnects >= 6, "{reconnects}");
+    let expected: Vec<u64> = (1..=total).collect();
+    assert_eq!(
+        seen, expected,
+        "frames across reconnects must be exactly 1..={total}"
+    );
+    drop(publisher);
+    bridge.stop().await;
+}
+
+#[tokio::test]
+async fn retention_produces_a_gap_frame() {
+    let path = store_path();
+    let bridge = Bridge::start_with(|c| {
+        with_inbox(path)(c);
+        c.inbox.max_per_user = 3;
+    })
+    .await;
+    let publisher = Publisher::connect().await;
+    publish_many(&bridge, &publisher, "ret", 0..5).await;
+    wait_for_stored(&bridge, 5).await;
+
+    let (mut client, counts) = connect_since(&bridge, "ret", Some(0)).await;
+    assert_eq!(
+        (counts["total"].as_u64(), counts["unread"].as_u64()),
+        (Some(3), Some(3))
+    );
+    assert_eq!(
+        next_json(&mut client).await,
+        json!({"type": "gap", "since": 0, "oldest": 3})
+    );
+    for seq in 3..=5 {
+        assert_eq!(next_json(&mut client).await["seq"], seq);
+    }
+    // since beyond the last seq: nothing replayed, no gap.
+    let (mut later, _) = connect_since(&bridge, "ret", Some(99)).await;
+    assert_silent(&mut later, Duration::from_millis(300)).await;
+    assert_eq!(bridge.running().metrics.inbox_gaps.get(), 1);
+
+    // A since that is not a non-negative integer is refused.
+    let (status, body) = refused(request(
+        &bridge.ws_url(&format!("/ws?token={}&since=-1", token("ret", &[]))),
+        &[],
+    ))
+    .await;
+    assert_eq!((status, body["error"].as_str()), (400, Some("bad_request")));
+    bridge.stop().await;
+}
+
+#[tokio::test]
+async fn read_state_changes_reach_every_tab_and_never_another_user() {
+    let bridge = Bridge::start_with(with_inbox(store_path())).await;
+    let publisher = Publisher::connect().await;
+    publish_many(&bridge, &publisher, "tabs", 0..4).await;
+    publish_many(&bridge, &publisher, "other", 0..1).await;
+    wait_for_stored(&bridge, 5).await;
+
+    let (mut tab1, _) = connect_since(&bridge, "tabs", None).await;
+    let (mut tab2, _) = connect_since(&bridge, "tabs", None).await;
+    let (mut other, _) = connect_since(&bridge, "other", None).await;
+
+    send_text(
+        &mut tab1,
+        r#"{"type":"read","ids":["tabs-0","other-0","unknown"]}"#,
+    )
+    .await;
+    for tab in [&mut tab1, &mut tab2] {
+        assert_eq!(
+            next_json(tab).await,
+            json!({"type": "inbox", "total": 4, "unread": 3})
+        );
+    }
+    send_text(&mut tab2, r#"{"type":"read","up_to":2}"#).await;
+    for tab in [&mut tab1, &mut tab2] {
+        assert_eq!(next_json(tab).await["unread"], 2);
+    }
+    send_text(&mut tab1, r#"{"type":"remove","ids":["tabs-3"]}"#).await;
+    for tab in [&mut tab1, &mut tab2] {
+        assert_eq!(
+            next_json(tab).await,
+            json!({"type": "inbox", "total": 3, "unread": 1})
+        );
+    }
+    send_text(&mut tab1, r#"{"type":"read_all"}"#).await;
+    assert_eq!(next_json(&mut tab2).await["unread"], 0);
+    assert_eq!(next_json(&mut tab1).await["unread"], 0);
+    // Nothing changed: no counts frame.
+    send_text(&mut tab1, r#"{"type":"read_all"}"#).await;
+    assert_silent(&mut tab2, Duration::from_millis(300)).await;
+    send_text(&mut tab1, r#"{"type":"read","ids":"nope"}"#).await;
+    assert_eq!(next_json(&mut tab1).await["code"], "bad_request");
+
+    // The other user's entry was never touched.
+    assert_silent(&mut other, Duration::from_millis(100)).await;
+    let (_, counts) = connect_since(&bridge, "other", None).await;
+    assert_eq!(counts, json!({"type": "inbox", "total": 1, "unread": 1}));
+    bridge.stop().await;
+}
+
+#[tokio::test]
+async fn redeliveries_are_not_stored_twice_and_store_false_is_never_stored() {
+    let bridge = Bridge::start_with(with_inbox(store_path())).await;
+    let publisher = Publisher::connect().await;
+    let (mut client, _) = connect_since(&bridge, "dup", None).await;
+
+    bridge
+        .publish(&publisher, r#"{"user_id":"dup","id":"same","payload":1}"#)
+        .await;
+    assert_eq!(next_json(&mut client).await["seq"], 1);
+    bridge
+        .publish(&publisher, r#"{"user_id":"dup","id":"same","payload":1}"#)
+        .await;
+    bridge
+        .publish(
+            &publisher,
+            r#"{"user_id":"dup","id":"live","store":false,"payload":{"lat":1}}"#,
+        )
+        .await;
+    let live = next_json(&mut client).await;
+    assert_eq!(
+        live["id"], "live",
+        "the duplicate must not be sent again: {live}"
+    );
+    assert!(live.get("seq").is_none(), "{live}");
+    // Channel and broadcast messages are not stored either.
+    bridge
+        .publish(&publisher, r#"{"broadcast":true,"id":"b","payload":1}"#)
+        .await;
+    assert_eq!(next_json(&mut client).await["id"], "b");
+
+    let (_, counts) = connect_since(&bridge, "dup", None).await;
+    assert_eq!(counts["total"], 1);
+    assert_eq!(bridge.running().metrics.inbox_stored.get(), 1);
+    bridge.stop().await;
+}
+
+#[tokio::test]
+async fn the_store_survives_a_restart() {
+    let path = store_path();
+    let mut config = test_config();
+    with_inbox(path.clone())(&mut config);
+    let queue = config.amqp.queue.clone();
+    let exchange = config.amqp.exchange.clone();
+    let bridge = Bridge::start_unready(config.clone()).await;
+    bridge.wait_ready().await;
+    let publisher = Publisher::connect().await;
+    publish_many(&bridge, &publisher, "keep", 0..3).await;
+    wait_for_stored(&bridge, 3).await;
+    // Stop without deleting the queue and exchange: the same instance comes back.
+    bridge.shutdown.cancel();
+    let mut bridge = bridge;
+    bridge.running.take().unwrap().wait().await;
+
+    let mut again = test_config();
+    with_inbox(path)(&mut again);
+    again.amqp.queue = queue;
+    again.amqp.exchange = exchange;
+    let bridge = Bridge::start_unready(again).await;
+    bridge.wait_ready().await;
+    let (mut client, counts) = connect_since(&bridge, "keep", Some(1)).await;
+    assert_eq!(counts["total"], 3);
+    assert_eq!(next_json(&mut client).await["seq"], 2);
+    assert_eq!(next_json(&mut client).await["seq"], 3);
+    bridge.stop().await;
+}
+
+#[tokio::test]
+async fn an_unusable_store_stops_startup_naming_inbox_path() {
+    let dir = std::env::temp_dir().join(unique("nb-bad-store"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("inbox.db");
+    std::fs::write(&path, vec![0x5au8; 16384]).unwrap();
+    let mut config = test_config();
+    with_inbox(path)(&mut config);
+    let err = notify_bridge::run(config, tokio_util::sync::CancellationToken::new())
+        .await
+        .err()
+        .expect("a corrupt store must stop startup");
+    assert!(
+        err.downcast_ref::<notify_bridge::config::ConfigError>()
+            .is_some(),
+        "{err:#}"
+    );
+    assert!(format!("{err:#}").contains("inbox.path"), "{err:#}");
+}
+
+// --- HTTP -----------------------------------------------------------------
+
+async fn http(
+    bridge: &Bridge,
+    method: &str,
+    path: &str,
+    auth: Option<&str>,
+    body: &str,
+) -> (u16, Value) {
+    let mut stream = tokio::net::TcpStream::connect(bridge.running().http_addr)
+        .await
+        .unwrap();
+    let mut request = format!(
+        "{method} {path} HTTP/1.1\r\nhost: t\r\nconnection: close\r\ncontent-length: {}\r\n",
+        body.len()
+    );
+    if let Some(auth) = auth {
+        request.push_str(&format!("authorization: {auth}\r\n"));
+    }
+    request.push_str("\r\n");
+    request.push_str(body);
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut raw = String::new();
+    tokio::time::timeout(WAIT, stream.read_to_string(&mut raw))
+        .await
+        .unwrap()
+        .unwrap();
+    let status = raw.split(' ').nth(1).unwrap().parse().unwrap();
+    let body = raw.split_once("\r\n\r\n").unwrap().1;
+    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn http_list_and_patch() {
+    let bridge = Bridge::start_with(with_inbox(store_path())).await;
+    let publisher = Publisher::connect().await;
+    publish_many(&bridge, &publisher, "h", 0..6).await;
+    wait_for_stored(&bridge, 6).await;
+    let me = format!("Bearer {}", token("h", &[]));
+    let (mut tab, _) = connect_since(&bridge, "h", None).await;
+
+    let (status, list) = http(
+        &bridge,
+        "GET",
+        "/api/me/notifications?limit=2",
+        Some(&me),
+        "",
+    )
+    .await;
+    assert_eq!(status, 200, "{list}");
+    assert_eq!(
+        (list["total"].as_u64(), list["unread"].as_u64()),
+        (Some(6), Some(6))
+    );
+    let items = list["notifications"].as_array().unwrap();
+    assert_eq!(
+        items
+            .iter()
+            .map(|n| n["seq"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        vec![6, 5]
+    );
+    assert_eq!(items[0]["id"], "h-5");
+    assert_eq!(items[0]["payload"], json!({"n": 5}));
+    assert_eq!(items[0]["read"], false);
+    assert!(items[0]["created_at"].as_str().unwrap().ends_with('Z'));
+    let (_, page) = http(
+        &bridge,
+        "GET",
+        "/api/me/notifications?before=5&limit=50",
+        Some(&me),
+        "",
+    )
+    .await;
+    assert_eq!(page["notifications"].as_array().unwrap().len(), 4);
+
+    let (status, counts) = http(
+        &bridge,
+        "PATCH",
+        "/api/me/notifications",
+        Some(&me),
+        r#"{"action":"mark_read","ids":["h-0","h-1"]}"#,
+    )
+    .await;
+    assert_eq!((status, counts), (200, json!({"total": 6, "unread": 4})));
+    assert_eq!(
+        next_json(&mut tab).await,
+        json!({"type": "inbox", "total": 6, "unread": 4})
+    );
+    let (_, unread) = http(
+        &bridge,
+        "GET",
+        "/api/me/notifications?unread=true",
+        Some(&me),
+        "",
+    )
+    .await;
+    assert_eq!(unread["notifications"].as_array().unwrap().len(), 4);
+    assert_eq!(unread["total"], 6);
+    let (_, counts) = http(
+        &bridge,
+        "PATCH",
+        "/api/me/notifications",
+        Some(&me),
+        r#"{"action":"remove_all"}"#,
+    )
+    .await;
+    assert_eq!(counts, json!({"total": 0, "unread": 0}));
+
+    // Errors.
+    assert_eq!(
+        http(&bridge, "GET", "/api/me/notifications", None, "")
+            .await
+            .0,
+        401
+    );
+    assert_eq!(
+        http(
+            &bridge,
+            "GET",
+            "/api/me/notifications",
+            Some("Bearer nonsense"),
+            ""
+        )
+        .await
+        .0,
+        401
+    );
+    for query in [
+        "limit=0",
+        "limit=501",
+        "limit=x",
+        "before=-1",
+        "unread=maybe",
+    ] {
+        let (status, body) = http(
+            &bridge,
+            "GET",
+            &format!("/api/me/notifications?{query}"),
+            Some(&me),
+            "",
+        )
+        .await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (400, Some("bad_request")),
+            "{query}"
+        );
+    }
+    for body in [
+        "not json",
+        r#"{"action":"explode"}"#,
+        r#"{"ids":["a"]}"#,
+        r#"{"action":"mark_read"}"#,
+    ] {
+        let (status, reply) =
+            http(&bridge, "PATCH", "/api/me/notifications", Some(&me), body).await;
+        assert_eq!(
+            (status, reply["error"].as_str()),
+            (400, Some("bad_request")),
+            "{body}"
+        );
+    }
+
+    // Admins read any user's inbox; other keys and tokens may not.
+    publish_many(&bridge, &publisher, "h2", 0..1).await;
+    wait_for_stored(&bridge, 7).await;
+    let admin = format!("Bearer {ADMIN_KEY}");
+    let (status, theirs) = http(
+        &bridge,
+        "GET",
+        "/api/users/h2/notifications",
+        Some(&admin),
+        "",
+    )
+    .await;
+    assert_eq!((status, theirs["total"].as_u64()), (200, Some(1)));
+    assert_eq!(
+        http(&bridge, "GET", "/api/users/h2/notifications", Some(&me), "")
+            .await
+            .0,
+        401
+    );
+    bridge.stop().await;
+}
+
+#[tokio::test]
+async fn inbox_routes_answer_404_when_disabled() {
+    let bridge = Bridge::start().await;
+    let me = format!("Bearer {}", token("x", &[]));
+    let (status, body) = http(&bridge, "GET", "/api/me/notifications", Some(&me), "").await;
+    assert_eq!((status, body["error"].as_str()), (404, Some("not_found")));
+    assert_eq!(
+        http(&bridge, "PATCH", "/api/me/notifications", Some(&me), "{}")
+            .await
+            .0,
+        404
+    );
+    assert_eq!(
+        http(&bridge, "GET", "/api/users/x/notifications", None, "")
+            .await
+            .0,
+        404
+    );
+    // Inbox frames are refused with an error frame, the connection stays.
+    let mut client = bridge.connect("x").await;
+    send_text(&mut client, r#"{"type":"read_all"}"#).await;
+    assert_eq!(next_json(&mut client).await["code"], "bad_request");
+    send_text(&mut client, r#"{"type":"ping"}"#).await;
+    assert_eq!(next_json(&mut client).await["type"], "pong");
+    bridge.stop().await;
+}
