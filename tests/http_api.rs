@@ -462,6 +462,11 @@ async fn health_and_openapi() {
         ("/readyz", "get"),
         ("/metrics", "get"),
         ("/openapi.json", "get"),
+        ("/api/me/notifications", "get"),
+        ("/api/me/notifications", "patch"),
+        ("/api/users/{user}/notifications", "get"),
+        ("/", "get"),
+        ("/api/dev/token", "get"),
     ] {
         assert!(
             doc["paths"][path][method].is_object(),

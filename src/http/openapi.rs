@@ -16,6 +16,29 @@ fn error_response(description: &str) -> Value {
     })
 }
 
+fn list_parameters() -> Vec<Value> {
+    vec![
+        json!({"name": "unread", "in": "query", "required": false, "schema": {"type": "boolean"}, "description": "Only unread entries"}),
+        json!({"name": "before", "in": "query", "required": false, "schema": {"type": "integer", "minimum": 0}, "description": "Only entries with seq < before (paging)"}),
+        json!({"name": "limit", "in": "query", "required": false, "schema": {"type": "integer", "minimum": 1, "maximum": 500, "default": 50}}),
+    ]
+}
+
+fn inbox_listing() -> Value {
+    json!({
+        "description": "Entries newest first; total and unread count the whole inbox",
+        "content": {"application/json": {"schema": {
+            "type": "object",
+            "required": ["total", "unread", "notifications"],
+            "properties": {
+                "total": {"type": "integer"},
+                "unread": {"type": "integer"},
+                "notifications": {"type": "array", "items": {"$ref": "#/components/schemas/InboxEntry"}}
+            }
+        }}}
+    })
+}
+
 /// The OpenAPI document of the side port.
 pub fn document() -> Value {
     json!({
@@ -88,6 +111,80 @@ pub fn document() -> Value {
                     }
                 }
             },
+            "/api/me/notifications": {
+                "get": {
+                    "summary": "List your own inbox, newest first (inbox.enabled only; 404 otherwise)",
+                    "operationId": "listMyNotifications",
+                    "security": [{"userToken": []}],
+                    "parameters": list_parameters(),
+                    "responses": {
+                        "200": inbox_listing(),
+                        "400": error_response("Bad unread, before or limit"),
+                        "401": error_response("No or bad token"),
+                        "404": error_response("The inbox is disabled")
+                    }
+                },
+                "patch": {
+                    "summary": "Mark read or remove entries; every socket of the user gets the new counts",
+                    "operationId": "changeMyNotifications",
+                    "security": [{"userToken": []}],
+                    "requestBody": {
+                        "required": true,
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/InboxChange"}}}
+                    },
+                    "responses": {
+                        "200": {
+                            "description": "The inbox's counts after the change",
+                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/InboxCounts"}}}
+                        },
+                        "400": error_response("Not JSON, unknown or missing action, or missing ids"),
+                        "401": error_response("No or bad token"),
+                        "404": error_response("The inbox is disabled")
+                    }
+                }
+            },
+            "/api/users/{user}/notifications": {
+                "get": {
+                    "summary": "List any user's inbox (admin)",
+                    "operationId": "listUserNotifications",
+                    "security": [{"adminKey": []}],
+                    "parameters": [
+                        {"name": "user", "in": "path", "required": true, "schema": {"type": "string"}},
+                        list_parameters()[0], list_parameters()[1], list_parameters()[2]
+                    ],
+                    "responses": {
+                        "200": inbox_listing(),
+                        "400": error_response("Bad unread, before or limit"),
+                        "401": error_response("No admin key"),
+                        "404": error_response("The inbox is disabled")
+                    }
+                }
+            },
+            "/": {
+                "get": {
+                    "summary": "The demo page (?token=T, or ?user_id=U in auth.mode none, connects at once)",
+                    "operationId": "demoPage",
+                    "responses": {"200": {"description": "HTML", "content": {"text/html": {"schema": {"type": "string"}}}}}
+                }
+            },
+            "/api/dev/token": {
+                "get": {
+                    "summary": "Mint a one-hour token (only with http.dev_tokens = true; 404 otherwise)",
+                    "operationId": "devToken",
+                    "parameters": [
+                        {"name": "user_id", "in": "query", "required": true, "schema": {"type": "string"}},
+                        {"name": "channel", "in": "query", "required": false, "schema": {"type": "string"}, "description": "Repeatable"}
+                    ],
+                    "responses": {
+                        "200": {"description": "A token", "content": {"application/json": {"schema": {
+                            "type": "object",
+                            "properties": {"token": {"type": "string"}, "user_id": {"type": "string"}, "expires_in": {"type": "integer"}}
+                        }}}},
+                        "400": error_response("No user_id"),
+                        "404": error_response("Development tokens are off")
+                    }
+                }
+            },
             "/healthz": {
                 "get": {
                     "summary": "Liveness: 200 while the process serves",
@@ -123,7 +220,8 @@ pub fn document() -> Value {
         "components": {
             "securitySchemes": {
                 "apiKey": {"type": "http", "scheme": "bearer", "description": "A key from http.api_keys (or http.admin_keys); `Authorization: Token KEY` is accepted too"},
-                "adminKey": {"type": "http", "scheme": "bearer", "description": "A key from http.admin_keys; `Authorization: Token KEY` is accepted too"}
+                "adminKey": {"type": "http", "scheme": "bearer", "description": "A key from http.admin_keys; `Authorization: Token KEY` is accepted too"},
+                "userToken": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT", "description": "The user's own JWT, as for the WebSocket"}
             },
             "schemas": {
                 "Error": {
@@ -158,6 +256,31 @@ pub fn document() -> Value {
                         "store": {"type": "boolean", "default": true}
                     },
                     "example": {"user_id": 1, "payload": {"text": "hello"}}
+                },
+                "InboxCounts": {
+                    "type": "object",
+                    "required": ["total", "unread"],
+                    "properties": {"total": {"type": "integer"}, "unread": {"type": "integer"}}
+                },
+                "InboxEntry": {
+                    "type": "object",
+                    "required": ["id", "seq", "event", "payload", "created_at", "read"],
+                    "properties": {
+                        "id": {"type": "string"},
+                        "seq": {"type": "integer", "description": "Per-user position: 1, 2, 3, … never reused"},
+                        "event": {"type": "string"},
+                        "payload": {"description": "The payload as published"},
+                        "created_at": {"type": "string", "format": "date-time"},
+                        "read": {"type": "boolean"}
+                    }
+                },
+                "InboxChange": {
+                    "type": "object",
+                    "required": ["action"],
+                    "properties": {
+                        "action": {"type": "string", "enum": ["mark_read", "remove", "mark_all_read", "remove_all"]},
+                        "ids": {"type": "array", "items": {"type": "string"}, "description": "Required for mark_read and remove; unknown ids are ignored"}
+                    }
                 },
                 "Connection": {
                     "type": "object",
