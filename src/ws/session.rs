@@ -233,6 +233,10 @@ impl Session {
         let ping_interval = self.ctx.settings.ping_interval;
         let mut ping = tokio::time::interval_at(Instant::now() + ping_interval, ping_interval);
         let mut last_seen = Instant::now();
+        // A write (frames or a ping) the peer has not taken within two ping
+        // intervals means it stopped reading: it is dropped like a peer that
+        // stopped answering pings.
+        let stalled_after = ping_interval * 2;
         let expiry = self.admission.expires_at.map(|at| {
             let left = at.duration_since(SystemTime::now()).unwrap_or_default();
             Instant::now() + left
@@ -276,6 +280,13 @@ impl Session {
                             }
                             Err(_) => return Ending::Drop,
                         },
+                        // With fewer frames pending than `send_queue`, nobody
+                        // else ends a write the peer never takes: while it
+                        // blocks, no ping is sent and no answer is read.
+                        _ = tokio::time::sleep(stalled_after) => {
+                            debug!(connection = %self.id, "peer stopped reading; dropping");
+                            return Ending::Drop;
+                        }
                     }
                 }
                 incoming = stream.next() => {
@@ -314,6 +325,10 @@ impl Session {
                             if sent.is_err() {
                                 return Ending::Drop;
                             }
+                        }
+                        _ = tokio::time::sleep(stalled_after) => {
+                            debug!(connection = %self.id, "peer stopped reading; dropping");
+                            return Ending::Drop;
                         }
                     }
                 }

@@ -294,3 +294,148 @@ pub fn metric(text: &str, name: &str) -> f64 {
         .parse()
         .unwrap()
 }
+
+// ---------------------------------------------------------------------------
+// Helpers for the handshake, broker-fault and process tests.
+// ---------------------------------------------------------------------------
+
+/// The handshake response of an accepted connection.
+pub type HandshakeResponse = tokio_tungstenite::tungstenite::handshake::client::Response;
+
+/// Connects with `request`, expects the upgrade to be accepted, and reads
+/// the `welcome` frame.
+pub async fn accepted(request: http::Request<()>) -> (Client, HandshakeResponse, Value) {
+    let (mut client, response) =
+        tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(request))
+            .await
+            .expect("handshake in time")
+            .unwrap_or_else(|e| panic!("handshake refused: {}", describe_ws_error(e)));
+    let welcome = next_json(&mut client).await;
+    assert_eq!(welcome["type"], "welcome", "{welcome}");
+    (client, response, welcome)
+}
+
+/// A handshake error with the body of a refused upgrade, for panics.
+pub fn describe_ws_error(e: tokio_tungstenite::tungstenite::Error) -> String {
+    match e {
+        tokio_tungstenite::tungstenite::Error::Http(response) => format!(
+            "HTTP {} {}",
+            response.status(),
+            response
+                .body()
+                .as_ref()
+                .map(|b| String::from_utf8_lossy(b).into_owned())
+                .unwrap_or_default()
+        ),
+        other => other.to_string(),
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// An HS256 token signed with [`SECRET`] carrying exactly `claims`.
+pub fn token_with_claims(claims: Value) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+/// Base64url without padding, for hand-made tokens.
+pub fn b64url(bytes: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk.iter().fold(0u32, |acc, &b| (acc << 8) | b as u32) << (8 * (3 - chunk.len()));
+        for i in 0..=chunk.len() {
+            out.push(T[((n >> (18 - 6 * i)) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+/// Polls `condition` every 10 ms until it holds; panics with `what` after
+/// `within`. Returns how long it took.
+pub async fn eventually(
+    within: Duration,
+    what: &str,
+    mut condition: impl FnMut() -> bool,
+) -> Duration {
+    let started = tokio::time::Instant::now();
+    while !condition() {
+        assert!(started.elapsed() < within, "not within {within:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    started.elapsed()
+}
+
+/// A minimal HTTP/1.1 GET over a fresh TCP connection: status and body.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut stream = TcpStream::connect(addr)
+            .await
+            .expect("connect to the side port");
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).await.unwrap();
+        String::from_utf8(raw).expect("UTF-8 response")
+    };
+    let text = tokio::time::timeout(WAIT, exchange)
+        .await
+        .expect("HTTP response in time");
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .expect("a complete HTTP response");
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {head:?}"));
+    let chunked = head
+        .lines()
+        .any(|l| l.to_ascii_lowercase().starts_with("transfer-encoding:") && l.contains("chunked"));
+    let body = if chunked {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    (status, body)
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let size = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if size == 0 {
+            break;
+        }
+        out.push_str(&rest[..size]);
+        body = rest[size..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// Deletes a queue and an exchange from the shared broker, ignoring errors.
+pub async fn delete_topology(queue: &str, exchange: &str) {
+    if let Ok(conn) = Connection::connect(&amqp_url(), ConnectionProperties::default()).await {
+        if let Ok(ch) = conn.create_channel().await {
+            let _ = ch
+                .queue_delete(queue.into(), QueueDeleteOptions::default())
+                .await;
+            let _ = ch
+                .exchange_delete(exchange.into(), ExchangeDeleteOptions::default())
+                .await;
+        }
+        let _ = conn.close(200, "test done".into()).await;
+    }
+}
