@@ -108,10 +108,20 @@ fn serve(config: Config) -> ExitCode {
 }
 
 fn init_logging(config: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
+    use std::io::IsTerminal;
+    let mut directives = std::env::var("RUST_LOG").unwrap_or_else(|_| config.log.level.clone());
+    // lapin logs a channel closed by a failed passive declare (a missing
+    // exchange, on every fresh deploy) as an ERROR; every broker failure
+    // that matters is logged by the bridge itself with its reason. Its own
+    // logs stay available with an explicit `lapin=…` directive.
+    if !directives.contains("lapin") {
+        directives.push_str(",lapin=off");
+    }
+    let filter = tracing_subscriber::EnvFilter::try_new(&directives)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match config.log.format {
         LogFormat::Json => builder.json().init(),

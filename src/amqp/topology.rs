@@ -120,6 +120,7 @@ async fn ensure_exchange(
     match passive {
         Ok(()) => Ok(channel),
         Err(e) if is_not_found(&e) => {
+            tracing::info!(exchange = name, kind = ?kind, "exchange missing; creating it (durable)");
             let channel = connection.create_channel().await?;
             channel
                 .exchange_declare(
