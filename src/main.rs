@@ -54,6 +54,12 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Some(Command::CheckConfig) => {
+            // The key file is part of the configuration: check it as the
+            // daemon would.
+            if let Err(e) = notify_bridge::auth::Authenticator::from_config(&config.auth) {
+                eprintln!("notify-bridge: {e}");
+                return ExitCode::from(2);
+            }
             print!("{}", config.to_masked_toml());
             ExitCode::SUCCESS
         }
@@ -93,8 +99,8 @@ fn serve(config: Config) -> ExitCode {
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                tracing::error!("{e:#}");
-                eprintln!("notify-bridge: {e:#}");
+                // Logging is set up by now: one line, in the configured format.
+                tracing::error!("notify-bridge: {e:#}");
                 if e.downcast_ref::<notify_bridge::config::ConfigError>()
                     .is_some()
                 {

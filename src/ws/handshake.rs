@@ -121,12 +121,17 @@ impl HandshakePolicy<'_> {
                 identity
             }
             AuthMode::None => {
-                let user = query_value(&query, "user_id")
-                    .and_then(UserId::new)
-                    .or(path_user)
-                    .ok_or_else(|| {
-                        unauthorized("auth.mode is \"none\": give ?user_id=U or connect to /ws/U")
-                    })?;
+                let query_user = query_value(&query, "user_id").and_then(UserId::new);
+                if let (Some(q), Some(p)) = (&query_user, &path_user) {
+                    if q != p {
+                        return Err(forbidden(format!(
+                            "the path names user {p}, ?user_id names user {q}"
+                        )));
+                    }
+                }
+                let user = query_user.or(path_user).ok_or_else(|| {
+                    unauthorized("auth.mode is \"none\": give ?user_id=U or connect to /ws/U")
+                })?;
                 Identity {
                     user,
                     channels: ChannelGrant::All,
@@ -457,6 +462,13 @@ mod tests {
         );
         assert_eq!(admit(AuthMode::None, "/ws", &[]).unwrap_err().status, 401);
         assert!(admit(AuthMode::None, "/ws?user_id=5&channel=anything", &[]).is_ok());
+        assert!(admit(AuthMode::None, "/ws/5?user_id=5", &[]).is_ok());
+        assert_eq!(
+            admit(AuthMode::None, "/ws/6?user_id=5", &[])
+                .unwrap_err()
+                .status,
+            403
+        );
     }
 
     #[test]

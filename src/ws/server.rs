@@ -30,7 +30,7 @@ use crate::{
 };
 
 /// Per-connection read buffer. tungstenite's default (128 KiB) would cost
-/// 1.9 GiB at 15,000 idle sockets; client frames are small (pings,
+/// 1.8 GiB at 15,000 idle sockets; client frames are small (pings,
 /// subscribes), so 4 KiB is plenty and the buffer still grows for a larger
 /// frame up to `websocket.max_message_bytes`.
 pub const READ_BUFFER_BYTES: usize = 4096;
