@@ -139,12 +139,7 @@ pub async fn list_mine(
 ) -> Result<Json<Value>, ApiError> {
     let inbox = inbox(&state)?;
     let user = caller(&state, &headers, &uri)?;
-    let query = parse_list_query(&uri)?;
-    let (counts, entries) = inbox
-        .list(user.as_str(), query)
-        .await
-        .map_err(unavailable)?;
-    Ok(listing(counts, entries))
+    list(inbox, &user, &uri).await
 }
 
 /// `GET /api/users/{user}/notifications` with an admin key.
@@ -157,7 +152,12 @@ pub async fn list_for_user(
     let inbox = inbox(&state)?;
     state.keys.check_admin(&headers)?;
     let user = UserId::new(&user).ok_or_else(|| bad_request("the user id must not be empty"))?;
-    let query = parse_list_query(&uri)?;
+    list(inbox, &user, &uri).await
+}
+
+/// One page of `user`'s inbox, as the query string asks.
+async fn list(inbox: &Inbox, user: &UserId, uri: &Uri) -> Result<Json<Value>, ApiError> {
+    let query = parse_list_query(uri)?;
     let (counts, entries) = inbox
         .list(user.as_str(), query)
         .await
