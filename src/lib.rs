@@ -179,6 +179,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             ws_path: config.websocket.path.clone(),
             auth_mode: config.auth.mode,
             dev_tokens: config.http.dev_tokens,
+            inbox: config.inbox.enabled,
             auth: config.auth.clone(),
         },
         auth,

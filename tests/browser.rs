@@ -950,3 +950,97 @@ async fn management_ui_publish_reaches_a_socket() {
     drop(browser);
     bridge.stop().await;
 }
+
+#[tokio::test]
+async fn demo_page_with_the_inbox_replays_counts_marks_read_and_resumes_after_a_reload() {
+    let Some(binary) = chromium_binary() else {
+        return;
+    };
+    let store = std::env::temp_dir()
+        .join(unique("nb-demo-inbox"))
+        .join("inbox.db");
+    let bridge = start_bridge(|c| {
+        c.inbox.enabled = true;
+        c.inbox.path = store;
+    })
+    .await;
+    let publisher = Publisher::connect().await;
+    // Two notifications while the user is offline.
+    for id in ["off-1", "off-2"] {
+        bridge
+            .publish(
+                &publisher,
+                &json!({"user_id": "in", "id": id, "payload": {"text": id}}).to_string(),
+            )
+            .await;
+    }
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while bridge.running().metrics.inbox_stored.get() < 2 {
+        assert!(tokio::time::Instant::now() < deadline, "not stored");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let browser = Browser::launch(&binary);
+    let mut page = browser.page().await;
+    let http_addr = bridge.running().http_addr;
+    let url = format!("http://{http_addr}/?token={}", token("in", &[]));
+    page.navigate(&url).await;
+    // First visit: since=0 replays both, and the badge shows the inbox's count.
+    page.notification_text("off-1").await;
+    page.notification_text("off-2").await;
+    page.wait_for(
+        "2 unread",
+        "document.getElementById('unread').textContent === '2 unread'",
+    )
+    .await;
+
+    // Clicking a stored notification marks it read; the counts frame updates the badge.
+    page.eval("document.querySelector('[data-notification-id=\"off-1\"] pre').click()")
+        .await;
+    page.wait_for(
+        "1 unread after the click",
+        "document.getElementById('unread').textContent === '1 unread'",
+    )
+    .await;
+
+    // A live one arrives with the next seq; the badge follows.
+    bridge
+        .publish(
+            &publisher,
+            r#"{"user_id":"in","id":"live-3","payload":{"text":"live"}}"#,
+        )
+        .await;
+    page.notification_text("live-3").await;
+    page.wait_for(
+        "2 unread with the live one",
+        "document.getElementById('unread').textContent === '2 unread'",
+    )
+    .await;
+
+    // Reload: the page reconnects with since=3, so nothing is replayed twice,
+    // and what came while it was away arrives.
+    page.navigate(&url).await;
+    page.wait_for("connected again", "document.body.dataset.state === 'open'")
+        .await;
+    bridge
+        .publish(
+            &publisher,
+            r#"{"user_id":"in","id":"after-4","payload":{"text":"after"}}"#,
+        )
+        .await;
+    page.notification_text("after-4").await;
+    let ids = page
+        .eval("[...document.querySelectorAll('[data-notification-id]')].map(e => e.dataset.notificationId).join(',')")
+        .await;
+    assert_eq!(
+        ids, "after-4",
+        "a reload with since must not replay what was seen"
+    );
+    assert_eq!(
+        page.eval("localStorage.getItem('notify-bridge.demo.since.in')")
+            .await,
+        "4"
+    );
+    page.assert_no_page_errors();
+    bridge.stop().await;
+}

@@ -467,6 +467,8 @@ async fn health_and_openapi() {
         ("/api/users/{user}/notifications", "get"),
         ("/", "get"),
         ("/api/dev/token", "get"),
+        ("/assets/demo.js", "get"),
+        ("/assets/demo.css", "get"),
     ] {
         assert!(
             doc["paths"][path][method].is_object(),

@@ -28,6 +28,9 @@ pub struct DemoSettings {
     pub ws_path: String,
     pub auth_mode: AuthMode,
     pub dev_tokens: bool,
+    /// Whether the inbox is on: the page then reconnects with `since`, shows
+    /// the unread count and marks notifications read when clicked.
+    pub inbox: bool,
     /// For minting development tokens.
     pub auth: crate::config::AuthConfig,
 }
@@ -100,6 +103,7 @@ pub fn page_settings(demo: &DemoSettings) -> Value {
         "ws_path": demo.ws_path,
         "auth_mode": match demo.auth_mode { AuthMode::Jwt => "jwt", AuthMode::None => "none" },
         "dev_tokens": demo.dev_tokens,
+        "inbox": demo.inbox,
     })
 }
 

@@ -167,6 +167,20 @@ pub fn document() -> Value {
                     "responses": {"200": {"description": "HTML", "content": {"text/html": {"schema": {"type": "string"}}}}}
                 }
             },
+            "/assets/demo.js": {
+                "get": {
+                    "summary": "The demo page's script",
+                    "operationId": "demoScript",
+                    "responses": {"200": {"description": "JavaScript", "content": {"text/javascript": {"schema": {"type": "string"}}}}}
+                }
+            },
+            "/assets/demo.css": {
+                "get": {
+                    "summary": "The demo page's stylesheet",
+                    "operationId": "demoStyle",
+                    "responses": {"200": {"description": "CSS", "content": {"text/css": {"schema": {"type": "string"}}}}}
+                }
+            },
             "/api/dev/token": {
                 "get": {
                     "summary": "Mint a one-hour token (only with http.dev_tokens = true; 404 otherwise)",

@@ -46,6 +46,10 @@
   const wantedChannels = new Set(); // channels to join again after a reconnect
   let notificationCount = 0;
   let targetEdited = false; // the send form's target was typed by hand
+  // Inbox: the highest seq seen per user, kept across reloads, so that a
+  // reconnect (or a reload) asks for `since` it and misses nothing.
+  let inboxUser = null; // whose seq we track (from the welcome frame)
+  let lastSeq = null; // null: nothing known yet (first visit: since=0)
 
   /** Shows the state in the top bar; `state` styles the dot. */
   function setState(state, text) {
@@ -61,7 +65,37 @@
     const query = new URLSearchParams();
     if (creds.token) query.set("token", creds.token);
     else query.set("user_id", creds.userId);
+    if (settings.inbox) query.set("since", String(sinceFor(creds)));
     return `${scheme}://${host}:${settings.ws_port}${settings.ws_path}?${query}`;
+  }
+
+  /** The user `creds` will connect as, as far as the page can tell. */
+  function credentialUser(creds) {
+    if (creds.userId) return String(creds.userId);
+    const claims = tokenClaims(creds.token);
+    return claims && claims.sub !== undefined ? String(claims.sub) : null;
+  }
+
+  function seqKey(user) {
+    return `notify-bridge.demo.since.${user}`;
+  }
+
+  /** `since` for a connection: the last seq seen by this page (0 at first). */
+  function sinceFor(creds) {
+    const user = credentialUser(creds);
+    if (user !== inboxUser) {
+      inboxUser = user;
+      const stored = user === null ? null : Number(localStorage.getItem(seqKey(user)));
+      lastSeq = Number.isSafeInteger(stored) && stored > 0 ? stored : null;
+    }
+    return lastSeq === null ? 0 : lastSeq;
+  }
+
+  /** Remembers a seq that arrived, here and for the next reload. */
+  function sawSeq(seq) {
+    if (typeof seq !== "number" || (lastSeq !== null && seq <= lastSeq)) return;
+    lastSeq = seq;
+    if (inboxUser !== null) localStorage.setItem(seqKey(inboxUser), String(seq));
   }
 
   /** The same URL with the token hidden, for display. */
@@ -208,6 +242,12 @@
         break;
       case "notification":
         addNotification(frame, text);
+        if (frame.seq !== undefined) {
+          sawSeq(frame.seq);
+          // A new stored entry sends no counts frame; replayed ones are
+          // already in the last one. Ask the inbox API for the exact count.
+          refreshUnread();
+        }
         break;
       case "subscribed":
         joined.add(frame.channel);
@@ -228,6 +268,7 @@
         log("pong");
         break;
       case "inbox":
+        setUnread(frame.unread);
         log(`inbox: ${frame.total} stored, ${frame.unread} unread`);
         break;
       case "gap":
@@ -273,12 +314,49 @@
     raw.append(summary, rawText);
 
     item.append(meta, payload, raw);
+    if (frame.seq !== undefined) {
+      // Stored in the inbox: clicking it marks it read (every tab updates).
+      item.classList.add("unread");
+      item.title = "click to mark read";
+      item.addEventListener("click", (event) => {
+        if (event.target.closest("details") || !item.classList.contains("unread")) return;
+        if (sendFrame({ type: "read", ids: [String(frame.id)] })) {
+          item.classList.remove("unread");
+          item.title = "";
+        }
+      });
+    }
     const list = $("notifications");
     list.prepend(item);
     while (list.children.length > MAX_ITEMS) list.lastElementChild.remove();
     notificationCount += 1;
     $("count").textContent = String(notificationCount);
     $("empty").hidden = true;
+  }
+
+  /** Shows the inbox's unread count. */
+  function setUnread(n) {
+    const badge = $("unread");
+    badge.textContent = `${n} unread`;
+    badge.hidden = !settings.inbox;
+  }
+
+  let unreadTimer = null;
+
+  /** Reads the exact counts from GET /api/me/notifications, at most every 300 ms. */
+  function refreshUnread() {
+    if (unreadTimer || !credentials) return;
+    unreadTimer = setTimeout(async () => {
+      unreadTimer = null;
+      const query = credentials.token ? "limit=1" : `limit=1&user_id=${encodeURIComponent(credentials.userId)}`;
+      const headers = credentials.token ? { Authorization: `Bearer ${credentials.token}` } : {};
+      try {
+        const response = await fetch(`/api/me/notifications?${query}`, { headers });
+        if (response.ok) setUnread((await response.json()).unread);
+      } catch (e) {
+        // The next counts frame or notification corrects it.
+      }
+    }, 300);
   }
 
   function span(className, text) {
@@ -558,6 +636,7 @@
   function init() {
     document.body.classList.add(settings.auth_mode === "none" ? "mode-none" : "mode-jwt");
     if (settings.dev_tokens) document.body.classList.add("dev-tokens");
+    if (settings.inbox) document.body.classList.add("inbox");
 
     $("connect-form").addEventListener("submit", connectFromForm);
     $("disconnect").addEventListener("click", () => {
