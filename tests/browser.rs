@@ -417,23 +417,9 @@ fn target_dir() -> PathBuf {
 // ---------------------------------------------------------------------------
 
 async fn http(addr: SocketAddr, method: &str, path: &str, key: &str) -> (u16, String) {
-    let exchange = async {
-        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let request = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {key}\r\n\
-             Content-Length: 0\r\nConnection: close\r\n\r\n"
-        );
-        stream.write_all(request.as_bytes()).await.unwrap();
-        let mut raw = Vec::new();
-        stream.read_to_end(&mut raw).await.unwrap();
-        String::from_utf8(raw).unwrap()
-    };
-    let text = tokio::time::timeout(WAIT, exchange)
-        .await
-        .expect("HTTP answer in time");
-    let (head, body) = text.split_once("\r\n\r\n").unwrap();
-    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
-    (status, body.to_string())
+    let auth = format!("Bearer {key}");
+    let reply = http_request(addr, method, path, &[("Authorization", &auth)], "").await;
+    (reply.status, reply.body)
 }
 
 /// The ids of user `user`'s open connections on `bridge`.

@@ -214,26 +214,12 @@ async fn a_thousand_messages_arrive_in_broker_order() {
     let bridge = Bridge::start().await;
     let publisher = Publisher::connect().await;
     let mut client = bridge.connect("order").await;
-    for i in 0..1000 {
-        // Publish without waiting for each confirm: the order the broker
-        // delivers in is the order of publishing on one channel.
-        let body = format!(r#"{{"user_id":"order","payload":{{"n":{i}}}}}"#);
-        // The confirm future is dropped; wait_for_confirms below waits for all.
-        drop(
-            publisher
-                .channel
-                .basic_publish(
-                    bridge.config.amqp.exchange.as_str().into(),
-                    "notifications.send".into(),
-                    Default::default(),
-                    body.as_bytes(),
-                    BasicProperties::default(),
-                )
-                .await
-                .unwrap(),
-        );
-    }
-    publisher.channel.wait_for_confirms().await.unwrap();
+    // Without waiting for each confirm: the broker delivers in the order
+    // of publishing on one channel.
+    let bodies = (0..1000).map(|i| format!(r#"{{"user_id":"order","payload":{{"n":{i}}}}}"#));
+    publisher
+        .publish_all(&bridge.config.amqp.exchange, bodies)
+        .await;
     for i in 0..1000 {
         let frame = next_json(&mut client).await;
         assert_eq!(frame["payload"]["n"], i, "frame {i} out of order: {frame}");

@@ -8,7 +8,6 @@ use std::{path::PathBuf, time::Duration};
 use common::*;
 use notify_bridge::config::Config;
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const ADMIN_KEY: &str = "inbox-admin-key";
 
@@ -40,30 +39,18 @@ async fn connect_since(bridge: &Bridge, user: &str, since: Option<u64>) -> (Clie
     (client, counts)
 }
 
-/// Publishes `n` messages to `user` without waiting for each confirm.
+/// Publishes messages `range` to `user`, ids `{user}-{i}`.
 async fn publish_many(
     bridge: &Bridge,
     publisher: &Publisher,
     user: &str,
     range: std::ops::Range<u32>,
 ) {
-    for i in range {
-        let body = format!(r#"{{"user_id":"{user}","id":"{user}-{i}","payload":{{"n":{i}}}}}"#);
-        drop(
-            publisher
-                .channel
-                .basic_publish(
-                    bridge.config.amqp.exchange.as_str().into(),
-                    "notifications.send".into(),
-                    Default::default(),
-                    body.as_bytes(),
-                    Default::default(),
-                )
-                .await
-                .unwrap(),
-        );
-    }
-    publisher.channel.wait_for_confirms().await.unwrap();
+    let bodies =
+        range.map(|i| format!(r#"{{"user_id":"{user}","id":"{user}-{i}","payload":{{"n":{i}}}}}"#));
+    publisher
+        .publish_all(&bridge.config.amqp.exchange, bodies)
+        .await;
 }
 
 async fn wait_for_stored(bridge: &Bridge, at_least: u64) {
@@ -113,27 +100,13 @@ async fn reconnecting_with_since_during_a_stream_loses_and_duplicates_nothing() 
         let exchange = bridge.config.amqp.exchange.clone();
         tokio::spawn(async move {
             let publisher = Publisher::connect().await;
-            for i in 0..total {
-                let body = format!(r#"{{"user_id":"stream","id":"s-{i}","payload":{i}}}"#);
-                drop(
-                    publisher
-                        .channel
-                        .basic_publish(
-                            exchange.as_str().into(),
-                            "notifications.send".into(),
-                            Default::default(),
-                            body.as_bytes(),
-                            Default::default(),
-                        )
-                        .await
-                        .unwrap(),
-                );
-                if i % 50 == 0 {
-                    publisher.channel.wait_for_confirms().await.unwrap();
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
+            // In slices of 50 with a pause, so the reconnects land mid-stream.
+            for start in (0..total).step_by(50) {
+                let bodies = (start..(start + 50).min(total))
+                    .map(|i| format!(r#"{{"user_id":"stream","id":"s-{i}","payload":{i}}}"#));
+                publisher.publish_all(&exchange, bodies).await;
+                tokio::time::sleep(Duration::from_millis(5)).await;
             }
-            publisher.channel.wait_for_confirms().await.unwrap();
         })
     };
     let mut seen: Vec<u64> = Vec::new();
@@ -359,27 +332,12 @@ async fn http(
     auth: Option<&str>,
     body: &str,
 ) -> (u16, Value) {
-    let mut stream = tokio::net::TcpStream::connect(bridge.running().http_addr)
-        .await
-        .unwrap();
-    let mut request = format!(
-        "{method} {path} HTTP/1.1\r\nhost: t\r\nconnection: close\r\ncontent-length: {}\r\n",
-        body.len()
-    );
-    if let Some(auth) = auth {
-        request.push_str(&format!("authorization: {auth}\r\n"));
-    }
-    request.push_str("\r\n");
-    request.push_str(body);
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut raw = String::new();
-    tokio::time::timeout(WAIT, stream.read_to_string(&mut raw))
-        .await
-        .unwrap()
-        .unwrap();
-    let status = raw.split(' ').nth(1).unwrap().parse().unwrap();
-    let body = raw.split_once("\r\n\r\n").unwrap().1;
-    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+    let headers: Vec<(&str, &str)> = auth.map(|a| ("authorization", a)).into_iter().collect();
+    let reply = http_request(bridge.running().http_addr, method, path, &headers, body).await;
+    (
+        reply.status,
+        serde_json::from_str(&reply.body).unwrap_or(Value::Null),
+    )
 }
 
 #[tokio::test]

@@ -11,9 +11,7 @@ use std::{
 };
 
 use common::*;
-use lapin::BasicProperties;
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const ADMIN_KEY: &str = "crash-admin-key";
 
@@ -54,17 +52,16 @@ fn spawn(dir: &Path, env: &[(String, String)]) -> Daemon {
 }
 
 async fn get(addr: &str, path: &str) -> Option<Value> {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-    let request = format!(
-        "GET {path} HTTP/1.1\r\nhost: t\r\nconnection: close\r\nauthorization: Bearer {ADMIN_KEY}\r\n\r\n"
-    );
-    stream.write_all(request.as_bytes()).await.ok()?;
-    let mut raw = String::new();
-    tokio::time::timeout(WAIT, stream.read_to_string(&mut raw))
-        .await
-        .ok()?
-        .ok()?;
-    serde_json::from_str(raw.split_once("\r\n\r\n")?.1).ok()
+    let auth = format!("Bearer {ADMIN_KEY}");
+    let reply = http_request(
+        addr.parse().ok()?,
+        "GET",
+        path,
+        &[("authorization", &auth)],
+        "",
+    )
+    .await;
+    serde_json::from_str(&reply.body).ok()
 }
 
 async fn stored_total(addr: &str) -> Option<u64> {
@@ -109,35 +106,20 @@ async fn kill_9_during_a_stream_loses_nothing_stored_and_stores_nothing_twice() 
     let total = 2000u64;
     let publisher = Publisher::connect().await;
     let mut killed_at = None;
-    for i in 0..total {
-        let body = format!(r#"{{"user_id":"crash","id":"c-{i}","payload":{i}}}"#);
-        drop(
-            publisher
-                .channel
-                .basic_publish(
-                    config.amqp.exchange.as_str().into(),
-                    "notifications.send".into(),
-                    Default::default(),
-                    body.as_bytes(),
-                    BasicProperties::default().with_delivery_mode(2),
-                )
-                .await
-                .unwrap(),
-        );
-        if i % 100 == 99 {
-            publisher.channel.wait_for_confirms().await.unwrap();
-            if killed_at.is_none() {
-                if let Some(stored) = stored_total(&first.http_addr).await {
-                    if stored >= 300 {
-                        first.child.kill().unwrap(); // SIGKILL
-                        first.child.wait().unwrap();
-                        killed_at = Some(stored);
-                    }
+    for start in (0..total).step_by(100) {
+        let bodies = (start..start + 100)
+            .map(|i| format!(r#"{{"user_id":"crash","id":"c-{i}","payload":{i}}}"#));
+        publisher.publish_all(&config.amqp.exchange, bodies).await;
+        if killed_at.is_none() {
+            if let Some(stored) = stored_total(&first.http_addr).await {
+                if stored >= 300 {
+                    first.child.kill().unwrap(); // SIGKILL
+                    first.child.wait().unwrap();
+                    killed_at = Some(stored);
                 }
             }
         }
     }
-    publisher.channel.wait_for_confirms().await.unwrap();
     let killed_at = killed_at.expect("the daemon was killed mid-stream");
     assert!(killed_at < total, "killed too late to prove anything");
 

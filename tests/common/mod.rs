@@ -267,6 +267,28 @@ impl Publisher {
         }
     }
 
+    /// Publishes every body without waiting for each confirm (the broker
+    /// keeps their order), then waits for all the confirms.
+    pub async fn publish_all(&self, exchange: &str, bodies: impl IntoIterator<Item = String>) {
+        for body in bodies {
+            // The confirm future is dropped; wait_for_confirms waits for all.
+            drop(
+                self.channel
+                    .basic_publish(
+                        exchange.into(),
+                        "notifications.send".into(),
+                        BasicPublishOptions::default(),
+                        body.as_bytes(),
+                        BasicProperties::default().with_delivery_mode(2),
+                    )
+                    .await
+                    .expect("publish"),
+            );
+        }
+        let returned = self.channel.wait_for_confirms().await.expect("confirms");
+        assert!(returned.is_empty(), "returned messages: {returned:?}");
+    }
+
     pub async fn publish(&self, exchange: &str, body: &str, properties: BasicProperties) {
         let confirm = self
             .channel
@@ -377,14 +399,60 @@ pub async fn eventually(
     started.elapsed()
 }
 
-/// A minimal HTTP/1.1 GET over a fresh TCP connection: status and body.
-pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+/// An HTTP answer: status, headers (lower-cased names) and body.
+pub struct HttpReply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpReply {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Asserts the contract's error shape: this status, this code, a detail.
+    pub fn assert_error(&self, status: u16, code: &str) {
+        assert_eq!(self.status, status, "{}", self.body);
+        let body = self.json();
+        assert_eq!(body["error"], code, "{body}");
+        assert!(
+            body["detail"].as_str().is_some_and(|d| !d.is_empty()),
+            "{body}"
+        );
+    }
+}
+
+/// A minimal HTTP/1.1 exchange over a fresh TCP connection.
+pub async fn http_request(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> HttpReply {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let exchange = async {
         let mut stream = TcpStream::connect(addr)
             .await
             .expect("connect to the side port");
-        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        let mut request =
+            format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+        for (k, v) in headers {
+            request.push_str(&format!("{k}: {v}\r\n"));
+        }
+        if !body.is_empty() || matches!(method, "POST" | "PATCH" | "PUT") {
+            request.push_str(&format!("Content-Length: {}\r\n", body.len()));
+        }
+        request.push_str("\r\n");
+        request.push_str(body);
         stream.write_all(request.as_bytes()).await.unwrap();
         let mut raw = Vec::new();
         stream.read_to_end(&mut raw).await.unwrap();
@@ -396,20 +464,35 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     let (head, body) = text
         .split_once("\r\n\r\n")
         .expect("a complete HTTP response");
-    let status = head
-        .split_whitespace()
-        .nth(1)
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("no status line in {head:?}"));
-    let chunked = head
-        .lines()
-        .any(|l| l.to_ascii_lowercase().starts_with("transfer-encoding:") && l.contains("chunked"));
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"));
     let body = if chunked {
         dechunk(body)
     } else {
         body.to_string()
     };
-    (status, body)
+    HttpReply {
+        status,
+        headers,
+        body,
+    }
+}
+
+/// A GET without headers: status and body.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    let reply = http_request(addr, "GET", path, &[], "").await;
+    (reply.status, reply.body)
 }
 
 fn dechunk(mut body: &str) -> String {
