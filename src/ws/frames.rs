@@ -37,28 +37,73 @@ pub fn pong() -> Utf8Bytes {
     Utf8Bytes::from_static(r#"{"type":"pong"}"#)
 }
 
+// The frames below are structs (not `json!`, which sorts keys) so that
+// `type` comes first, as in the contract's examples.
+
+#[derive(Serialize)]
+struct ChannelFrame<'a> {
+    r#type: &'static str,
+    channel: &'a str,
+}
+
 pub fn subscribed(channel: &str) -> Utf8Bytes {
-    to_frame(&serde_json::json!({"type": "subscribed", "channel": channel}))
+    to_frame(&ChannelFrame {
+        r#type: "subscribed",
+        channel,
+    })
 }
 
 pub fn unsubscribed(channel: &str) -> Utf8Bytes {
-    to_frame(&serde_json::json!({"type": "unsubscribed", "channel": channel}))
+    to_frame(&ChannelFrame {
+        r#type: "unsubscribed",
+        channel,
+    })
 }
 
 /// An `error` frame; the connection stays open.
 pub fn error(code: &str, detail: &str) -> Utf8Bytes {
-    to_frame(&serde_json::json!({"type": "error", "code": code, "detail": detail}))
+    #[derive(Serialize)]
+    struct Error<'a> {
+        r#type: &'static str,
+        code: &'a str,
+        detail: &'a str,
+    }
+    to_frame(&Error {
+        r#type: "error",
+        code,
+        detail,
+    })
 }
 
 /// `{"type":"inbox","total":T,"unread":U}`: sent on connect and after every
 /// read-state change, to every socket of the user.
 pub fn inbox_counts(counts: Counts) -> Utf8Bytes {
-    to_frame(&serde_json::json!({"type": "inbox", "total": counts.total, "unread": counts.unread}))
+    #[derive(Serialize)]
+    struct Inbox {
+        r#type: &'static str,
+        total: u64,
+        unread: u64,
+    }
+    to_frame(&Inbox {
+        r#type: "inbox",
+        total: counts.total,
+        unread: counts.unread,
+    })
 }
 
 /// `{"type":"gap","since":N,"oldest":M}`: retention dropped entries after N.
 pub fn gap(since: u64, oldest: u64) -> Utf8Bytes {
-    to_frame(&serde_json::json!({"type": "gap", "since": since, "oldest": oldest}))
+    #[derive(Serialize)]
+    struct Gap {
+        r#type: &'static str,
+        since: u64,
+        oldest: u64,
+    }
+    to_frame(&Gap {
+        r#type: "gap",
+        since,
+        oldest,
+    })
 }
 
 /// A frame a client may send.
@@ -156,6 +201,18 @@ mod tests {
             v,
             serde_json::json!({"type":"welcome","connection_id":"c-3","user_id":"1","channels":["g"]})
         );
+        assert!(subscribed("c")
+            .as_str()
+            .starts_with(r#"{"type":"subscribed""#));
+        assert_eq!(
+            inbox_counts(Counts {
+                total: 2,
+                unread: 1
+            })
+            .as_str(),
+            r#"{"type":"inbox","total":2,"unread":1}"#
+        );
+        assert_eq!(gap(3, 7).as_str(), r#"{"type":"gap","since":3,"oldest":7}"#);
         let e: Value = serde_json::from_str(error("bad_request", "x\"y").as_str()).unwrap();
         assert_eq!(e["detail"], "x\"y");
     }
