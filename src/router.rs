@@ -16,7 +16,7 @@ use std::{
 };
 
 use tokio::sync::{mpsc, oneshot};
-use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -49,7 +49,9 @@ impl std::str::FromStr for ConnectionId {
 /// One frame waiting in a session's outbound queue.
 #[derive(Debug)]
 pub struct Outbound {
-    pub message: Message,
+    /// A text frame (wrapped in `Message::Text` only when written, which
+    /// keeps a queue slot small).
+    pub text: Utf8Bytes,
     /// When the broker delivered the message this frame carries, for the
     /// delivery-latency histogram; `None` for control frames.
     pub received_at: Option<Instant>,
@@ -61,7 +63,7 @@ pub struct Outbound {
 impl Outbound {
     pub fn control(text: Utf8Bytes) -> Self {
         Self {
-            message: Message::Text(text),
+            text,
             received_at: None,
             seq: None,
         }
@@ -406,7 +408,7 @@ impl RouterTask {
                     return;
                 };
                 let out = Outbound {
-                    message: Message::Text(frame.clone()),
+                    text: frame.clone(),
                     received_at: Some(received_at),
                     seq,
                 };
@@ -573,10 +575,7 @@ mod tests {
             .await;
         router.barrier().await;
 
-        let text = |o: Outbound| match o.message {
-            Message::Text(t) => t.to_string(),
-            other => panic!("{other:?}"),
-        };
+        let text = |o: Outbound| o.text.to_string();
         assert!(text(a1_rx.try_recv().unwrap()).contains(r#""payload":"x""#));
         assert!(a1_rx.try_recv().is_err());
         assert!(text(a2_rx.try_recv().unwrap()).contains(r#""payload":"x""#));

@@ -1,0 +1,323 @@
+//! notify-bridge-bench: drives a notify-bridge over loopback the way users
+//! do (real WebSocket clients with JWTs, real AMQP publishes with confirms)
+//! and reports throughput, end-to-end latency, loss, duplicates, memory and
+//! open files, each throughput also as a ratio to a bare lapin consumer.
+//!
+//!     cargo build --release --bins
+//!     cargo run --release --bin notify-bridge-bench -- SCENARIO [OPTIONS]
+//!
+//! Scenarios: unicast, broadcast, idle, slow-client, baseline, soak.
+//! It starts target/release/notify-bridge itself (its own exchange and
+//! queue, ports on 127.0.0.1:0), stops it and deletes the topology at the
+//! end, also on errors and Ctrl-C. See docs/performance.md.
+//!
+//! Modules: `scenarios` (what each scenario does), `clients` (WebSocket
+//! clients, publisher, baseline consumer), `stats` (histogram, loss and
+//! duplicates, progress), `report` (table, JSON line, SVG), `bridge` (the
+//! child process, /proc, /metrics, topology clean-up).
+
+#[path = "notify-bridge-bench/bridge.rs"]
+mod bridge;
+#[path = "notify-bridge-bench/clients.rs"]
+mod clients;
+#[path = "notify-bridge-bench/report.rs"]
+mod report;
+#[path = "notify-bridge-bench/scenarios.rs"]
+mod scenarios;
+#[path = "notify-bridge-bench/stats.rs"]
+mod stats;
+
+use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
+
+use clap::{Parser, ValueEnum};
+use tokio::sync::Mutex;
+
+use crate::scenarios::{Ctx, Options};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Scenario {
+    /// N users with one socket each, M messages to random users at rate R.
+    Unicast,
+    /// N sockets, M broadcast messages: frames/s, latency to the last socket.
+    Broadcast,
+    /// N idle sockets: bridge RSS and fds per connection.
+    Idle,
+    /// Unicast while some clients never read: others' p99, 1013 closes.
+    SlowClient,
+    /// A bare lapin consumer (decode JSON + ack) on the same stream.
+    Baseline,
+    /// Steady traffic with connection churn: RSS and fds must stay flat.
+    Soak,
+}
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "notify-bridge-bench",
+    about = "Benchmarks notify-bridge over loopback: throughput, latency, memory per socket",
+    after_help = "Defaults depend on the scenario (see docs/performance.md). \
+                  Prints a table, then one line `RESULT {json}`; plots go to OUT_DIR/<scenario>.svg."
+)]
+struct Cli {
+    scenario: Scenario,
+    /// Users (one socket each); sockets for broadcast and idle.
+    #[arg(long, short = 'n')]
+    users: Option<u64>,
+    /// Messages to publish (unicast, baseline, broadcast).
+    #[arg(long, short = 'm')]
+    messages: Option<u64>,
+    /// Publish rate in msg/s; 0 = as fast as confirms allow.
+    #[arg(long, short = 'r')]
+    rate: Option<f64>,
+    /// Seconds: per phase for slow-client, total for soak.
+    #[arg(long)]
+    duration: Option<f64>,
+    /// Warm-up messages before measuring (unicast, baseline).
+    #[arg(long, default_value_t = 1000)]
+    warmup: u64,
+    /// Publisher confirms in flight.
+    #[arg(long, default_value_t = 512)]
+    window: usize,
+    /// Concurrent publishing loops on the publisher's channel.
+    #[arg(long, default_value_t = 4)]
+    publishers: usize,
+    /// amqp.prefetch for the bridge and the baseline consumer.
+    #[arg(long, default_value_t = 200)]
+    prefetch: u16,
+    /// Padding added to each payload, in bytes.
+    #[arg(long, default_value_t = 0)]
+    payload_bytes: usize,
+    /// Run the bridge with the inbox enabled (store in a scratch folder).
+    #[arg(long)]
+    inbox: bool,
+    /// Skip the baseline run that unicast and broadcast do first.
+    #[arg(long)]
+    no_baseline: bool,
+    /// Client sockets per source address (127.0.0.2, 127.0.0.3, …).
+    #[arg(long, default_value_t = 1000)]
+    per_source: usize,
+    /// Handshakes in flight while connecting.
+    #[arg(long, default_value_t = 64)]
+    connect_concurrency: usize,
+    /// Seconds the idle sockets are held before measuring the end RSS.
+    #[arg(long, default_value_t = 5.0)]
+    hold: f64,
+    /// slow-client: clients that never read.
+    #[arg(long, default_value_t = 10)]
+    slow: u64,
+    /// slow-client: msg/s addressed to the slow users (both phases).
+    #[arg(long, default_value_t = 2000.0)]
+    slow_rate: f64,
+    /// slow-client: payload padding of the slow users' messages.
+    #[arg(long, default_value_t = 16384)]
+    slow_payload: usize,
+    /// soak: connects (and as many disconnects) per second.
+    #[arg(long, default_value_t = 20.0)]
+    churn: f64,
+    /// Seconds without progress after which a run stops waiting for frames.
+    #[arg(long, default_value_t = 10.0)]
+    drain_timeout: f64,
+    /// Seed of the user choice, so runs are repeatable.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Hard bound on the whole scenario, in seconds.
+    #[arg(long, default_value_t = 900.0)]
+    max_seconds: f64,
+    /// Exit with code 3 when messages were lost or duplicated, sockets died
+    /// or fds leaked (the smoke test uses it).
+    #[arg(long)]
+    strict: bool,
+    /// The broker, loopback only (default: $NOTIFY_BRIDGE_BENCH_AMQP_URL,
+    /// else amqp://guest:guest@127.0.0.1:5672/%2f).
+    #[arg(long)]
+    amqp_url: Option<String>,
+    /// The bridge binary (default: notify-bridge next to this binary).
+    #[arg(long)]
+    bridge_bin: Option<PathBuf>,
+    /// Extra bridge environment, e.g. NOTIFY_BRIDGE_WEBSOCKET__SEND_QUEUE=256 or
+    /// TOKIO_WORKER_THREADS=1; repeatable.
+    #[arg(long = "bridge-env", value_name = "KEY=VALUE")]
+    bridge_env: Vec<String>,
+    /// Where plots and scratch files go.
+    #[arg(long, default_value = "target/bench")]
+    out_dir: PathBuf,
+}
+
+impl Cli {
+    fn options(&self) -> anyhow::Result<Options> {
+        use Scenario::*;
+        let (users, messages, rate, duration) = match self.scenario {
+            Unicast | Baseline => (1000, 100_000, 0.0, 0.0),
+            Broadcast => (10_000, 100, 0.0, 0.0),
+            Idle => (15_000, 0, 0.0, 0.0),
+            SlowClient => (1000, 0, 2000.0, 15.0),
+            Soak => (1000, 0, 500.0, 60.0),
+        };
+        let amqp_url = self.amqp_url.clone().unwrap_or_else(|| {
+            std::env::var("NOTIFY_BRIDGE_BENCH_AMQP_URL")
+                .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+        });
+        if !is_loopback(&amqp_url) {
+            anyhow::bail!("--amqp-url must point at a loopback broker (127.0.0.0/8 or localhost)");
+        }
+        let mut bridge_env = Vec::new();
+        for kv in &self.bridge_env {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| anyhow::anyhow!("--bridge-env {kv:?}: expected KEY=VALUE"))?;
+            if !(k.starts_with("NOTIFY_BRIDGE_") || k == "TOKIO_WORKER_THREADS" || k == "RUST_LOG")
+            {
+                anyhow::bail!(
+                    "--bridge-env {k}: only NOTIFY_BRIDGE_*, TOKIO_WORKER_THREADS and RUST_LOG"
+                );
+            }
+            bridge_env.push((k.to_string(), v.to_string()));
+        }
+        Ok(Options {
+            users: self.users.unwrap_or(users).max(1),
+            messages: self.messages.unwrap_or(messages).max(1),
+            rate: self.rate.unwrap_or(rate).max(0.0),
+            duration: Duration::from_secs_f64(self.duration.unwrap_or(duration).max(0.1)),
+            warmup: if matches!(self.scenario, Unicast | Baseline) {
+                self.warmup
+            } else {
+                0
+            },
+            window: self.window.max(1),
+            publishers: self.publishers.max(1),
+            prefetch: self.prefetch,
+            payload_bytes: self.payload_bytes,
+            inbox: self.inbox,
+            baseline: !self.no_baseline,
+            per_source: self.per_source.max(1),
+            connect_concurrency: self.connect_concurrency.max(1),
+            hold: Duration::from_secs_f64(self.hold.max(0.0)),
+            slow: self.slow.max(1),
+            slow_rate: self.slow_rate.max(1.0),
+            slow_payload: self.slow_payload,
+            churn: self.churn.max(0.0),
+            drain_timeout: Duration::from_secs_f64(self.drain_timeout.max(0.5)),
+            seed: self.seed,
+            amqp_url,
+            bridge_bin: self.bridge_bin.clone(),
+            bridge_env,
+            out_dir: self.out_dir.clone(),
+        })
+    }
+}
+
+fn is_loopback(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let host_port = rest.split('/').next().unwrap_or("");
+    let host = host_port.rsplit_once('@').map_or(host_port, |(_, h)| h);
+    let host = host.split(':').next().unwrap_or("");
+    host == "localhost" || host.starts_with("127.")
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let opts = match cli.options() {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("notify-bridge-bench: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let ctx = Ctx {
+        names: bridge::Names::new(),
+        clock: stats::Clock::new(),
+        progress: Arc::new(stats::Progress::default()),
+        bridge: Arc::new(Mutex::new(None)),
+        opts,
+    };
+    let printer = ctx.progress.spawn_printer();
+    let run = async {
+        match cli.scenario {
+            Scenario::Unicast => scenarios::unicast(&ctx).await,
+            Scenario::Broadcast => scenarios::broadcast(&ctx).await,
+            Scenario::Idle => scenarios::idle(&ctx).await,
+            Scenario::SlowClient => scenarios::slow_client(&ctx).await,
+            Scenario::Baseline => scenarios::baseline(&ctx).await,
+            Scenario::Soak => scenarios::soak(&ctx).await,
+        }
+    };
+    let bound = Duration::from_secs_f64(cli.max_seconds.max(1.0));
+    let outcome = tokio::select! {
+        r = tokio::time::timeout(bound, run) => match r {
+            Ok(r) => r,
+            Err(_) => Err(anyhow::anyhow!("the scenario did not finish within --max-seconds {}", cli.max_seconds)),
+        },
+        _ = interrupted() => Err(anyhow::anyhow!("interrupted")),
+    };
+    drop(printer);
+
+    // Clean up whatever happened: the bridge, the broker topology, scratch files.
+    let mut warnings = 0;
+    let mut log_tail = String::new();
+    if let Some(mut bridge) = ctx.bridge.lock().await.take() {
+        warnings = bridge.warnings();
+        log_tail = bridge.log_tail();
+        match bridge.stop().await {
+            Ok(Some(0)) | Ok(None) => {}
+            Ok(Some(code)) => eprintln!("notify-bridge-bench: the bridge exited with code {code}"),
+            Err(e) => eprintln!("notify-bridge-bench: {e:#}"),
+        }
+    }
+    if let Err(e) = bridge::delete_topology(&ctx.opts.amqp_url, &ctx.names).await {
+        eprintln!("notify-bridge-bench: clean-up: {e:#}");
+    }
+    let _ = std::fs::remove_dir_all(bridge::work_dir(&ctx.opts.out_dir, &ctx.names));
+
+    match outcome {
+        Ok(mut report) => {
+            report.param("bridge_warnings", warnings);
+            report.print();
+            if cli.strict && !report.problems.is_empty() {
+                for p in &report.problems {
+                    eprintln!("notify-bridge-bench: problem: {p}");
+                }
+                return ExitCode::from(3);
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!(
+                "notify-bridge-bench: {} failed: {e:#}",
+                format!("{:?}", cli.scenario).to_lowercase()
+            );
+            if !log_tail.is_empty() {
+                eprintln!("--- the bridge's last log lines ---\n{log_tail}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Ctrl-C or SIGTERM.
+async fn interrupted() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_loopback_brokers() {
+        assert!(is_loopback("amqp://guest:guest@127.0.0.1:5672/%2f"));
+        assert!(is_loopback("amqp://localhost"));
+        assert!(!is_loopback("amqp://guest:guest@10.0.0.1:5672/%2f"));
+        assert!(!is_loopback("amqp://rabbit.example.com"));
+    }
+}

@@ -1,0 +1,539 @@
+//! The bridge under test as a child process: started from the release
+//! binary next to the bench with its own exchange, queue and ports, watched
+//! through /proc (RSS, open fds) and its /metrics, stopped with SIGTERM, and
+//! its broker topology deleted afterwards.
+
+use std::{
+    collections::VecDeque,
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::{anyhow, bail, Context};
+use lapin::{
+    options::{ExchangeDeleteOptions, QueueDeleteOptions},
+    Connection, ConnectionProperties,
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+
+/// The HS256 secret the bench configures and signs client tokens with.
+pub const SECRET: &str = "notify-bridge-bench-secret-0123456789";
+
+/// Names unique to one bench invocation, so runs never see each other.
+#[derive(Clone, Debug)]
+pub struct Names {
+    pub run_id: String,
+    pub exchange: String,
+    pub queue: String,
+    pub baseline_exchange: String,
+    pub baseline_queue: String,
+}
+
+impl Names {
+    pub fn new() -> Self {
+        let run_id = uuid::Uuid::now_v7().simple().to_string();
+        let short = &run_id[run_id.len() - 12..];
+        Self {
+            exchange: format!("bench.{short}.exchange"),
+            queue: format!("notify-bridge.bench.{short}"),
+            baseline_exchange: format!("bench.{short}.baseline"),
+            baseline_queue: format!("bench.{short}.baseline"),
+            run_id: short.to_string(),
+        }
+    }
+}
+
+/// How to start the bridge.
+pub struct BridgeOptions {
+    pub binary: PathBuf,
+    pub amqp_url: String,
+    pub prefetch: u16,
+    pub inbox: bool,
+    /// A scratch folder for this run (working directory, inbox store).
+    pub work_dir: PathBuf,
+    /// Extra NOTIFY_BRIDGE_* variables (`--bridge-env KEY=VALUE`).
+    pub extra_env: Vec<(String, String)>,
+}
+
+/// The default binary: `notify-bridge` next to this executable
+/// (`target/release/` when run through `cargo run --release`).
+pub fn default_binary() -> anyhow::Result<PathBuf> {
+    let me = std::env::current_exe().context("cannot find the bench's own path")?;
+    let dir = me
+        .parent()
+        .ok_or_else(|| anyhow!("the bench's path has no folder"))?;
+    let bin = dir.join("notify-bridge");
+    if !bin.is_file() {
+        bail!(
+            "{} not found: build it with `cargo build --release --bins` (cargo run --release \
+             --bin notify-bridge-bench builds only the bench), or pass --bridge-bin PATH",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+/// What the scenarios need of a running bridge: where it listens and its
+/// pid (for /proc). Cheap to copy.
+#[derive(Clone, Copy, Debug)]
+pub struct Handle {
+    pub pid: u32,
+    pub ws_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+}
+
+impl Handle {
+    /// Resident memory in bytes (VmRSS).
+    pub fn rss_bytes(&self) -> anyhow::Result<u64> {
+        rss_of(&format!("/proc/{}/status", self.pid))
+    }
+
+    /// Open file descriptors.
+    pub fn open_fds(&self) -> anyhow::Result<u64> {
+        fds_of(&format!("/proc/{}/fd", self.pid))
+    }
+
+    /// One value from its /metrics (the sum of all series of that name
+    /// whose labels contain `labels`).
+    pub async fn metric(&self, name: &str, labels: &str) -> anyhow::Result<f64> {
+        let (status, body) = http_get(self.http_addr, "/metrics").await?;
+        if status != 200 {
+            bail!("GET /metrics answered {status}");
+        }
+        Ok(parse_metric(&body, name, labels))
+    }
+}
+
+/// A running bridge child.
+pub struct Bridge {
+    child: Option<Child>,
+    pub pid: u32,
+    pub ws_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    /// The last lines of its log, for error reports.
+    log_tail: Arc<Mutex<VecDeque<String>>>,
+    /// WARN and ERROR lines seen.
+    pub warnings: Arc<Mutex<u64>>,
+}
+
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl Bridge {
+    /// Starts the bridge and waits until it listens and consumes.
+    pub async fn start(options: &BridgeOptions, names: &Names) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(&options.work_dir)
+            .with_context(|| format!("cannot create {}", options.work_dir.display()))?;
+        let mut command = Command::new(&options.binary);
+        command
+            .current_dir(&options.work_dir)
+            .env("NO_COLOR", "1")
+            .env("NOTIFY_BRIDGE_AMQP__URL", &options.amqp_url)
+            .env("NOTIFY_BRIDGE_AMQP__EXCHANGE", &names.exchange)
+            .env("NOTIFY_BRIDGE_AMQP__QUEUE", &names.queue)
+            .env("NOTIFY_BRIDGE_AMQP__PREFETCH", options.prefetch.to_string())
+            .env("NOTIFY_BRIDGE_WEBSOCKET__LISTEN", "127.0.0.1:0")
+            .env("NOTIFY_BRIDGE_WEBSOCKET__MAX_CONNECTIONS", "1000000")
+            .env("NOTIFY_BRIDGE_HTTP__LISTEN", "127.0.0.1:0")
+            .env("NOTIFY_BRIDGE_AUTH__MODE", "jwt")
+            .env("NOTIFY_BRIDGE_AUTH__JWT_SECRET", SECRET)
+            .env("NOTIFY_BRIDGE_LOG__FORMAT", "text")
+            .env("NOTIFY_BRIDGE_LOG__LEVEL", "info")
+            .env("NOTIFY_BRIDGE_SHUTDOWN_TIMEOUT", "5s")
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if options.inbox {
+            command.env("NOTIFY_BRIDGE_INBOX__ENABLED", "true").env(
+                "NOTIFY_BRIDGE_INBOX__PATH",
+                options.work_dir.join("inbox.db"),
+            );
+        } else {
+            command.env("NOTIFY_BRIDGE_INBOX__ENABLED", "false");
+        }
+        for (k, v) in &options.extra_env {
+            command.env(k, v);
+        }
+        let mut child = command
+            .spawn()
+            .with_context(|| format!("cannot start {}", options.binary.display()))?;
+        let pid = child.id();
+        let stderr = child
+            .stderr
+            .take()
+            .ok_or_else(|| anyhow!("the bridge's stderr was not captured"))?;
+
+        let log_tail = Arc::new(Mutex::new(VecDeque::new()));
+        let warnings = Arc::new(Mutex::new(0u64));
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel::<(SocketAddr, SocketAddr)>();
+        {
+            let log_tail = log_tail.clone();
+            let warnings = warnings.clone();
+            std::thread::spawn(move || {
+                let mut addr_tx = Some(addr_tx);
+                for line in BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { break };
+                    let line = strip_ansi(&line);
+                    if line.contains(" WARN ") || line.contains(" ERROR ") {
+                        if let Ok(mut w) = warnings.lock() {
+                            *w += 1;
+                        }
+                    }
+                    if line.contains("notify-bridge listening") {
+                        if let (Some(ws), Some(http)) =
+                            (field(&line, "ws_addr="), field(&line, "http_addr="))
+                        {
+                            if let Some(tx) = addr_tx.take() {
+                                let _ = tx.send((ws, http));
+                            }
+                        }
+                    }
+                    if let Ok(mut tail) = log_tail.lock() {
+                        if tail.len() == 40 {
+                            tail.pop_front();
+                        }
+                        tail.push_back(line);
+                    }
+                }
+            });
+        }
+        let mut bridge = Self {
+            child: Some(child),
+            pid,
+            ws_addr: ([127, 0, 0, 1], 0).into(),
+            http_addr: ([127, 0, 0, 1], 0).into(),
+            log_tail,
+            warnings,
+        };
+        let addrs =
+            tokio::task::spawn_blocking(move || addr_rx.recv_timeout(STARTUP_TIMEOUT)).await?;
+        match addrs {
+            Ok((ws, http)) => {
+                bridge.ws_addr = ws;
+                bridge.http_addr = http;
+            }
+            Err(_) => {
+                let status = bridge
+                    .child
+                    .as_mut()
+                    .and_then(|c| c.try_wait().ok().flatten());
+                bridge.kill();
+                bail!(
+                    "the bridge did not log \"notify-bridge listening\" within {STARTUP_TIMEOUT:?} \
+                     (exit status: {status:?}); its log:\n{}",
+                    bridge.log_tail()
+                );
+            }
+        }
+        // Ready means consuming from the broker.
+        let deadline = tokio::time::Instant::now() + STARTUP_TIMEOUT;
+        loop {
+            if let Ok((200, _)) = http_get(bridge.http_addr, "/readyz").await {
+                break;
+            }
+            if tokio::time::Instant::now() > deadline {
+                let log = bridge.log_tail();
+                bridge.kill();
+                bail!(
+                    "the bridge is not ready (GET /readyz) after {STARTUP_TIMEOUT:?}; its log:\n{log}"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(bridge)
+    }
+
+    pub fn log_tail(&self) -> String {
+        self.log_tail
+            .lock()
+            .map(|t| t.iter().cloned().collect::<Vec<_>>().join("\n"))
+            .unwrap_or_default()
+    }
+
+    pub fn warnings(&self) -> u64 {
+        self.warnings.lock().map(|w| *w).unwrap_or(0)
+    }
+
+    pub fn handle(&self) -> Handle {
+        Handle {
+            pid: self.pid,
+            ws_addr: self.ws_addr,
+            http_addr: self.http_addr,
+        }
+    }
+
+    /// SIGTERM, then up to 10 s for a clean exit, then SIGKILL.
+    pub async fn stop(&mut self) -> anyhow::Result<Option<i32>> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(None);
+        };
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.pid.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let waited = tokio::task::spawn_blocking(move || {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                match child.try_wait() {
+                    Ok(Some(status)) => return Ok(status.code()),
+                    Ok(None) if std::time::Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(20))
+                    }
+                    Ok(None) => {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        return Err(anyhow!("the bridge ignored SIGTERM for 10 s; killed"));
+                    }
+                    Err(e) => return Err(anyhow!("cannot wait for the bridge: {e}")),
+                }
+            }
+        })
+        .await?;
+        waited
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Bridge {
+    /// Never leave a bridge behind (errors, panics).
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn rss_of(status_path: &str) -> anyhow::Result<u64> {
+    let text = std::fs::read_to_string(status_path)
+        .with_context(|| format!("cannot read {status_path}"))?;
+    let kb = text
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse::<u64>().ok())
+        .ok_or_else(|| anyhow!("no VmRSS in {status_path}"))?;
+    Ok(kb * 1024)
+}
+
+/// CPU time (user + system) of a process so far, in clock ticks (1/100 s).
+pub fn cpu_ticks(pid: &str) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name; utime and stime are the
+    // 14th and 15th fields of the whole line.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+}
+
+/// The RabbitMQ node's pid (the Erlang VM, `beam.smp`), for its CPU use.
+pub fn broker_pid() -> Option<String> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let name = e.file_name().into_string().ok()?;
+        name.bytes().all(|b| b.is_ascii_digit()).then_some(())?;
+        let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
+        (comm.trim() == "beam.smp").then_some(name)
+    })
+}
+
+/// CPU use of the bridge, the broker and the bench over a window.
+pub struct CpuWindow {
+    bridge: Option<(String, u64)>,
+    broker: Option<(String, u64)>,
+    bench: Option<u64>,
+    started: std::time::Instant,
+}
+
+/// Percent of one core each used during the window (None: unknown).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuUse {
+    pub bridge: Option<f64>,
+    pub broker: Option<f64>,
+    pub bench: Option<f64>,
+}
+
+impl CpuWindow {
+    pub fn start(bridge_pid: Option<u32>) -> Self {
+        let bridge = bridge_pid.map(|p| p.to_string());
+        let broker = broker_pid();
+        Self {
+            bridge: bridge.and_then(|p| cpu_ticks(&p).map(|t| (p, t))),
+            broker: broker.and_then(|p| cpu_ticks(&p).map(|t| (p, t))),
+            bench: cpu_ticks("self"),
+            started: std::time::Instant::now(),
+        }
+    }
+
+    pub fn stop(&self) -> CpuUse {
+        let secs = self.started.elapsed().as_secs_f64().max(1e-3);
+        let pct = |before: Option<(&str, u64)>| {
+            let (pid, t0) = before?;
+            let t1 = cpu_ticks(pid)?;
+            Some(t1.saturating_sub(t0) as f64 / secs) // ticks are 1/100 s: % of a core
+        };
+        CpuUse {
+            bridge: pct(self.bridge.as_ref().map(|(p, t)| (p.as_str(), *t))),
+            broker: pct(self.broker.as_ref().map(|(p, t)| (p.as_str(), *t))),
+            bench: pct(self.bench.map(|t| ("self", t))),
+        }
+    }
+}
+
+pub fn fds_of(fd_dir: &str) -> anyhow::Result<u64> {
+    Ok(std::fs::read_dir(fd_dir)
+        .with_context(|| format!("cannot list {fd_dir}"))?
+        .count() as u64)
+}
+
+/// This process's soft limit on open files, from /proc/self/limits.
+pub fn own_fd_limit() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = text.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn field(line: &str, key: &str) -> Option<SocketAddr> {
+    let start = line.find(key)? + key.len();
+    line[start..].split_whitespace().next()?.parse().ok()
+}
+
+fn parse_metric(body: &str, name: &str, labels: &str) -> f64 {
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (metric, rest) = match series.find('{') {
+                Some(i) => (&series[..i], &series[i..]),
+                None => (series, ""),
+            };
+            (metric == name && rest.contains(labels)).then(|| value.parse::<f64>().ok())?
+        })
+        .sum()
+}
+
+/// A minimal HTTP/1.1 GET: status and body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    let exchange = async {
+        let mut stream = TcpStream::connect(addr).await?;
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await?;
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).await?;
+        anyhow::Ok(String::from_utf8_lossy(&raw).into_owned())
+    };
+    let text = tokio::time::timeout(Duration::from_secs(5), exchange)
+        .await
+        .map_err(|_| anyhow!("GET {path}: no answer within 5 s"))??;
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow!("GET {path}: incomplete response"))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| anyhow!("GET {path}: no status line"))?;
+    let chunked = head.lines().any(|l| {
+        let l = l.to_ascii_lowercase();
+        l.starts_with("transfer-encoding:") && l.contains("chunked")
+    });
+    Ok((status, if chunked { dechunk(body) } else { body.into() }))
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let size = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if size == 0 || size > rest.len() {
+            break;
+        }
+        out.push_str(&rest[..size]);
+        body = rest[size..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// Deletes this run's queues and exchanges (the bridge's and the
+/// baseline's); errors are reported, not fatal.
+pub async fn delete_topology(amqp_url: &str, names: &Names) -> anyhow::Result<()> {
+    let conn = tokio::time::timeout(
+        Duration::from_secs(10),
+        Connection::connect(amqp_url, ConnectionProperties::default()),
+    )
+    .await
+    .map_err(|_| anyhow!("cannot reach the broker to clean up: timed out"))?
+    .context("cannot reach the broker to clean up")?;
+    let ch = conn.create_channel().await?;
+    for queue in [&names.queue, &names.baseline_queue] {
+        ch.queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+            .await
+            .with_context(|| format!("cannot delete queue {queue}"))?;
+    }
+    for exchange in [&names.exchange, &names.baseline_exchange] {
+        ch.exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+            .await
+            .with_context(|| format!("cannot delete exchange {exchange}"))?;
+    }
+    let _ = conn.close(200, "bench done".into()).await;
+    Ok(())
+}
+
+/// A scratch folder under the output folder, removed at the end.
+pub fn work_dir(out_dir: &Path, names: &Names) -> PathBuf {
+    out_dir.join(format!("run-{}", names.run_id))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_listening_line_and_metrics() {
+        let line = strip_ansi(
+            "2026-01-01T00:00:00Z  INFO notify_bridge: notify-bridge listening \x1b[3mws_addr\x1b[0m\x1b[2m=\x1b[0m127.0.0.1:4000 path=/ws http_addr=127.0.0.1:4001",
+        );
+        assert_eq!(
+            field(&line, "ws_addr="),
+            Some("127.0.0.1:4000".parse().unwrap())
+        );
+        assert_eq!(
+            field(&line, "http_addr="),
+            Some("127.0.0.1:4001".parse().unwrap())
+        );
+        let body = "# HELP x\nnotify_bridge_messages_total{outcome=\"delivered\"} 5\nnotify_bridge_messages_total{outcome=\"invalid\"} 1\nnotify_bridge_connections 3\n";
+        assert_eq!(
+            parse_metric(body, "notify_bridge_messages_total", "delivered"),
+            5.0
+        );
+        assert_eq!(parse_metric(body, "notify_bridge_messages_total", ""), 6.0);
+        assert_eq!(parse_metric(body, "notify_bridge_connections", ""), 3.0);
+    }
+}

@@ -1,0 +1,1420 @@
+//! The scenarios of issue 5: what each one sets up, drives, waits for and
+//! reports. Each is bounded in count and time and leaves nothing behind
+//! (the caller stops the bridge and deletes the topology).
+
+use std::{
+    path::PathBuf,
+    sync::{atomic::Ordering::Relaxed, Arc},
+    time::Duration,
+};
+
+use anyhow::bail;
+use tokio::sync::Mutex;
+
+use crate::{
+    bridge::{self, Bridge, BridgeOptions, Handle, Names},
+    clients::{self, Baseline, Publisher, Reader, Recorder, Recorders, Ws},
+    report::{self, mib, Axis, Report, Series},
+    stats::{Clock, Histogram, Progress, Rng},
+};
+
+/// Options after per-scenario defaults were applied.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub users: u64,
+    pub messages: u64,
+    pub rate: f64,
+    pub duration: Duration,
+    pub warmup: u64,
+    pub window: usize,
+    pub publishers: usize,
+    pub prefetch: u16,
+    pub payload_bytes: usize,
+    pub inbox: bool,
+    pub baseline: bool,
+    pub per_source: usize,
+    pub connect_concurrency: usize,
+    pub hold: Duration,
+    pub slow: u64,
+    pub slow_rate: f64,
+    pub slow_payload: usize,
+    pub churn: f64,
+    pub drain_timeout: Duration,
+    pub seed: u64,
+    pub amqp_url: String,
+    pub bridge_bin: Option<PathBuf>,
+    pub bridge_env: Vec<(String, String)>,
+    pub out_dir: PathBuf,
+}
+
+/// What every scenario shares; `bridge` is kept here so that the caller
+/// can stop it whatever happens to the scenario.
+pub struct Ctx {
+    pub opts: Options,
+    pub names: Names,
+    pub clock: Clock,
+    pub progress: Arc<Progress>,
+    pub bridge: Arc<Mutex<Option<Bridge>>>,
+}
+
+impl Ctx {
+    async fn start_bridge(&self) -> anyhow::Result<Handle> {
+        self.progress.phase("starting bridge");
+        let binary = match &self.opts.bridge_bin {
+            Some(b) => b.clone(),
+            None => bridge::default_binary()?,
+        };
+        let options = BridgeOptions {
+            binary,
+            amqp_url: self.opts.amqp_url.clone(),
+            prefetch: self.opts.prefetch,
+            inbox: self.opts.inbox,
+            work_dir: bridge::work_dir(&self.opts.out_dir, &self.names),
+            extra_env: self.opts.bridge_env.clone(),
+        };
+        let started = Bridge::start(&options, &self.names).await?;
+        let handle = started.handle();
+        eprintln!(
+            "bench: bridge pid {} ws {} http {} (exchange {}, queue {}{})",
+            handle.pid,
+            handle.ws_addr,
+            handle.http_addr,
+            self.names.exchange,
+            self.names.queue,
+            if self.opts.inbox { ", inbox on" } else { "" }
+        );
+        *self.bridge.lock().await = Some(started);
+        Ok(handle)
+    }
+
+    fn recorders(&self, runs: Vec<Recorder>) -> Arc<Recorders> {
+        Arc::new(Recorders {
+            clock: self.clock,
+            runs: runs.into_iter().map(Arc::new).collect(),
+            progress: self.progress.clone(),
+        })
+    }
+
+    fn tokens(&self) -> impl Fn(u64) -> anyhow::Result<String> {
+        let auth = notify_bridge::config::AuthConfig {
+            jwt_secret: Some(bridge::SECRET.into()),
+            ..Default::default()
+        };
+        move |user| {
+            notify_bridge::auth::mint(&auth, &user.to_string(), &[], Duration::from_secs(4 * 3600))
+        }
+    }
+
+    /// Connects users `first..first+count`, the i-th from source index
+    /// `source_offset + i`.
+    async fn connect(
+        &self,
+        handle: &Handle,
+        first: u64,
+        count: u64,
+        source_offset: usize,
+        recv_buffer: Option<u32>,
+    ) -> anyhow::Result<Vec<(u64, Ws)>> {
+        let users = (0..count)
+            .map(|i| (first + i, source_offset + i as usize))
+            .collect();
+        let tokens = self.tokens();
+        clients::connect_many(
+            handle.ws_addr,
+            users,
+            self.opts.per_source,
+            self.opts.connect_concurrency,
+            &tokens,
+            recv_buffer,
+            &self.progress,
+        )
+        .await
+    }
+
+    fn plot_path(&self, name: &str) -> PathBuf {
+        self.opts.out_dir.join(format!("{name}.svg"))
+    }
+
+    /// The bench and the bridge each stay below the per-process fd limit.
+    fn check_fd_budget(&self, sockets: u64) -> anyhow::Result<()> {
+        let limit = bridge::own_fd_limit().unwrap_or(1024);
+        if sockets + 200 > limit {
+            bail!(
+                "{sockets} sockets need more than this process's limit of {limit} open files \
+                 (minus 200 for the runtime and the broker): the bench and the bridge each \
+                 hold one fd per socket. Use fewer (--users)."
+            );
+        }
+        Ok(())
+    }
+}
+
+fn base_report(ctx: &Ctx, name: &str) -> Report {
+    let mut r = Report::new(name);
+    r.param("inbox", ctx.opts.inbox);
+    r.param("prefetch", ctx.opts.prefetch);
+    r
+}
+
+/// Waits until `count()` reaches `expected`, or stops moving for
+/// `idle`; returns the final count.
+async fn wait_for(count: impl Fn() -> u64, expected: u64, idle: Duration) -> u64 {
+    let mut last = count();
+    let mut last_change = tokio::time::Instant::now();
+    loop {
+        let now = count();
+        if now >= expected {
+            return now;
+        }
+        if now != last {
+            last = now;
+            last_change = tokio::time::Instant::now();
+        } else if last_change.elapsed() > idle {
+            return now;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn per_sec(count: u64, from_ns: u64, to_ns: u64) -> f64 {
+    let secs = to_ns.saturating_sub(from_ns) as f64 / 1e9;
+    if secs > 0.0 {
+        count as f64 / secs
+    } else {
+        0.0
+    }
+}
+
+/// The users addressed by the unicast stream: the same for the baseline
+/// and the bridge, from the seed.
+fn unicast_targets(seed: u64, messages: u64, users: u64) -> Vec<u32> {
+    let mut rng = Rng::new(seed);
+    (0..messages).map(|_| 1 + rng.below(users) as u32).collect()
+}
+
+struct Measured {
+    rate: f64,
+    received: u64,
+    duplicates: u64,
+    strays: u64,
+    cdf: Vec<(f64, f64)>,
+    summary: crate::stats::Summary,
+    published: clients::Published,
+    cpu: bridge::CpuUse,
+}
+
+/// Publishes the unicast stream (run 1) after `warmup` messages (run 0)
+/// to `exchange`, and waits for the receivers behind `recorders`.
+async fn drive_unicast(
+    ctx: &Ctx,
+    exchange: &str,
+    recorders: &Arc<Recorders>,
+    targets: &[u32],
+    label: &str,
+) -> anyhow::Result<Measured> {
+    let opts = &ctx.opts;
+    let publisher = Publisher::connect(&opts.amqp_url, exchange, opts.publishers).await?;
+    let pad = opts.payload_bytes;
+    if opts.warmup > 0 {
+        ctx.progress.phase(&format!("{label}: warm-up"));
+        let before = ctx.progress.received.load(Relaxed);
+        let n = opts.warmup;
+        let users = opts.users;
+        publisher
+            .run(
+                n,
+                0.0,
+                opts.window,
+                ctx.clock,
+                &ctx.progress,
+                |seq, t, out| {
+                    let user = 1 + seq % users;
+                    clients::body(out, &format!(r#""user_id":{user}"#), 0, seq, t, pad)
+                },
+            )
+            .await?;
+        let progress = ctx.progress.clone();
+        wait_for(
+            || progress.received.load(Relaxed) - before,
+            n,
+            opts.drain_timeout,
+        )
+        .await;
+    }
+    ctx.progress.phase(&format!("{label}: measuring"));
+    let rec = recorders.runs[1].clone();
+    ctx.progress.target.store(targets.len() as u64, Relaxed);
+    ctx.progress.received.store(0, Relaxed);
+    let bridge_pid = ctx
+        .bridge
+        .lock()
+        .await
+        .as_ref()
+        .map(|b| b.pid)
+        .filter(|_| label != "baseline");
+    let cpu = bridge::CpuWindow::start(bridge_pid);
+    let published = publisher
+        .run(
+            targets.len() as u64,
+            opts.rate,
+            opts.window,
+            ctx.clock,
+            &ctx.progress,
+            |seq, t, out| {
+                let user = targets[seq as usize];
+                clients::body(out, &format!(r#""user_id":{user}"#), 1, seq, t, pad)
+            },
+        )
+        .await?;
+    publisher.close().await;
+    if published.nacked > 0 {
+        bail!("the broker nacked {} publishes", published.nacked);
+    }
+    let rec2 = rec.clone();
+    wait_for(
+        move || rec2.seqs.unique(),
+        targets.len() as u64,
+        opts.drain_timeout,
+    )
+    .await;
+    let cpu = cpu.stop();
+    ctx.progress.target.store(0, Relaxed);
+    let received = rec.seqs.unique();
+    let cdf = rec.latency.cdf();
+    Ok(Measured {
+        rate: per_sec(received, published.first_ns, rec.last_receive.get()),
+        received,
+        duplicates: rec.seqs.duplicates(),
+        strays: rec.seqs.strays(),
+        cdf,
+        summary: rec.latency.summary(),
+        published,
+        cpu,
+    })
+}
+
+/// The bare consumer on the same stream.
+async fn run_baseline(ctx: &Ctx, targets: &[u32]) -> anyhow::Result<Measured> {
+    ctx.progress.phase("baseline");
+    let recorders = ctx.recorders(vec![
+        Recorder::unicast(ctx.opts.warmup),
+        Recorder::unicast(targets.len() as u64),
+    ]);
+    let consumer = Baseline::start(
+        &ctx.opts.amqp_url,
+        &ctx.names.baseline_exchange,
+        &ctx.names.baseline_queue,
+        ctx.opts.prefetch,
+        recorders.clone(),
+    )
+    .await?;
+    let measured = drive_unicast(
+        ctx,
+        &ctx.names.baseline_exchange,
+        &recorders,
+        targets,
+        "baseline",
+    )
+    .await;
+    consumer.stop().await?;
+    measured
+}
+
+fn add_measured(r: &mut Report, key: &str, label: &str, m: &Measured, expected: u64) {
+    r.add(
+        &format!("{key}_msgs_per_sec"),
+        &format!("{label}: delivered msg/s"),
+        m.rate.round(),
+        format!("{:.0}", m.rate),
+    );
+    r.add(
+        &format!("{key}_publish_rate"),
+        &format!("{label}: publish rate achieved"),
+        per_sec(m.published.sent, m.published.first_ns, m.published.last_ns).round(),
+        format!(
+            "{:.0} msg/s",
+            per_sec(m.published.sent, m.published.first_ns, m.published.last_ns)
+        ),
+    );
+    r.latency(
+        &format!("{key}_latency"),
+        &format!("{label}: latency"),
+        &m.summary,
+    );
+    r.add(
+        &format!("{key}_lost"),
+        &format!("{label}: lost / duplicated / stray"),
+        expected.saturating_sub(m.received),
+        format!(
+            "{} / {} / {}",
+            expected.saturating_sub(m.received),
+            m.duplicates,
+            m.strays
+        ),
+    );
+    r.add(
+        &format!("{key}_duplicates"),
+        "",
+        m.duplicates,
+        String::new(),
+    );
+    add_cpu(r, key, label, &m.cpu);
+    if m.received < expected || m.duplicates > 0 || m.strays > 0 {
+        r.problem(format!(
+            "{label}: {} lost, {} duplicated, {} stray of {expected}",
+            expected.saturating_sub(m.received),
+            m.duplicates,
+            m.strays
+        ));
+    }
+}
+
+fn add_cpu(r: &mut Report, key: &str, label: &str, cpu: &bridge::CpuUse) {
+    let show = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0} %"));
+    let json = |v: Option<f64>| {
+        v.map_or(serde_json::Value::Null, |v| {
+            ((v * 10.0).round() / 10.0).into()
+        })
+    };
+    r.add(
+        &format!("{key}_cpu_percent"),
+        &format!("{label}: CPU (% of a core) bridge / broker / bench"),
+        serde_json::json!({"bridge": json(cpu.bridge), "broker": json(cpu.broker), "bench": json(cpu.bench)}),
+        format!("{} / {} / {}", show(cpu.bridge), show(cpu.broker), show(cpu.bench)),
+    );
+}
+
+async fn bridge_figures(r: &mut Report, handle: &Handle) {
+    let delivered = handle
+        .metric("notify_bridge_messages_total", r#"outcome="delivered""#)
+        .await
+        .unwrap_or(-1.0);
+    let none = handle
+        .metric("notify_bridge_messages_total", r#"outcome="no_recipient""#)
+        .await
+        .unwrap_or(-1.0);
+    let invalid = handle
+        .metric("notify_bridge_messages_total", r#"outcome="invalid""#)
+        .await
+        .unwrap_or(-1.0);
+    r.add(
+        "bridge_messages_delivered",
+        "bridge: messages delivered / no_recipient / invalid",
+        delivered,
+        format!("{delivered} / {none} / {invalid}"),
+    );
+    let commits = handle
+        .metric("notify_bridge_inbox_commit_seconds_count", "")
+        .await
+        .unwrap_or(0.0);
+    if commits > 0.0 {
+        let sum = handle
+            .metric("notify_bridge_inbox_commit_seconds_sum", "")
+            .await
+            .unwrap_or(0.0);
+        let stored = handle
+            .metric("notify_bridge_inbox_stored_total", "")
+            .await
+            .unwrap_or(0.0);
+        r.add(
+            "inbox_commit_mean_seconds",
+            "inbox: commits / mean commit time / entries per commit",
+            sum / commits,
+            format!(
+                "{commits} / {:.2} ms / {:.0}",
+                sum / commits * 1e3,
+                stored / commits
+            ),
+        );
+    }
+    if let (Ok(rss), Ok(fds)) = (handle.rss_bytes(), handle.open_fds()) {
+        r.add(
+            "bridge_rss_bytes",
+            "bridge: RSS / open fds at the end",
+            rss,
+            format!("{} / {fds}", mib(rss as f64)),
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+
+pub async fn baseline(ctx: &Ctx) -> anyhow::Result<Report> {
+    let o = &ctx.opts;
+    let mut r = base_report(ctx, "baseline");
+    r.param("users", o.users);
+    r.param("messages", o.messages);
+    r.param("rate", o.rate);
+    let targets = unicast_targets(o.seed, o.messages, o.users);
+    let m = run_baseline(ctx, &targets).await?;
+    add_measured(&mut r, "baseline", "baseline", &m, o.messages);
+    let path = ctx.plot_path("baseline");
+    report::latency_plot(
+        &path,
+        "baseline: publish → bare consumer",
+        &[("baseline".into(), m.cdf.clone())],
+    )?;
+    r.plots.push(path.display().to_string());
+    Ok(r)
+}
+
+pub async fn unicast(ctx: &Ctx) -> anyhow::Result<Report> {
+    let o = &ctx.opts;
+    ctx.check_fd_budget(o.users)?;
+    let mut r = base_report(ctx, "unicast");
+    r.param("users", o.users);
+    r.param("messages", o.messages);
+    r.param("rate", o.rate);
+    r.param("window", o.window as u64);
+    let targets = unicast_targets(o.seed, o.messages, o.users);
+    let base = if o.baseline {
+        Some(run_baseline(ctx, &targets).await?)
+    } else {
+        None
+    };
+
+    let handle = ctx.start_bridge().await?;
+    ctx.progress.phase("connecting");
+    let sockets = ctx.connect(&handle, 1, o.users, 0, None).await?;
+    let recorders = ctx.recorders(vec![
+        Recorder::unicast(o.warmup),
+        Recorder::unicast(o.messages),
+    ]);
+    let readers: Vec<Reader> = sockets
+        .into_iter()
+        .map(|(_, ws)| Reader::spawn(ws, recorders.clone()))
+        .collect();
+    let m = drive_unicast(ctx, &ctx.names.exchange, &recorders, &targets, "bridge").await?;
+
+    add_measured(&mut r, "unicast", "bridge", &m, o.messages);
+    let mut runs = vec![("bridge".to_string(), m.cdf.clone())];
+    if let Some(b) = &base {
+        add_measured(&mut r, "baseline", "baseline", b, o.messages);
+        let ratio = if b.rate > 0.0 { m.rate / b.rate } else { 0.0 };
+        r.add(
+            "ratio_to_baseline",
+            "bridge msg/s ÷ baseline msg/s",
+            (ratio * 1000.0).round() / 1000.0,
+            format!("{ratio:.3}"),
+        );
+        if o.rate == 0.0 {
+            r.target("unicast throughput ÷ baseline", ratio, 0.95, true, "×");
+        }
+        runs.push(("baseline (bare consumer)".to_string(), b.cdf.clone()));
+    }
+    if o.rate > 0.0 {
+        r.target(
+            "unicast p99 publish→frame",
+            m.summary.p99 as f64 / 1e6,
+            2.0,
+            false,
+            "ms",
+        );
+    }
+    bridge_figures(&mut r, &handle).await;
+    let closed = readers
+        .iter()
+        .filter(|c| c.state.ended.load(Relaxed))
+        .count();
+    r.add(
+        "sockets_closed_early",
+        "sockets closed during the run",
+        closed as u64,
+        closed.to_string(),
+    );
+    for reader in readers {
+        reader.task.abort();
+    }
+    let path = ctx.plot_path("unicast");
+    let rate = if o.rate > 0.0 {
+        format!("{} msg/s", o.rate)
+    } else {
+        "max rate".into()
+    };
+    report::latency_plot(
+        &path,
+        &format!(
+            "unicast: {} users, {rate}{}",
+            o.users,
+            if o.inbox { ", inbox" } else { "" }
+        ),
+        &runs,
+    )?;
+    r.plots.push(path.display().to_string());
+    Ok(r)
+}
+
+pub async fn broadcast(ctx: &Ctx) -> anyhow::Result<Report> {
+    let o = &ctx.opts;
+    ctx.check_fd_budget(o.users)?;
+    let mut r = base_report(ctx, "broadcast");
+    r.param("sockets", o.users);
+    r.param("messages", o.messages);
+    r.param("rate", o.rate);
+    let k = o.messages;
+    let body_of = |run: usize, seq: u64, t: u64, out: &mut Vec<u8>| {
+        clients::body(out, r#""broadcast":true"#, run, seq, t, o.payload_bytes)
+    };
+
+    // The baseline: the same broadcast bodies through the bare consumer.
+    let base_rate = if o.baseline {
+        ctx.progress.phase("baseline");
+        let recorders = ctx.recorders(vec![Recorder::unicast(0), Recorder::unicast(k)]);
+        let consumer = Baseline::start(
+            &o.amqp_url,
+            &ctx.names.baseline_exchange,
+            &ctx.names.baseline_queue,
+            o.prefetch,
+            recorders.clone(),
+        )
+        .await?;
+        let publisher =
+            Publisher::connect(&o.amqp_url, &ctx.names.baseline_exchange, o.publishers).await?;
+        let p = publisher
+            .run(
+                k,
+                o.rate,
+                o.window,
+                ctx.clock,
+                &ctx.progress,
+                |s, t, out| body_of(1, s, t, out),
+            )
+            .await?;
+        publisher.close().await;
+        let rec = recorders.runs[1].clone();
+        let rec2 = rec.clone();
+        wait_for(move || rec2.seqs.unique(), k, o.drain_timeout).await;
+        consumer.stop().await?;
+        Some(per_sec(
+            rec.seqs.unique(),
+            p.first_ns,
+            rec.last_receive.get(),
+        ))
+    } else {
+        None
+    };
+
+    let handle = ctx.start_bridge().await?;
+    ctx.progress.phase("connecting");
+    let sockets = ctx.connect(&handle, 1, o.users, 0, None).await?;
+    let warm = 5u64;
+    let recorders = ctx.recorders(vec![Recorder::broadcast(warm), Recorder::broadcast(k)]);
+    let readers: Vec<Reader> = sockets
+        .into_iter()
+        .map(|(_, ws)| Reader::spawn(ws, recorders.clone()))
+        .collect();
+    let publisher = Publisher::connect(&o.amqp_url, &ctx.names.exchange, o.publishers).await?;
+
+    ctx.progress.phase("warm-up");
+    let before = ctx.progress.received.load(Relaxed);
+    publisher
+        .run(
+            warm,
+            0.0,
+            o.window,
+            ctx.clock,
+            &ctx.progress,
+            |s, t, out| body_of(0, s, t, out),
+        )
+        .await?;
+    let progress = ctx.progress.clone();
+    wait_for(
+        || progress.received.load(Relaxed) - before,
+        warm * o.users,
+        o.drain_timeout,
+    )
+    .await;
+
+    ctx.progress.phase("measuring");
+    let expected = k * o.users;
+    ctx.progress.received.store(0, Relaxed);
+    ctx.progress.target.store(expected, Relaxed);
+    let rec = recorders.runs[1].clone();
+    let pm_sent = rec.per_message.as_ref().map(|pm| &pm.sent);
+    let cpu = bridge::CpuWindow::start(Some(handle.pid));
+    let published = publisher
+        .run(
+            k,
+            o.rate,
+            o.window,
+            ctx.clock,
+            &ctx.progress,
+            |s, t, out| {
+                if let Some(sent) = pm_sent {
+                    sent[s as usize].store(t, Relaxed);
+                }
+                body_of(1, s, t, out)
+            },
+        )
+        .await?;
+    publisher.close().await;
+    let rec2 = rec.clone();
+    wait_for(move || rec2.frames.load(Relaxed), expected, o.drain_timeout).await;
+    let cpu = cpu.stop();
+    ctx.progress.target.store(0, Relaxed);
+
+    let frames = rec.frames.load(Relaxed);
+    let frames_per_sec = per_sec(frames, published.first_ns, rec.last_receive.get());
+    let msgs_per_sec = per_sec(k, published.first_ns, rec.last_receive.get());
+    let last_socket = Histogram::default();
+    let mut complete = 0;
+    let mut duplicates = 0;
+    if let Some(pm) = &rec.per_message {
+        duplicates = pm.duplicates.load(Relaxed);
+        for i in 0..k as usize {
+            if pm.frames[i].load(Relaxed) == o.users {
+                complete += 1;
+            }
+            let last = pm.last_arrival[i].load(Relaxed);
+            if last > 0 {
+                last_socket.record(last.saturating_sub(pm.sent[i].load(Relaxed)));
+            }
+        }
+    }
+    r.add(
+        "frames_per_sec",
+        "frames delivered per second",
+        frames_per_sec.round(),
+        format!("{frames_per_sec:.0}"),
+    );
+    r.add(
+        "broadcast_msgs_per_sec",
+        "broadcast messages per second",
+        msgs_per_sec.round(),
+        format!("{msgs_per_sec:.1}"),
+    );
+    r.add(
+        "frames",
+        "frames received / expected",
+        frames,
+        format!("{frames} / {expected}"),
+    );
+    r.add(
+        "lost",
+        "lost frames / duplicated",
+        expected.saturating_sub(frames),
+        format!("{} / {duplicates}", expected.saturating_sub(frames)),
+    );
+    r.add(
+        "complete_messages",
+        "messages every socket got",
+        complete,
+        format!("{complete} / {k}"),
+    );
+    add_cpu(&mut r, "broadcast", "bridge", &cpu);
+    r.latency("frame_latency", "per-frame latency", &rec.latency.summary());
+    r.latency(
+        "last_socket_latency",
+        "latency to the last socket",
+        &last_socket.summary(),
+    );
+    if let Some(b) = base_rate {
+        let ratio = if b > 0.0 { msgs_per_sec / b } else { 0.0 };
+        r.add(
+            "baseline_msgs_per_sec",
+            "baseline: consumed msg/s (same stream)",
+            b.round(),
+            format!("{b:.0}"),
+        );
+        r.add(
+            "ratio_to_baseline",
+            "broadcast msg/s ÷ baseline msg/s",
+            (ratio * 1000.0).round() / 1000.0,
+            format!("{ratio:.3}"),
+        );
+    }
+    if frames < expected || duplicates > 0 {
+        r.problem(format!(
+            "broadcast: {} frames lost, {duplicates} duplicated",
+            expected.saturating_sub(frames)
+        ));
+    }
+    r.target(
+        "broadcast frames/s",
+        frames_per_sec,
+        500_000.0,
+        true,
+        "frames/s",
+    );
+    bridge_figures(&mut r, &handle).await;
+    for reader in readers {
+        reader.task.abort();
+    }
+    let path = ctx.plot_path("broadcast");
+    report::latency_plot(
+        &path,
+        &format!("broadcast: {} sockets × {k} messages", o.users),
+        &[
+            ("every frame".into(), rec.latency.cdf()),
+            ("last socket of each message".into(), last_socket.cdf()),
+        ],
+    )?;
+    r.plots.push(path.display().to_string());
+    Ok(r)
+}
+
+pub async fn idle(ctx: &Ctx) -> anyhow::Result<Report> {
+    let o = &ctx.opts;
+    ctx.check_fd_budget(o.users)?;
+    let mut r = base_report(ctx, "idle");
+    r.param("sockets", o.users);
+    r.param("per_source", o.per_source as u64);
+    r.param("hold_s", o.hold.as_secs());
+    let handle = ctx.start_bridge().await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss0 = handle.rss_bytes()?;
+    let fds0 = handle.open_fds()?;
+    let bench_rss0 = bridge::rss_of("/proc/self/status")?;
+
+    ctx.progress.phase("connecting");
+    ctx.progress.target.store(o.users, Relaxed);
+    // RSS against sockets while connecting, for the plot.
+    let curve = Arc::new(std::sync::Mutex::new(vec![(0.0, rss0 as f64 / 1048576.0)]));
+    let sampler = {
+        let (curve, progress) = (curve.clone(), ctx.progress.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                if let Ok(rss) = handle.rss_bytes() {
+                    if let Ok(mut c) = curve.lock() {
+                        c.push((
+                            progress.connected.load(Relaxed) as f64,
+                            rss as f64 / 1048576.0,
+                        ));
+                    }
+                }
+            }
+        })
+    };
+    let started = tokio::time::Instant::now();
+    let sockets = ctx.connect(&handle, 1, o.users, 0, None).await;
+    sampler.abort();
+    let sockets = sockets?;
+    let connect_secs = started.elapsed().as_secs_f64();
+    let recorders = ctx.recorders(vec![Recorder::broadcast(0), Recorder::broadcast(1)]);
+    let readers: Vec<Reader> = sockets
+        .into_iter()
+        .map(|(_, ws)| Reader::spawn(ws, recorders.clone()))
+        .collect();
+    ctx.progress.phase("holding");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss1 = handle.rss_bytes()?;
+    let fds1 = handle.open_fds()?;
+    let mut rss_max = rss1;
+    let hold_until = tokio::time::Instant::now() + o.hold;
+    while tokio::time::Instant::now() < hold_until {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        rss_max = rss_max.max(handle.rss_bytes()?);
+    }
+    let rss2 = handle.rss_bytes()?;
+    let bench_rss = bridge::rss_of("/proc/self/status")?;
+    if let Ok(mut c) = curve.lock() {
+        c.push((o.users as f64, rss2 as f64 / 1048576.0));
+    }
+
+    // Every socket still works: one broadcast reaches all of them.
+    ctx.progress.phase("checking sockets");
+    let publisher = Publisher::connect(&o.amqp_url, &ctx.names.exchange, o.publishers).await?;
+    publisher
+        .run(1, 0.0, 1, ctx.clock, &ctx.progress, |s, t, out| {
+            clients::body(out, r#""broadcast":true"#, 1, s, t, 0)
+        })
+        .await?;
+    publisher.close().await;
+    let rec = recorders.runs[1].clone();
+    let rec2 = rec.clone();
+    wait_for(
+        move || rec2.frames.load(Relaxed),
+        o.users,
+        Duration::from_secs(5),
+    )
+    .await;
+    let alive = rec.frames.load(Relaxed);
+
+    let n = o.users.max(1) as f64;
+    let per_conn = (rss2 as f64 - rss0 as f64) / n;
+    let fds_per_conn = (fds1 as f64 - fds0 as f64) / n;
+    r.add(
+        "connect_secs",
+        "time to connect all sockets",
+        connect_secs,
+        format!("{connect_secs:.1} s ({:.0}/s)", n / connect_secs),
+    );
+    r.add(
+        "rss_before_bytes",
+        "bridge RSS before / after / max",
+        rss0,
+        format!(
+            "{} / {} / {}",
+            mib(rss0 as f64),
+            mib(rss2 as f64),
+            mib(rss_max as f64)
+        ),
+    );
+    r.add("rss_after_bytes", "", rss2, String::new());
+    r.add(
+        "rss_per_socket_bytes",
+        "bridge RSS per socket",
+        per_conn.round(),
+        format!("{:.2} KiB", per_conn / 1024.0),
+    );
+    r.add(
+        "fds_per_socket",
+        "bridge fds before / after (per socket)",
+        fds_per_conn,
+        format!("{fds0} / {fds1} ({fds_per_conn:.3})"),
+    );
+    r.add(
+        "bench_rss_per_socket_bytes",
+        "bench (client) RSS per socket",
+        ((bench_rss as f64 - bench_rss0 as f64) / n).round(),
+        format!(
+            "{:.2} KiB",
+            (bench_rss as f64 - bench_rss0 as f64) / n / 1024.0
+        ),
+    );
+    r.add(
+        "alive",
+        "sockets that got a broadcast after holding",
+        alive,
+        format!("{alive} / {}", o.users),
+    );
+    if alive < o.users {
+        r.problem(format!(
+            "idle: only {alive} of {} sockets got the check broadcast",
+            o.users
+        ));
+    }
+    r.target(
+        "bridge RSS per idle socket",
+        per_conn / 1024.0,
+        8.0,
+        false,
+        "KiB",
+    );
+    r.note(format!(
+        "fd limit per process here: {} (bench and bridge each hold one fd per socket)",
+        bridge::own_fd_limit().map_or("unknown".into(), |l| l.to_string())
+    ));
+    for reader in readers {
+        reader.task.abort();
+    }
+    let path = ctx.plot_path("idle");
+    let points = curve.lock().map(|c| c.clone()).unwrap_or_default();
+    let ymax = points.iter().map(|p| p.1).fold(0.0, f64::max);
+    report::write_svg(
+        &path,
+        &format!("idle: bridge RSS while {} sockets connect", o.users),
+        &Axis::linear("open WebSockets", o.users as f64),
+        &Axis::linear("bridge RSS (MiB)", ymax),
+        &[Series {
+            name: "VmRSS".into(),
+            points,
+        }],
+    )?;
+    r.plots.push(path.display().to_string());
+    Ok(r)
+}
+
+pub async fn slow_client(ctx: &Ctx) -> anyhow::Result<Report> {
+    let o = &ctx.opts;
+    ctx.check_fd_budget(o.users + 2 * o.slow)?;
+    let mut r = base_report(ctx, "slow-client");
+    r.param("users", o.users);
+    r.param("slow", o.slow);
+    r.param("rate", o.rate);
+    r.param("slow_rate", o.slow_rate);
+    r.param("slow_payload", o.slow_payload as u64);
+    r.param("duration_s", o.duration.as_secs_f64());
+    let total_rate = o.rate + o.slow_rate;
+    let count = (total_rate * o.duration.as_secs_f64()).round() as u64;
+    // The stream: which messages go to slow users (the same in both phases).
+    let mut rng = Rng::new(o.seed);
+    let plan: Vec<(bool, u32)> = (0..count)
+        .map(|_| {
+            let slow = (rng.below(1_000_000) as f64) < o.slow_rate / total_rate * 1e6;
+            let user = if slow {
+                o.users + 1 + rng.below(o.slow.max(1))
+            } else {
+                1 + rng.below(o.users)
+            };
+            (slow, user as u32)
+        })
+        .collect();
+    let regular = plan.iter().filter(|(s, _)| !s).count() as u64;
+
+    let handle = ctx.start_bridge().await?;
+    ctx.progress.phase("connecting");
+    let sockets = ctx.connect(&handle, 1, o.users + o.slow, 0, None).await?;
+    // Runs: 1 = others with every client reading, 2 = others with slow
+    // clients, 3/4 = what the slow users got in each phase.
+    let recorders = ctx.recorders(vec![
+        Recorder::unicast(0),
+        Recorder::unicast(count),
+        Recorder::unicast(count),
+        Recorder::unicast(count),
+        Recorder::unicast(count),
+    ]);
+    let mut readers: Vec<Reader> = sockets
+        .into_iter()
+        .map(|(_, ws)| Reader::spawn(ws, recorders.clone()))
+        .collect();
+    let publisher = Publisher::connect(&o.amqp_url, &ctx.names.exchange, o.publishers).await?;
+    let phase = |run: usize| {
+        let plan = &plan;
+        let publisher = &publisher;
+        let recorders = recorders.clone();
+        async move {
+            ctx.progress.phase(&format!(
+                "phase {}",
+                if run == 1 { "A (all read)" } else { "B (slow)" }
+            ));
+            ctx.progress.received.store(0, Relaxed);
+            let p = publisher
+                .run(
+                    count,
+                    total_rate,
+                    o.window,
+                    ctx.clock,
+                    &ctx.progress,
+                    |s, t, out| {
+                        let (slow, user) = plan[s as usize];
+                        let (run, pad) = if slow {
+                            (run + 2, o.slow_payload)
+                        } else {
+                            (run, o.payload_bytes)
+                        };
+                        clients::body(out, &format!(r#""user_id":{user}"#), run, s, t, pad)
+                    },
+                )
+                .await?;
+            let rec = recorders.runs[run].clone();
+            wait_for(move || rec.seqs.unique(), regular, o.drain_timeout).await;
+            anyhow::Ok(p)
+        }
+    };
+    phase(1).await?;
+    // Phase B: the slow users reconnect with sockets that never read.
+    let slow_readers = readers.split_off(o.users as usize);
+    for reader in slow_readers {
+        if let Some(mut ws) = reader.into_socket().await {
+            let _ = tokio::time::timeout(Duration::from_secs(2), ws.close(None)).await;
+        }
+    }
+    ctx.progress.phase("connecting slow");
+    let slow_sockets = ctx
+        .connect(
+            &handle,
+            o.users + 1,
+            o.slow,
+            (o.users + o.slow) as usize,
+            Some(4096),
+        )
+        .await?;
+    let closes_before = handle
+        .metric("notify_bridge_slow_client_closes_total", "")
+        .await
+        .unwrap_or(0.0);
+    phase(2).await?;
+    publisher.close().await;
+    let closes = handle
+        .metric("notify_bridge_slow_client_closes_total", "")
+        .await
+        .unwrap_or(0.0)
+        - closes_before;
+    ctx.progress.phase("draining slow sockets");
+    let mut outcomes = (0, 0, 0, 0); // 1013, other code, dropped, still open
+    let drained = futures_util::future::join_all(
+        slow_sockets
+            .into_iter()
+            .map(|(_, ws)| clients::drain_for_close(ws, Duration::from_secs(5))),
+    )
+    .await;
+    for code in drained {
+        match code {
+            Some(1013) => outcomes.0 += 1,
+            Some(0) => outcomes.3 += 1,
+            Some(_) => outcomes.1 += 1,
+            None => outcomes.2 += 1,
+        }
+    }
+
+    let a = recorders.runs[1].latency.summary();
+    let b = recorders.runs[2].latency.summary();
+    r.latency(
+        "others_latency_all_reading",
+        "others, all clients reading",
+        &a,
+    );
+    r.latency("others_latency_with_slow", "others, with slow clients", &b);
+    let change = if a.p99 > 0 {
+        (b.p99 as f64 / a.p99 as f64 - 1.0) * 100.0
+    } else {
+        0.0
+    };
+    r.add(
+        "p99_change_percent",
+        "others' p99 change",
+        (change * 10.0).round() / 10.0,
+        format!("{change:+.1} %"),
+    );
+    for (run, key, label) in [
+        (1, "others_lost_all_reading", "others lost, all reading"),
+        (2, "others_lost_with_slow", "others lost, with slow clients"),
+    ] {
+        let rec = &recorders.runs[run];
+        let lost = regular.saturating_sub(rec.seqs.unique());
+        r.add(
+            key,
+            label,
+            lost,
+            format!("{lost} of {regular} (dup {})", rec.seqs.duplicates()),
+        );
+        if lost > 0 || rec.seqs.duplicates() > 0 {
+            r.problem(format!(
+                "{label}: {lost} lost, {} duplicated",
+                rec.seqs.duplicates()
+            ));
+        }
+    }
+    r.add(
+        "slow_client_closes",
+        "slow clients closed by the bridge (metric)",
+        closes,
+        format!("{closes} of {}", o.slow),
+    );
+    r.add(
+        "slow_close_frames_1013",
+        "slow sockets: 1013 frame / other / dropped / open",
+        outcomes.0,
+        format!(
+            "{} / {} / {} / {}",
+            outcomes.0, outcomes.1, outcomes.2, outcomes.3
+        ),
+    );
+    r.note("a slow client whose close frame cannot be written within 2 s is dropped without one (contract); the metric counts both");
+    r.target(
+        "others' p99 change with slow clients",
+        change,
+        10.0,
+        false,
+        "%",
+    );
+    bridge_figures(&mut r, &handle).await;
+    for reader in readers {
+        reader.task.abort();
+    }
+    let path = ctx.plot_path("slow-client");
+    report::latency_plot(
+        &path,
+        &format!(
+            "slow-client: {} users at {} msg/s, {} slow",
+            o.users, o.rate, o.slow
+        ),
+        &[
+            (
+                "others, all clients reading".into(),
+                recorders.runs[1].latency.cdf(),
+            ),
+            (
+                "others, slow clients present".into(),
+                recorders.runs[2].latency.cdf(),
+            ),
+        ],
+    )?;
+    r.plots.push(path.display().to_string());
+    Ok(r)
+}
+
+pub async fn soak(ctx: &Ctx) -> anyhow::Result<Report> {
+    let o = &ctx.opts;
+    let churn_pool = (o.churn.ceil() as u64).max(1);
+    ctx.check_fd_budget(o.users + churn_pool + 10)?;
+    let mut r = base_report(ctx, "soak");
+    r.param("users", o.users);
+    r.param("rate", o.rate);
+    r.param("duration_s", o.duration.as_secs_f64());
+    r.param("churn_per_s", o.churn);
+    let count = (o.rate * o.duration.as_secs_f64()).round() as u64;
+    let targets = unicast_targets(o.seed, count, o.users);
+
+    let handle = ctx.start_bridge().await?;
+    ctx.progress.phase("connecting");
+    let sockets = ctx.connect(&handle, 1, o.users, 0, None).await?;
+    let recorders = ctx.recorders(vec![Recorder::unicast(0), Recorder::unicast(count)]);
+    let readers: Vec<Reader> = sockets
+        .into_iter()
+        .map(|(_, ws)| Reader::spawn(ws, recorders.clone()))
+        .collect();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss0 = handle.rss_bytes()?;
+    let fds0 = handle.open_fds()?;
+
+    // Resources every second.
+    let samples = Arc::new(std::sync::Mutex::new(Vec::<(f64, u64, u64)>::new()));
+    let t0 = ctx.clock.now();
+    let sampler = {
+        let (samples, clock) = (samples.clone(), ctx.clock);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                if let (Ok(rss), Ok(fds)) = (handle.rss_bytes(), handle.open_fds()) {
+                    let t = (clock.now() - t0) as f64 / 1e9;
+                    if let Ok(mut s) = samples.lock() {
+                        s.push((t, rss, fds));
+                    }
+                }
+            }
+        })
+    };
+    // Churn: connect one new user every 1/churn s; the oldest churned
+    // socket goes, alternately with a close handshake and by dropping TCP.
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let churned = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let churn_task = {
+        let (stop, churned, recorders) = (stop.clone(), churned.clone(), recorders.clone());
+        let tokens = ctx.tokens();
+        let (per_source, users, churn) = (o.per_source, o.users, o.churn);
+        tokio::spawn(async move {
+            let mut pool = std::collections::VecDeque::new();
+            let mut n: u64 = 0;
+            let mut errors = 0u64;
+            if churn <= 0.0 {
+                return errors;
+            }
+            let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / churn));
+            loop {
+                tokio::select! {
+                    _ = stop.notified() => break,
+                    _ = tick.tick() => {}
+                }
+                let user = users + 1 + n % 100_000;
+                let source =
+                    clients::source_addr(users as usize + (n % 20_000) as usize, per_source);
+                let connected = match tokens(user) {
+                    Ok(token) => clients::connect(handle.ws_addr, source, &token, None).await,
+                    Err(e) => Err(e),
+                };
+                match connected {
+                    Ok(ws) => pool.push_back(Reader::spawn(ws, recorders.clone())),
+                    Err(_) => errors += 1,
+                }
+                n += 1;
+                while pool.len() as u64 > churn_pool {
+                    if let Some(old) = pool.pop_front() {
+                        close_reader(old, n.is_multiple_of(2)).await;
+                        churned.fetch_add(1, Relaxed);
+                    }
+                }
+            }
+            for (i, old) in pool.into_iter().enumerate() {
+                close_reader(old, i.is_multiple_of(2)).await;
+                churned.fetch_add(1, Relaxed);
+            }
+            errors
+        })
+    };
+    let publisher = Publisher::connect(&o.amqp_url, &ctx.names.exchange, o.publishers).await?;
+    ctx.progress.phase("soaking");
+    ctx.progress.target.store(count, Relaxed);
+    ctx.progress.received.store(0, Relaxed);
+    let published = publisher
+        .run(
+            count,
+            o.rate,
+            o.window,
+            ctx.clock,
+            &ctx.progress,
+            |s, t, out| {
+                let user = targets[s as usize];
+                clients::body(
+                    out,
+                    &format!(r#""user_id":{user}"#),
+                    1,
+                    s,
+                    t,
+                    o.payload_bytes,
+                )
+            },
+        )
+        .await?;
+    publisher.close().await;
+    stop.notify_one();
+    let churn_errors = churn_task.await.unwrap_or(0);
+    let rec = recorders.runs[1].clone();
+    let rec2 = rec.clone();
+    wait_for(move || rec2.seqs.unique(), count, o.drain_timeout).await;
+    ctx.progress.phase("settling");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    sampler.abort();
+    let rss_end = handle.rss_bytes()?;
+    let fds_end = handle.open_fds()?;
+    let samples = samples.lock().map(|s| s.clone()).unwrap_or_default();
+    let rss_max = samples.iter().map(|s| s.1).max().unwrap_or(rss_end);
+    // Growth over the second half of the run (after warm-up), per minute.
+    let half: Vec<&(f64, u64, u64)> = samples.iter().skip(samples.len() / 2).collect();
+    let slope = if half.len() >= 2 {
+        let n = half.len() as f64;
+        let mx = half.iter().map(|s| s.0).sum::<f64>() / n;
+        let my = half.iter().map(|s| s.1 as f64).sum::<f64>() / n;
+        let num: f64 = half.iter().map(|s| (s.0 - mx) * (s.1 as f64 - my)).sum();
+        let den: f64 = half.iter().map(|s| (s.0 - mx).powi(2)).sum();
+        if den > 0.0 {
+            num / den * 60.0
+        } else {
+            0.0
+        }
+    } else {
+        0.0
+    };
+    let received = rec.seqs.unique();
+    r.add(
+        "messages",
+        "messages published / received",
+        count,
+        format!("{} / {received}", published.sent),
+    );
+    r.add(
+        "lost",
+        "lost / duplicated",
+        count.saturating_sub(received),
+        format!(
+            "{} / {}",
+            count.saturating_sub(received),
+            rec.seqs.duplicates()
+        ),
+    );
+    r.latency("latency", "latency", &rec.latency.summary());
+    let churned = churned.load(Relaxed);
+    r.add(
+        "churned",
+        "connections churned (connect errors)",
+        churned,
+        format!("{churned} ({churn_errors})"),
+    );
+    r.add(
+        "rss_start_bytes",
+        "bridge RSS start / end / max",
+        rss0,
+        format!(
+            "{} / {} / {}",
+            mib(rss0 as f64),
+            mib(rss_end as f64),
+            mib(rss_max as f64)
+        ),
+    );
+    r.add("rss_end_bytes", "", rss_end, String::new());
+    r.add(
+        "rss_slope_bytes_per_min",
+        "bridge RSS trend, second half",
+        slope.round(),
+        format!("{} per minute", mib(slope)),
+    );
+    r.add(
+        "fds_start",
+        "bridge open fds start / end",
+        fds0,
+        format!("{fds0} / {fds_end}"),
+    );
+    r.add("fds_end", "", fds_end, String::new());
+    // Flat means: no growth once warmed up. Allocator pools and the maps
+    // grow to the churn's peak during the first part of a run, so the
+    // target looks at the second half only; start→end is shown as well.
+    let growth = (rss_end as f64 - rss0 as f64) / rss0.max(1) as f64 * 100.0;
+    let rss_half = half.first().map_or(rss0, |s| s.1);
+    let late_growth = (rss_end as f64 - rss_half as f64) / rss0.max(1) as f64 * 100.0;
+    r.add(
+        "rss_growth_percent",
+        "bridge RSS growth start→end / second half",
+        (growth * 10.0).round() / 10.0,
+        format!("{growth:+.1} % / {late_growth:+.1} %"),
+    );
+    r.add(
+        "rss_growth_second_half_percent",
+        "",
+        (late_growth * 10.0).round() / 10.0,
+        String::new(),
+    );
+    if received < count || rec.seqs.duplicates() > 0 {
+        r.problem(format!(
+            "soak: {} lost, {} duplicated",
+            count.saturating_sub(received),
+            rec.seqs.duplicates()
+        ));
+    }
+    if fds_end > fds0 + 2 {
+        r.problem(format!("soak: open fds grew from {fds0} to {fds_end}"));
+    }
+    if churn_errors > 0 {
+        r.problem(format!("soak: {churn_errors} churn connects failed"));
+    }
+    r.target(
+        "soak RSS growth over the second half",
+        late_growth,
+        2.0,
+        false,
+        "%",
+    );
+    r.target(
+        "soak open fds end − start",
+        fds_end as f64 - fds0 as f64,
+        2.0,
+        false,
+        "fds",
+    );
+    bridge_figures(&mut r, &handle).await;
+    for reader in readers {
+        reader.task.abort();
+    }
+    let path = ctx.plot_path("soak");
+    report::latency_plot(
+        &path,
+        &format!(
+            "soak: {} users, {} msg/s, churn {}/s",
+            o.users, o.rate, o.churn
+        ),
+        &[("stable users".into(), rec.latency.cdf())],
+    )?;
+    r.plots.push(path.display().to_string());
+    let res_path = ctx.plot_path("soak-resources");
+    let tmax = samples.last().map_or(1.0, |s| s.0);
+    let rss_pts: Vec<(f64, f64)> = samples
+        .iter()
+        .map(|s| (s.0, s.1 as f64 / 1048576.0))
+        .collect();
+    let fd_pts: Vec<(f64, f64)> = samples.iter().map(|s| (s.0, s.2 as f64 / 100.0)).collect();
+    let ymax = rss_pts
+        .iter()
+        .chain(fd_pts.iter())
+        .map(|p| p.1)
+        .fold(0.0, f64::max);
+    report::write_svg(
+        &res_path,
+        "soak: bridge resources over time",
+        &Axis::linear("seconds", tmax),
+        &Axis::linear("RSS (MiB) · open fds (hundreds)", ymax),
+        &[
+            Series {
+                name: "RSS, MiB".into(),
+                points: rss_pts,
+            },
+            Series {
+                name: "open fds ÷ 100".into(),
+                points: fd_pts,
+            },
+        ],
+    )?;
+    r.plots.push(res_path.display().to_string());
+    Ok(r)
+}
+
+async fn close_reader(reader: Reader, clean: bool) {
+    if clean {
+        if let Some(mut ws) = reader.into_socket().await {
+            let _ = tokio::time::timeout(Duration::from_secs(2), ws.close(None)).await;
+        }
+    } else {
+        reader.task.abort();
+    }
+}
