@@ -1,14 +1,22 @@
 //! The broker goes away (or was never there): WebSocket clients stay
-//! connected, readiness says why, and consuming resumes when the broker is
-//! back.
+//! connected, readiness says why, consuming resumes when the broker is back,
+//! and no confirmed message is lost — whether the broker's connections are
+//! force-closed, the broker app is stopped and started, or the node is
+//! killed with SIGKILL and started again.
 //!
-//! `close_all_connections` closes every connection on the broker's default
-//! vhost, so this is its own test binary (cargo runs test binaries one after
-//! another) and its tests take one lock so they never overlap.
+//! These tests close every connection on the broker or stop it, so this is
+//! its own test binary (cargo runs test binaries one after another) and its
+//! tests take one lock so they never overlap. The outage tests need our own
+//! node (`scripts/rabbitmq start` started it); they stream 20,000 messages at
+//! 2,000/s by default. `NOTIFY_BRIDGE_FAULTS_LONG=1` runs the long version
+//! (100,000 messages, three outages); each prints a `FAULT-RESULT` line with
+//! its counts for docs/reliability.md.
 
 mod common;
+#[path = "broker_faults/stream.rs"]
+mod stream;
 
-use std::{net::SocketAddr, process::Command, time::Duration};
+use std::{process::Command, time::Duration};
 
 use common::*;
 use serde_json::{json, Value};
@@ -124,48 +132,10 @@ async fn a_lost_broker_connection_is_reestablished_and_clients_stay_open() {
     bridge.stop().await;
 }
 
-/// Forwards every TCP connection accepted on `listener` to `target`.
-fn spawn_proxy(listener: TcpListener, target: SocketAddr) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut pipes = tokio::task::JoinSet::new();
-        while let Ok((mut inbound, _)) = listener.accept().await {
-            pipes.spawn(async move {
-                if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
-                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                }
-            });
-        }
-    })
-}
-
-/// The broker's address, from the test AMQP URL.
-fn broker_addr() -> SocketAddr {
-    let url = amqp_url();
-    let authority = url
-        .split_once("://")
-        .map(|(_, rest)| rest)
-        .unwrap_or(&url)
-        .split('/')
-        .next()
-        .unwrap();
-    let host_port = authority.rsplit('@').next().unwrap();
-    let host_port = if host_port.contains(':') {
-        host_port.to_string()
-    } else {
-        format!("{host_port}:5672")
-    };
-    let host_port = host_port.replace("localhost", "127.0.0.1");
-    host_port.parse().expect("the test broker's address")
-}
-
 #[tokio::test]
 async fn an_unreachable_broker_at_start_does_not_stop_the_bridge() {
     let _serial = BROKER.lock().await;
-    // A port nothing listens on.
-    let port = {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        probe.local_addr().unwrap().port()
-    };
+    let port = free_port();
     let mut config = test_config();
     config.amqp.url = format!("amqp://guest:guest@127.0.0.1:{port}/%2f");
     config.amqp.reconnect_max_backoff = Duration::from_secs(1);
@@ -225,4 +195,211 @@ async fn an_unreachable_broker_at_start_does_not_stop_the_bridge() {
     drop(client);
     bridge.stop().await;
     proxy.abort();
+}
+
+/// How a test takes the broker away.
+#[derive(Clone, Copy, Debug)]
+enum BrokerFault {
+    /// `rabbitmqctl close_all_connections`: the broker stays up.
+    ForceClose,
+    /// `rabbitmqctl stop_app`, a second's pause, `start_app`.
+    StopApp,
+    /// SIGKILL of the node's Erlang VM, then `scripts/rabbitmq start`.
+    Kill,
+}
+
+impl BrokerFault {
+    fn name(self) -> &'static str {
+        match self {
+            BrokerFault::ForceClose => "connections force-closed",
+            BrokerFault::StopApp => "stop_app / start_app",
+            BrokerFault::Kill => "kill -9 and restart",
+        }
+    }
+
+    /// Takes the broker away and brings it back; blocking.
+    fn inflict(self) {
+        match self {
+            BrokerFault::ForceClose => {
+                rabbitmqctl(&["close_all_connections", "fault test"]);
+            }
+            BrokerFault::StopApp => {
+                rabbitmqctl(&["stop_app"]);
+                std::thread::sleep(Duration::from_secs(1));
+                rabbitmqctl(&["start_app"]);
+            }
+            BrokerFault::Kill => {
+                scripts_rabbitmq(&["kill"]);
+                scripts_rabbitmq(&["start"]);
+            }
+        }
+    }
+}
+
+/// `scripts/rabbitmq ARGS`; panics on failure.
+fn scripts_rabbitmq(args: &[&str]) {
+    let output = Command::new("bash")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/rabbitmq"))
+        .args(args)
+        .output()
+        .expect("run scripts/rabbitmq");
+    assert!(
+        output.status.success(),
+        "scripts/rabbitmq {args:?} failed: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// The outage tests need to stop the broker: only our own node can be.
+fn assert_our_node() {
+    let output = Command::new("bash")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/rabbitmq"))
+        .arg("status")
+        .output()
+        .expect("run scripts/rabbitmq status");
+    let said = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        said.contains("our node") && said.contains("is running"),
+        "the outage tests stop and kill the broker, so they need the node that \
+         scripts/rabbitmq starts, not a broker it merely reuses: {said}"
+    );
+}
+
+/// Streams confirmed messages to connected users through `outages`, and
+/// checks the contract's promises; returns the report line.
+async fn confirmed_stream_through(outages: BrokerFault) -> Value {
+    let long = std::env::var_os("NOTIFY_BRIDGE_FAULTS_LONG").is_some();
+    let (total, rate, users, faults) = if long {
+        (100_000u64, 2_000u64, 100u64, 3u64)
+    } else {
+        (20_000, 2_000, 100, 1)
+    };
+    assert_our_node();
+    let bridge = Bridge::start_with(|config| {
+        // The default cap is 30 s; a test should not wait that long.
+        config.amqp.reconnect_max_backoff = Duration::from_secs(2);
+    })
+    .await;
+    let running = bridge.running();
+    let prefetch = u64::from(bridge.config.amqp.prefetch);
+    let received = std::sync::Arc::new(stream::Received::default());
+    let mut listeners = Vec::new();
+    for user in 1..=users {
+        let client = bridge.connect(&user.to_string()).await;
+        listeners.push(stream::Listener::spawn(
+            client,
+            user,
+            users,
+            received.clone(),
+        ));
+    }
+    let readiness = std::sync::Arc::new(stream::ReadinessLog::default());
+    let watcher = stream::watch_readiness(running.http_addr, readiness.clone());
+
+    let tally = std::sync::Arc::new(stream::PublishTally::default());
+    let started = Instant::now();
+    let publisher = stream::publish_until_confirmed(
+        bridge.config.amqp.exchange.clone(),
+        users,
+        total,
+        rate,
+        tally.clone(),
+    );
+    // Outages at evenly spaced points of the stream.
+    let mut outage_seconds = Vec::new();
+    for k in 1..=faults {
+        let at = total * k / (faults + 1);
+        let confirmed = || tally.confirmed.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(
+            stream::wait_until(Duration::from_secs(120), || confirmed() >= at).await,
+            "the stream stalled at {} confirmed before outage {k}",
+            confirmed()
+        );
+        let began = Instant::now();
+        tokio::task::spawn_blocking(move || outages.inflict())
+            .await
+            .unwrap();
+        // Down until the bridge consumes again.
+        bridge.wait_ready().await;
+        outage_seconds.push(began.elapsed().as_secs_f64());
+    }
+    tokio::time::timeout(Duration::from_secs(180), publisher)
+        .await
+        .expect("every message confirmed within 180 s")
+        .unwrap();
+    let publish_seconds = started.elapsed().as_secs_f64();
+    let all_arrived =
+        stream::wait_until(Duration::from_secs(60), || received.distinct() >= total).await;
+    // Let late duplicates show themselves.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut open = 0;
+    for listener in listeners {
+        open += u64::from(listener.finish().await);
+    }
+    readiness
+        .stop
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    watcher.await.unwrap();
+
+    let relaxed = std::sync::atomic::Ordering::Relaxed;
+    let delivered = received.distinct();
+    let duplicates = received.duplicates();
+    let metrics = &running.metrics;
+    let report = json!({
+        "fault": outages.name(),
+        "outages": faults,
+        "sent": tally.sent.load(relaxed),
+        "confirmed": tally.confirmed.load(relaxed),
+        "republished_by_publisher": tally.retried.load(relaxed),
+        "delivered": delivered,
+        "duplicated": duplicates.redelivered + duplicates.republished,
+        "duplicated_by_redelivery": duplicates.redelivered,
+        "duplicated_by_republish": duplicates.republished,
+        "dead_lettered": metrics.messages_invalid.get(),
+        "lost": total - delivered,
+        "misrouted": received.misrouted.load(relaxed),
+        "sockets_open_after": open,
+        "readyz": *readiness.seen.lock().unwrap(),
+        "bridge_reconnects": metrics.amqp_reconnects.get(),
+        "outage_seconds": outage_seconds,
+        "publish_seconds": publish_seconds,
+    });
+    println!("FAULT-RESULT {report}");
+
+    assert!(all_arrived, "lost messages: {report}");
+    assert_eq!(delivered, total, "{report}");
+    assert_eq!(received.misrouted.load(relaxed), 0, "{report}");
+    assert_eq!(open, users, "every socket stayed open: {report}");
+    assert_eq!(received.closed.load(relaxed), 0, "{report}");
+    assert_eq!(metrics.messages_invalid.get(), 0, "{report}");
+    assert!(
+        duplicates.redelivered <= prefetch * faults,
+        "redelivered duplicates above the prefetch ({prefetch}) per outage: {report}"
+    );
+    assert!(metrics.amqp_reconnects.get() >= faults, "{report}");
+    let seen = readiness.seen.lock().unwrap().clone();
+    assert_eq!(seen.first(), Some(&200), "{report}");
+    assert_eq!(seen.last(), Some(&200), "{report}");
+    assert!(seen.contains(&503), "/readyz never said 503: {report}");
+    bridge.stop().await;
+    report
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_confirmed_message_is_lost_when_the_broker_connections_are_force_closed() {
+    let _serial = BROKER.lock().await;
+    confirmed_stream_through(BrokerFault::ForceClose).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_confirmed_message_is_lost_when_the_broker_app_stops_and_starts() {
+    let _serial = BROKER.lock().await;
+    confirmed_stream_through(BrokerFault::StopApp).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_confirmed_message_is_lost_when_the_broker_is_killed_and_restarted() {
+    let _serial = BROKER.lock().await;
+    confirmed_stream_through(BrokerFault::Kill).await;
 }

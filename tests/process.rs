@@ -4,71 +4,12 @@
 
 mod common;
 
-use std::{
-    net::SocketAddr,
-    path::{Path, PathBuf},
-    process::{Output, Stdio},
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{process::Output, time::Duration};
 
-use common::*;
+use common::{daemon::*, *};
 use notify_bridge::{auth::Authenticator, config::AuthConfig};
 use serde_json::json;
-use tokio::{
-    io::{AsyncBufReadExt, BufReader},
-    process::{Child, Command},
-    sync::mpsc,
-    time::Instant,
-};
-
-const BIN: &str = env!("CARGO_BIN_EXE_notify-bridge");
-/// How long a command that should fail at once may take.
-const COMMAND_WAIT: Duration = Duration::from_secs(20);
-
-/// A fresh working directory, removed on drop, so no config file is found.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> Self {
-        let path = std::env::temp_dir().join(unique("notify-bridge-process-test"));
-        std::fs::create_dir_all(&path).unwrap();
-        Self(path)
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-
-    fn write(&self, name: &str, text: &str) -> PathBuf {
-        let path = self.0.join(name);
-        std::fs::write(&path, text).unwrap();
-        path
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// The binary in `dir`, with none of the caller's `NOTIFY_BRIDGE_*` or
-/// `RUST_LOG` variables leaking in.
-fn bridge_command(dir: &TempDir) -> Command {
-    let mut command = Command::new(BIN);
-    command
-        .current_dir(dir.path())
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .env_remove("RUST_LOG");
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("NOTIFY_BRIDGE_") {
-            command.env_remove(key);
-        }
-    }
-    command
-}
+use tokio::{process::Command, time::Instant};
 
 /// Runs a command that is expected to end by itself.
 async fn run(mut command: Command) -> Output {
@@ -81,135 +22,6 @@ async fn run(mut command: Command) -> Output {
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
-}
-
-/// Removes ANSI escape sequences (colored log output).
-fn strip_ansi(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            // CSI: ESC [ parameters final-byte
-            if chars.next() == Some('[') {
-                for c in chars.by_ref() {
-                    if c.is_ascii_alphabetic() {
-                        break;
-                    }
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-/// The value after `key=` in a log line.
-fn field(line: &str, key: &str) -> Option<String> {
-    line.split_whitespace()
-        .find_map(|word| word.strip_prefix(key)?.strip_prefix('='))
-        .map(|v| v.trim_matches('"').to_string())
-}
-
-/// A running daemon.
-struct Daemon {
-    child: Child,
-    ws_addr: SocketAddr,
-    http_addr: SocketAddr,
-    stderr: Arc<Mutex<Vec<String>>>,
-    queue: String,
-    exchange: String,
-    _dir: TempDir,
-}
-
-impl Daemon {
-    /// Starts the binary configured only by environment variables and waits
-    /// until it consumes from the broker.
-    async fn start(extra_env: &[(&str, &str)]) -> Self {
-        let dir = TempDir::new();
-        let name = unique("process");
-        let queue = format!("notify-bridge.{name}");
-        let exchange = format!("{name}.exchange");
-        let mut command = bridge_command(&dir);
-        command
-            .env("NOTIFY_BRIDGE_AMQP__URL", amqp_url())
-            .env("NOTIFY_BRIDGE_AMQP__EXCHANGE", &exchange)
-            .env("NOTIFY_BRIDGE_AMQP__QUEUE", &queue)
-            .env("NOTIFY_BRIDGE_WEBSOCKET__LISTEN", "127.0.0.1:0")
-            .env("NOTIFY_BRIDGE_HTTP__LISTEN", "127.0.0.1:0")
-            .env("NOTIFY_BRIDGE_AUTH__JWT_SECRET", SECRET)
-            .env("NOTIFY_BRIDGE_LOG__LEVEL", "info")
-            .env("NOTIFY_BRIDGE_SHUTDOWN_TIMEOUT", "5s")
-            .envs(extra_env.iter().copied())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let mut child = command.spawn().expect("the binary starts");
-
-        let stderr = Arc::new(Mutex::new(Vec::new()));
-        let (lines_tx, mut lines) = mpsc::unbounded_channel();
-        let mut reader = BufReader::new(child.stderr.take().unwrap()).lines();
-        let collected = stderr.clone();
-        tokio::spawn(async move {
-            while let Ok(Some(line)) = reader.next_line().await {
-                let line = strip_ansi(&line);
-                collected.lock().unwrap().push(line.clone());
-                let _ = lines_tx.send(line);
-            }
-        });
-
-        let listening = tokio::time::timeout(COMMAND_WAIT, async {
-            while let Some(line) = lines.recv().await {
-                if let (Some(ws), Some(http)) = (field(&line, "ws_addr"), field(&line, "http_addr"))
-                {
-                    return Some((ws, http));
-                }
-            }
-            None
-        })
-        .await
-        .ok()
-        .flatten();
-        let Some((ws, http)) = listening else {
-            panic!(
-                "no ws_addr=… http_addr=… line on stderr:\n{}",
-                stderr.lock().unwrap().join("\n")
-            );
-        };
-        let daemon = Self {
-            child,
-            ws_addr: ws.parse().expect("ws_addr is IP:PORT"),
-            http_addr: http.parse().expect("http_addr is IP:PORT"),
-            stderr,
-            queue,
-            exchange,
-            _dir: dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while http_get(daemon.http_addr, "/readyz").await.0 != 200 {
-            assert!(
-                Instant::now() < deadline,
-                "the daemon is not ready:\n{}",
-                daemon.log()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        daemon
-    }
-
-    fn log(&self) -> String {
-        self.stderr.lock().unwrap().join("\n")
-    }
-
-    async fn connect(&self, user: &str) -> Client {
-        let url = format!("ws://{}/ws?token={}", self.ws_addr, token(user, &[]));
-        let (client, _, welcome) = accepted(request(&url, &[])).await;
-        assert_eq!(welcome["user_id"], user);
-        client
-    }
-
-    async fn cleanup(self) {
-        delete_topology(&self.queue, &self.exchange).await;
-    }
 }
 
 #[tokio::test]
@@ -254,7 +66,7 @@ async fn sigterm_closes_clients_with_1001_and_exits_0() {
 #[tokio::test]
 async fn an_invalid_environment_value_exits_2_naming_key_and_variable() {
     let dir = TempDir::new();
-    let mut command = bridge_command(&dir);
+    let mut command = bridge_command(dir.path());
     command
         .env("NOTIFY_BRIDGE_AUTH__JWT_SECRET", SECRET)
         .env("NOTIFY_BRIDGE_WEBSOCKET__LISTEN", "127.0.0.1:0")
@@ -300,7 +112,7 @@ async fn a_bad_config_file_exits_2_naming_the_dotted_key_and_the_file() {
     ];
     for (name, body, key) in cases {
         let path = dir.write(name, &format!("{secret}{body}"));
-        let mut command = bridge_command(&dir);
+        let mut command = bridge_command(dir.path());
         command.arg("--config").arg(&path);
         let output = run(command).await;
         let stderr = text(&output.stderr);
@@ -318,7 +130,7 @@ async fn a_missing_config_file_exits_2() {
         vec!["--config", missing.to_str().unwrap()],
         vec!["check-config", "--config", missing.to_str().unwrap()],
     ] {
-        let mut command = bridge_command(&dir);
+        let mut command = bridge_command(dir.path());
         command
             .env("NOTIFY_BRIDGE_AUTH__JWT_SECRET", SECRET)
             .args(&args);
@@ -348,7 +160,7 @@ async fn check_config_prints_the_effective_config_with_secrets_masked() {
     ];
     let mut outputs = Vec::new();
     for before in [true, false] {
-        let mut command = bridge_command(&dir);
+        let mut command = bridge_command(dir.path());
         command
             .env("NOTIFY_BRIDGE_AUTH__JWT_SECRET", "jwt-secret-from-env-0123")
             .env(
@@ -396,7 +208,7 @@ async fn check_config_prints_the_effective_config_with_secrets_masked() {
 #[tokio::test]
 async fn token_prints_one_jwt_that_the_bridge_accepts() {
     let dir = TempDir::new();
-    let mut command = bridge_command(&dir);
+    let mut command = bridge_command(dir.path());
     command.env("NOTIFY_BRIDGE_AUTH__JWT_SECRET", SECRET).args([
         "token",
         "--user",
@@ -447,7 +259,7 @@ async fn token_prints_one_jwt_that_the_bridge_accepts() {
 async fn token_without_a_secret_exits_2() {
     let dir = TempDir::new();
     for mode in ["jwt", "none"] {
-        let mut command = bridge_command(&dir);
+        let mut command = bridge_command(dir.path());
         command
             .env("NOTIFY_BRIDGE_AUTH__MODE", mode)
             .args(["token", "--user", "5"]);

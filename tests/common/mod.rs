@@ -9,6 +9,8 @@
 
 use std::time::Duration;
 
+pub mod daemon;
+
 use futures_util::{SinkExt, StreamExt};
 use lapin::{
     options::{
@@ -521,4 +523,68 @@ pub async fn delete_topology(queue: &str, exchange: &str) {
         }
         let _ = conn.close(200, "test done".into()).await;
     }
+}
+
+/// Forwards every TCP connection accepted on `listener` to `target`.
+pub fn spawn_proxy(
+    listener: tokio::net::TcpListener,
+    target: std::net::SocketAddr,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut pipes = tokio::task::JoinSet::new();
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            pipes.spawn(async move {
+                if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    })
+}
+
+/// The broker's address, from the test AMQP URL.
+pub fn broker_addr() -> std::net::SocketAddr {
+    let url = amqp_url();
+    let authority = url
+        .split_once("://")
+        .map(|(_, rest)| rest)
+        .unwrap_or(&url)
+        .split('/')
+        .next()
+        .unwrap();
+    let host_port = authority.rsplit('@').next().unwrap();
+    let host_port = if host_port.contains(':') {
+        host_port.to_string()
+    } else {
+        format!("{host_port}:5672")
+    };
+    let host_port = host_port.replace("localhost", "127.0.0.1");
+    host_port.parse().expect("the test broker's address")
+}
+
+/// A loopback port nothing listens on (yet): a broker that is not there.
+pub fn free_port() -> u16 {
+    let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    probe.local_addr().unwrap().port()
+}
+
+/// Messages ready in `queue` and its consumers (a passive declare).
+pub async fn queue_depth(queue: &str) -> (u32, u32) {
+    let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
+        .await
+        .expect("connect to the broker");
+    let ch = conn.create_channel().await.unwrap();
+    let q = ch
+        .queue_declare(
+            queue.into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await
+        .expect("the queue exists");
+    let _ = conn.close(200, "depth read".into()).await;
+    (q.message_count(), q.consumer_count())
 }

@@ -1,0 +1,261 @@
+//! The real `notify-bridge` binary as a child process, for the tests that
+//! need what only a process has: signals, SIGKILL, exit codes, its log on
+//! stderr, its resident memory and open files.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::Stdio,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    process::{Child, Command},
+    sync::mpsc,
+    time::Instant,
+};
+
+use super::{
+    accepted, amqp_url, delete_topology, http_get, request, token, unique, Client, SECRET,
+};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_notify-bridge");
+/// How long a command that should fail (or listen) at once may take.
+pub const COMMAND_WAIT: Duration = Duration::from_secs(20);
+
+/// A fresh working directory, removed on drop, so no config file is found.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new() -> Self {
+        let path = std::env::temp_dir().join(unique("notify-bridge-process-test"));
+        std::fs::create_dir_all(&path).unwrap();
+        Self(path)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    pub fn write(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.0.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The binary in `dir`, with none of the caller's `NOTIFY_BRIDGE_*` or
+/// `RUST_LOG` variables leaking in.
+pub fn bridge_command(dir: &Path) -> Command {
+    let mut command = Command::new(BIN);
+    command
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .env_remove("RUST_LOG");
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("NOTIFY_BRIDGE_") {
+            command.env_remove(key);
+        }
+    }
+    command
+}
+
+/// Removes ANSI escape sequences (colored log output).
+pub fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI: ESC [ parameters final-byte
+            if chars.next() == Some('[') {
+                for c in chars.by_ref() {
+                    if c.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The value after `key=` in a log line.
+pub fn field(line: &str, key: &str) -> Option<String> {
+    line.split_whitespace()
+        .find_map(|word| word.strip_prefix(key)?.strip_prefix('='))
+        .map(|v| v.trim_matches('"').to_string())
+}
+
+/// Where a daemon lives: its working directory, queue and exchange. A
+/// restarted daemon gets the same placement, so it finds its queue (and its
+/// inbox file) again.
+#[derive(Clone)]
+pub struct Placement {
+    pub dir: Arc<TempDir>,
+    pub queue: String,
+    pub exchange: String,
+}
+
+impl Placement {
+    pub fn new() -> Self {
+        let name = unique("process");
+        Self {
+            dir: Arc::new(TempDir::new()),
+            queue: format!("notify-bridge.{name}"),
+            exchange: format!("{name}.exchange"),
+        }
+    }
+}
+
+/// A running daemon.
+pub struct Daemon {
+    pub child: Child,
+    pub ws_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub stderr: Arc<Mutex<Vec<String>>>,
+    pub place: Placement,
+}
+
+impl Daemon {
+    /// Starts the binary configured only by environment variables, in a
+    /// fresh placement, and waits until it consumes from the broker.
+    pub async fn start(extra_env: &[(&str, &str)]) -> Self {
+        Self::start_at(Placement::new(), extra_env).await
+    }
+
+    /// Starts the binary at `place` and waits until it consumes.
+    pub async fn start_at(place: Placement, extra_env: &[(&str, &str)]) -> Self {
+        let daemon = Self::start_unready_at(place, extra_env).await;
+        daemon.wait_ready().await;
+        daemon
+    }
+
+    /// Starts the binary at `place` and waits only until it listens.
+    pub async fn start_unready_at(place: Placement, extra_env: &[(&str, &str)]) -> Self {
+        let mut command = bridge_command(place.dir.path());
+        command
+            .env("NOTIFY_BRIDGE_AMQP__URL", amqp_url())
+            .env("NOTIFY_BRIDGE_AMQP__EXCHANGE", &place.exchange)
+            .env("NOTIFY_BRIDGE_AMQP__QUEUE", &place.queue)
+            .env("NOTIFY_BRIDGE_WEBSOCKET__LISTEN", "127.0.0.1:0")
+            .env("NOTIFY_BRIDGE_HTTP__LISTEN", "127.0.0.1:0")
+            .env("NOTIFY_BRIDGE_AUTH__JWT_SECRET", SECRET)
+            .env("NOTIFY_BRIDGE_LOG__LEVEL", "info")
+            .env("NOTIFY_BRIDGE_SHUTDOWN_TIMEOUT", "5s")
+            .envs(extra_env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = command.spawn().expect("the binary starts");
+
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let (lines_tx, mut lines) = mpsc::unbounded_channel();
+        let mut reader = BufReader::new(child.stderr.take().unwrap()).lines();
+        let collected = stderr.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = reader.next_line().await {
+                let line = strip_ansi(&line);
+                collected.lock().unwrap().push(line.clone());
+                let _ = lines_tx.send(line);
+            }
+        });
+
+        let listening = tokio::time::timeout(COMMAND_WAIT, async {
+            while let Some(line) = lines.recv().await {
+                if let (Some(ws), Some(http)) = (field(&line, "ws_addr"), field(&line, "http_addr"))
+                {
+                    return Some((ws, http));
+                }
+            }
+            None
+        })
+        .await
+        .ok()
+        .flatten();
+        let Some((ws, http)) = listening else {
+            panic!(
+                "no ws_addr=… http_addr=… line on stderr:\n{}",
+                stderr.lock().unwrap().join("\n")
+            );
+        };
+        Self {
+            child,
+            ws_addr: ws.parse().expect("ws_addr is IP:PORT"),
+            http_addr: http.parse().expect("http_addr is IP:PORT"),
+            stderr,
+            place,
+        }
+    }
+
+    /// Waits until `/readyz` says 200 (it consumes from the broker).
+    pub async fn wait_ready(&self) {
+        let daemon = self;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while http_get(daemon.http_addr, "/readyz").await.0 != 200 {
+            assert!(
+                Instant::now() < deadline,
+                "the daemon is not ready:\n{}",
+                daemon.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn log(&self) -> String {
+        self.stderr.lock().unwrap().join("\n")
+    }
+
+    /// The pid, or None once the process has exited.
+    pub fn pid_or_none(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("the daemon is still running")
+    }
+
+    /// Resident memory in KiB, from /proc.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("read /proc/PID/status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .expect("VmRSS in /proc/PID/status")
+    }
+
+    /// Open file descriptors, from /proc.
+    pub fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .expect("read /proc/PID/fd")
+            .count()
+    }
+
+    /// SIGKILL, as a crash or the OOM killer would; waits for the exit.
+    pub async fn kill_9(&mut self) {
+        self.child.kill().await.expect("SIGKILL the daemon");
+    }
+
+    pub async fn connect(&self, user: &str) -> Client {
+        let url = format!("ws://{}/ws?token={}", self.ws_addr, token(user, &[]));
+        let (client, _, welcome) = accepted(request(&url, &[])).await;
+        assert_eq!(welcome["user_id"], user);
+        client
+    }
+
+    /// Deletes the daemon's queue and exchange from the shared broker.
+    pub async fn cleanup(self) {
+        delete_topology(&self.place.queue, &self.place.exchange).await;
+    }
+}
