@@ -23,6 +23,7 @@
 //! - [`http`]: the side port: REST send (republished with publisher
 //!   confirms), admin, health, readiness, metrics, OpenAPI.
 //! - [`metrics`], [`readiness`]: shared state operators read.
+//! - [`memory`]: hands freed heap pages back after a crowd disconnects.
 //! - [`shutdown`]: the signal every task watches.
 //!
 //! [`run`] starts it all and returns the bound addresses, so tests can bind
@@ -33,6 +34,7 @@ pub mod auth;
 pub mod config;
 pub mod http;
 pub mod inbox;
+pub mod memory;
 pub mod message;
 pub mod metrics;
 pub mod readiness;
@@ -154,6 +156,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         inbox: inbox.clone(),
     });
     let ws_task = tokio::spawn(ws::serve(ws_listener, ws_ctx));
+    tokio::spawn(memory::reclaim_after_disconnects(
+        metrics.clone(),
+        shutdown.clone(),
+    ));
 
     let keys = ApiKeys::from_config(&config.http);
     if !keys.sender_possible() {
