@@ -181,14 +181,22 @@ fn validation(config: &AuthConfig, family: AlgorithmFamily) -> Validation {
     let mut v = Validation::new_for_family(family);
     v.leeway = LEEWAY_SECS;
     v.validate_exp = true;
-    v.set_required_spec_claims(&["exp"]);
+    // jsonwebtoken checks `aud` and `iss` only when the token has them: a
+    // configured audience or issuer must also make the claim required, or
+    // a token without it (minted for another service, say) would pass.
+    let mut required = vec!["exp"];
     match &config.audience {
-        Some(aud) => v.set_audience(&[aud]),
+        Some(aud) => {
+            v.set_audience(&[aud]);
+            required.push("aud");
+        }
         None => v.validate_aud = false,
     }
     if let Some(iss) = &config.issuer {
         v.set_issuer(&[iss]);
+        required.push("iss");
     }
+    v.set_required_spec_claims(&required);
     v
 }
 
@@ -305,6 +313,35 @@ mod tests {
         );
         assert!(auth.verify(&none).is_err());
         assert!(auth.verify("garbage").is_err());
+    }
+
+    #[test]
+    fn a_configured_audience_and_issuer_are_required() {
+        let cfg = AuthConfig {
+            audience: Some("notify".into()),
+            issuer: Some("https://login.example".into()),
+            ..config()
+        };
+        let auth = Authenticator::from_config(&cfg).unwrap();
+        let sign = |claims: Value| {
+            encode(
+                &Header::new(Algorithm::HS256),
+                &claims,
+                &EncodingKey::from_secret(b"test-secret-0123456789"),
+            )
+            .unwrap()
+        };
+        let exp = 9_999_999_999u64;
+        let iss = "https://login.example";
+        let ok = sign(serde_json::json!({"sub": "1", "exp": exp, "aud": "notify", "iss": iss}));
+        assert_eq!(auth.verify(&ok).unwrap().user.as_str(), "1");
+        let no_aud = sign(serde_json::json!({"sub": "1", "exp": exp, "iss": iss}));
+        assert!(auth.verify(&no_aud).unwrap_err().contains("`aud`"));
+        let no_iss = sign(serde_json::json!({"sub": "1", "exp": exp, "aud": "notify"}));
+        assert!(auth.verify(&no_iss).unwrap_err().contains("`iss`"));
+        // Minted tokens carry both.
+        let minted = mint(&cfg, "2", &[], Duration::from_secs(60)).unwrap();
+        assert_eq!(auth.verify(&minted).unwrap().user.as_str(), "2");
     }
 
     #[test]

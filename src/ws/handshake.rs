@@ -47,14 +47,24 @@ impl Refusal {
         }
     }
 
-    /// The plain HTTP response tungstenite writes for a refused upgrade.
-    pub fn into_response(self) -> http::Response<Option<String>> {
+    /// The refusal as a complete HTTP/1.1 response: the status, a JSON
+    /// body `{"error": CODE, "detail": TEXT}` with its length (so a client
+    /// need not wait for the close to know it has all of it), `Connection:
+    /// close`, and `Allow: GET` for a 405.
+    pub fn to_http(&self) -> Vec<u8> {
         let body = serde_json::json!({"error": self.code, "detail": self.detail}).to_string();
-        http::Response::builder()
-            .status(self.status)
-            .header(http::header::CONTENT_TYPE, "application/json")
-            .body(Some(body))
-            .expect("a static response is valid")
+        let allow = if self.status == StatusCode::METHOD_NOT_ALLOWED {
+            "Allow: GET\r\n"
+        } else {
+            ""
+        };
+        format!(
+            "HTTP/1.1 {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
+             Connection: close\r\n{allow}\r\n{body}",
+            self.status,
+            body.len()
+        )
+        .into_bytes()
     }
 }
 
@@ -113,7 +123,8 @@ impl HandshakePolicy<'_> {
                 if let Some(path_user) = &path_user {
                     if *path_user != identity.user {
                         return Err(forbidden(format!(
-                            "the path names user {path_user}, the token user {}",
+                            "the path names user {}, the token user {}",
+                            shown(path_user.as_str()),
                             identity.user
                         )));
                     }
@@ -204,6 +215,18 @@ impl HandshakePolicy<'_> {
             })?;
         let last = below.rsplit('/').find(|s| !s.is_empty());
         Ok(last.map(percent_decode).as_deref().and_then(UserId::new))
+    }
+}
+
+/// A path segment as it may appear in a refusal (and so in the debug log):
+/// an older client that puts its token in the path (`/ws/<token>`) must not
+/// get it written to the log, so anything longer than a user id plausibly
+/// is, or shaped like a JWT, is not repeated.
+fn shown(segment: &str) -> &str {
+    if segment.len() > 64 || segment.matches('.').count() >= 2 {
+        "[not shown: looks like a token]"
+    } else {
+        segment
     }
 }
 
@@ -433,6 +456,11 @@ mod tests {
             403
         );
         assert!(admit(AuthMode::Jwt, &format!("/ws/?token={t}"), &[]).is_ok());
+        // A token in the path is never repeated in the refusal.
+        let e = admit(AuthMode::Jwt, &format!("/ws/{t}?token={t}"), &[]).unwrap_err();
+        assert_eq!(e.status, 403);
+        assert!(!e.detail.contains(&t), "{}", e.detail);
+        assert!(!e.detail.contains(t.split('.').nth(2).unwrap()));
     }
 
     #[test]

@@ -6,6 +6,7 @@
 pub mod frames;
 pub mod handshake;
 pub mod limits;
+pub mod request_head;
 pub mod server;
 pub mod session;
 
