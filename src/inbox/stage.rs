@@ -123,8 +123,8 @@ async fn commit(
         let started = std::time::Instant::now();
         match inbox.append(entries.clone()).await {
             Ok(seqs) => {
-                if failing && metrics.amqp_connected.get() == 1 {
-                    readiness.set_ready();
+                if failing {
+                    readiness.set_store_ok();
                 }
                 metrics.inbox_commit_seconds.observe(started.elapsed());
                 metrics
@@ -134,7 +134,7 @@ async fn commit(
             }
             Err(e) => {
                 error!(error = %e, retry_in = ?backoff, "inbox commit failed; consumption paused");
-                readiness.set_not_ready(format!("inbox store failing: {e}"));
+                readiness.set_store_failing(format!("inbox store failing: {e}"));
                 failing = true;
                 tokio::select! {
                     _ = shutdown.cancelled() => return None,
