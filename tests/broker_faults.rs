@@ -25,22 +25,27 @@ use tokio::{net::TcpListener, sync::Mutex, time::Instant};
 /// Serializes the tests of this binary.
 static BROKER: Mutex<()> = Mutex::const_new(());
 
-/// `scripts/rabbitmq ctl ARGS` from the repository root; panics on failure.
-fn rabbitmqctl(args: &[&str]) -> String {
+/// `scripts/rabbitmq ARGS` from the repository root; its stdout, or a
+/// panic on failure.
+fn scripts_rabbitmq(args: &[&str]) -> String {
     let output = Command::new("bash")
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/rabbitmq"))
-        .arg("ctl")
         .args(args)
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .expect("run scripts/rabbitmq");
     assert!(
         output.status.success(),
-        "scripts/rabbitmq ctl {args:?} failed: {}{}",
+        "scripts/rabbitmq {args:?} failed: {}{}",
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
     String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// `rabbitmqctl ARGS` against our node.
+fn rabbitmqctl(args: &[&str]) -> String {
+    scripts_rabbitmq(&[&["ctl"], args].concat())
 }
 
 /// What a watcher saw while the broker connection was cut.
@@ -236,29 +241,9 @@ impl BrokerFault {
     }
 }
 
-/// `scripts/rabbitmq ARGS`; panics on failure.
-fn scripts_rabbitmq(args: &[&str]) {
-    let output = Command::new("bash")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/rabbitmq"))
-        .args(args)
-        .output()
-        .expect("run scripts/rabbitmq");
-    assert!(
-        output.status.success(),
-        "scripts/rabbitmq {args:?} failed: {}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
-
 /// The outage tests need to stop the broker: only our own node can be.
 fn assert_our_node() {
-    let output = Command::new("bash")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/rabbitmq"))
-        .arg("status")
-        .output()
-        .expect("run scripts/rabbitmq status");
-    let said = String::from_utf8_lossy(&output.stdout);
+    let said = scripts_rabbitmq(&["status"]);
     assert!(
         said.contains("our node") && said.contains("is running"),
         "the outage tests stop and kill the broker, so they need the node that \

@@ -16,18 +16,12 @@
 
 mod common;
 
-use std::{
-    net::SocketAddr,
-    path::Path,
-    process::Stdio,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
 use common::{daemon::*, *};
 use serde_json::{json, Value};
 use tokio::{
-    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
     time::Instant,
 };
@@ -224,106 +218,10 @@ async fn audience_and_issuer_are_enforced_when_configured() {
 // Tokens never appear in the log
 // ---------------------------------------------------------------------------
 
-/// The binary with stdout and stderr captured, at trace level.
-struct LoggingDaemon {
-    child: tokio::process::Child,
-    ws_addr: SocketAddr,
-    http_addr: SocketAddr,
-    output: Arc<Mutex<String>>,
-    place: Placement,
-}
-
-impl LoggingDaemon {
-    async fn start(extra_env: &[(&str, &str)]) -> Self {
-        let place = Placement::new();
-        let mut command = bridge_command(place.dir.path());
-        command
-            .env("NOTIFY_BRIDGE_AMQP__URL", amqp_url())
-            .env("NOTIFY_BRIDGE_AMQP__EXCHANGE", &place.exchange)
-            .env("NOTIFY_BRIDGE_AMQP__QUEUE", &place.queue)
-            .env("NOTIFY_BRIDGE_WEBSOCKET__LISTEN", "127.0.0.1:0")
-            .env("NOTIFY_BRIDGE_HTTP__LISTEN", "127.0.0.1:0")
-            .env("NOTIFY_BRIDGE_AUTH__JWT_SECRET", SECRET)
-            .env("NOTIFY_BRIDGE_SHUTDOWN_TIMEOUT", "5s")
-            .envs(extra_env.iter().copied())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = command.spawn().expect("the binary starts");
-        let output = Arc::new(Mutex::new(String::new()));
-        let (addrs_tx, mut addrs) = tokio::sync::mpsc::unbounded_channel();
-        let out = child.stdout.take().unwrap();
-        let err = child.stderr.take().unwrap();
-        for (pipe, tx) in [
-            (
-                Box::new(out) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
-                None,
-            ),
-            (Box::new(err), Some(addrs_tx)),
-        ] {
-            let output = output.clone();
-            tokio::spawn(async move {
-                let mut lines = BufReader::new(pipe).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
-                    let line = strip_ansi(&line);
-                    if let Some(tx) = &tx {
-                        if let (Some(ws), Some(http)) =
-                            (field(&line, "ws_addr"), field(&line, "http_addr"))
-                        {
-                            let _ = tx.send((ws, http));
-                        }
-                    }
-                    let mut all = output.lock().unwrap();
-                    all.push_str(&line);
-                    all.push('\n');
-                }
-            });
-        }
-        let (ws, http) = tokio::time::timeout(COMMAND_WAIT, addrs.recv())
-            .await
-            .ok()
-            .flatten()
-            .unwrap_or_else(|| panic!("no listening line:\n{}", output.lock().unwrap()));
-        let daemon = Self {
-            child,
-            ws_addr: ws.parse().unwrap(),
-            http_addr: http.parse().unwrap(),
-            output,
-            place,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while http_get(daemon.http_addr, "/readyz").await.0 != 200 {
-            assert!(Instant::now() < deadline, "not ready:\n{}", daemon.log());
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        daemon
-    }
-
-    fn log(&self) -> String {
-        self.output.lock().unwrap().clone()
-    }
-
-    /// SIGTERM, then the whole output once both pipes are closed.
-    async fn stop(mut self) -> String {
-        let pid = self.child.id().expect("still running");
-        let _ = std::process::Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status();
-        let status = tokio::time::timeout(Duration::from_secs(15), self.child.wait())
-            .await
-            .expect("exits after SIGTERM")
-            .unwrap();
-        assert!(status.success(), "{status}");
-        // The readers drain the pipes after the exit.
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        delete_topology(&self.place.queue, &self.place.exchange).await;
-        self.log()
-    }
-}
-
 #[tokio::test]
 async fn tokens_never_appear_in_the_log() {
     const API_KEY: &str = "api-key-secret-5b1f0a7c9d";
-    let daemon = LoggingDaemon::start(&[
+    let daemon = Daemon::start(&[
         // Everything the bridge and its libraries log (lapin stays off
         // unless named, see main.rs).
         ("RUST_LOG", "trace"),
@@ -426,7 +324,7 @@ async fn tokens_never_appear_in_the_log() {
     .await;
     assert_eq!(sent.status, 202, "{}", sent.body);
 
-    let log = daemon.stop().await;
+    let log = daemon.terminate().await;
     // The log is there and detailed: refusals were logged at debug level.
     assert!(log.contains("handshake refused"), "{log}");
     assert!(log.contains("status=401"), "{log}");

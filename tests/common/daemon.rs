@@ -123,6 +123,7 @@ pub struct Daemon {
     pub child: Child,
     pub ws_addr: SocketAddr,
     pub http_addr: SocketAddr,
+    /// Every line the daemon wrote, stdout and stderr, ANSI stripped.
     pub stderr: Arc<Mutex<Vec<String>>>,
     pub place: Placement,
 }
@@ -154,21 +155,28 @@ impl Daemon {
             .env("NOTIFY_BRIDGE_LOG__LEVEL", "info")
             .env("NOTIFY_BRIDGE_SHUTDOWN_TIMEOUT", "5s")
             .envs(extra_env.iter().copied())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let mut child = command.spawn().expect("the binary starts");
 
+        // Both pipes, line by line, into one log (the bridge logs to
+        // stderr; anything on stdout would be a bug a test wants to see).
         let stderr = Arc::new(Mutex::new(Vec::new()));
         let (lines_tx, mut lines) = mpsc::unbounded_channel();
-        let mut reader = BufReader::new(child.stderr.take().unwrap()).lines();
-        let collected = stderr.clone();
-        tokio::spawn(async move {
-            while let Ok(Some(line)) = reader.next_line().await {
-                let line = strip_ansi(&line);
-                collected.lock().unwrap().push(line.clone());
-                let _ = lines_tx.send(line);
-            }
-        });
+        let stdout: Box<dyn tokio::io::AsyncRead + Unpin + Send> =
+            Box::new(child.stdout.take().unwrap());
+        for pipe in [stdout, Box::new(child.stderr.take().unwrap())] {
+            let (collected, lines_tx) = (stderr.clone(), lines_tx.clone());
+            tokio::spawn(async move {
+                let mut reader = BufReader::new(pipe).lines();
+                while let Ok(Some(line)) = reader.next_line().await {
+                    let line = strip_ansi(&line);
+                    collected.lock().unwrap().push(line.clone());
+                    let _ = lines_tx.send(line);
+                }
+            });
+        }
+        drop(lines_tx);
 
         let listening = tokio::time::timeout(COMMAND_WAIT, async {
             while let Some(line) = lines.recv().await {
@@ -240,6 +248,25 @@ impl Daemon {
         std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
             .expect("read /proc/PID/fd")
             .count()
+    }
+
+    /// SIGTERM, a clean exit, then the whole log once the pipes are drained;
+    /// removes the daemon's queue and exchange.
+    pub async fn terminate(mut self) -> String {
+        let pid = self.pid().to_string();
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status();
+        let status = tokio::time::timeout(Duration::from_secs(15), self.child.wait())
+            .await
+            .expect("exits after SIGTERM")
+            .unwrap();
+        assert!(status.success(), "{status}");
+        // The readers drain the pipes after the exit.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let log = self.log();
+        self.cleanup().await;
+        log
     }
 
     /// SIGKILL, as a crash or the OOM killer would; waits for the exit.
