@@ -273,12 +273,14 @@ pub fn glob_match(pattern: &str, text: &str) -> bool {
     let (mut pi, mut ti) = (0, 0);
     let mut star: Option<(usize, usize)> = None;
     while ti < t.len() {
-        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
-            pi += 1;
-            ti += 1;
-        } else if pi < p.len() && p[pi] == '*' {
+        // The wildcard first: a `*` in the text is no reason to take the
+        // pattern's `*` literally (found by fuzzing: `*` did not match `*b`).
+        if pi < p.len() && p[pi] == '*' {
             star = Some((pi, ti));
             pi += 1;
+        } else if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
+            pi += 1;
+            ti += 1;
         } else if let Some((sp, st)) = star {
             pi = sp + 1;
             ti = st + 1;
@@ -318,15 +320,15 @@ pub fn percent_decode(text: &str) -> String {
     while i < bytes.len() {
         match bytes[i] {
             b'+' => out.push(b' '),
-            b'%' if i + 2 < bytes.len() => {
-                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
-                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                    Some(b) => {
-                        out.push(b);
-                        i += 2;
-                    }
-                    None => out.push(b'%'),
-                }
+            // Two hex digits exactly: `u8::from_str_radix` alone would also
+            // take a sign (`%+A` as 0x0A; found by fuzzing).
+            b'%' if i + 2 < bytes.len()
+                && bytes[i + 1].is_ascii_hexdigit()
+                && bytes[i + 2].is_ascii_hexdigit() =>
+            {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).expect("ASCII");
+                out.push(u8::from_str_radix(hex, 16).expect("two hex digits"));
+                i += 2;
             }
             b => out.push(b),
         }
@@ -526,7 +528,15 @@ mod tests {
         assert!(glob_match("a?c", "abc"));
         assert!(!glob_match("public:*", "private:x"));
         assert!(glob_match("*", ""));
+        // Found by fuzzing (fuzz/corpus/handshake/bug_*): a `*` in the text.
+        assert!(glob_match("*", "*b"));
+        assert!(glob_match("public:*", "public:*x"));
+        assert!(!glob_match("public:*", "private:*"));
         assert_eq!(percent_decode("a%20b+c%2"), "a b c%2");
+        // ... and a sign where a hex digit belongs stays as it is.
+        assert_eq!(percent_decode("%+2"), "% 2");
+        assert_eq!(percent_decode("chat:%+A"), "chat:% A");
+        assert_eq!(percent_decode("%-1%4a"), "%-1J");
         assert_eq!(
             parse_query("channel=a%3Ab&x"),
             vec![("channel".into(), "a:b".into()), ("x".into(), "".into())]
