@@ -7,7 +7,6 @@ use std::time::Duration;
 use common::*;
 use futures_util::StreamExt;
 use lapin::{
-    options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions},
     types::{AMQPValue, FieldTable},
     BasicProperties,
 };
@@ -236,45 +235,7 @@ async fn malformed_messages_are_dead_lettered_and_good_ones_still_delivered() {
     let publisher = Publisher::connect().await;
     let mut client = bridge.connect("dl").await;
 
-    // Watch the dead-letter exchange through a queue of our own (it is a
-    // fanout, so notifications.dead gets the same copies).
-    let watch = publisher
-        .channel
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    publisher
-        .channel
-        .queue_bind(
-            watch.name().clone(),
-            "notifications_dlx".into(),
-            "".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let watch_channel = publisher.connection.create_channel().await.unwrap();
-    let mut dead = watch_channel
-        .basic_consume(
-            watch.name().clone(),
-            "watch".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let (_watch_channel, mut dead) = watch_dead_letters(&publisher.connection).await;
 
     let too_large = format!(r#"{{"user_id":"dl","payload":"{}"}}"#, "x".repeat(3000));
     let malformed: Vec<String> = vec![

@@ -11,23 +11,7 @@ use common::*;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_tungstenite::tungstenite::{self, Message};
-
-/// Asserts a refusal's status and `{"error","detail"}` body; returns the detail.
-async fn assert_refused(
-    request: tungstenite::http::Request<()>,
-    status: u16,
-    code: &str,
-) -> String {
-    let (got, body) = refused(request).await;
-    assert_eq!(got, status, "{body}");
-    let object = body.as_object().expect("a JSON object body");
-    assert_eq!(object.len(), 2, "only error and detail: {body}");
-    assert_eq!(body["error"], code, "{body}");
-    let detail = body["detail"].as_str().expect("detail is a string");
-    assert!(!detail.is_empty(), "{body}");
-    detail.to_string()
-}
+use tokio_tungstenite::tungstenite::Message;
 
 #[tokio::test]
 async fn every_bad_token_is_refused_with_401() {

@@ -27,21 +27,6 @@ use tokio::{
 };
 use tokio_tungstenite::tungstenite;
 
-/// Asserts a refusal's status and `{"error","detail"}` body; returns the detail.
-async fn assert_refused(
-    request: tungstenite::http::Request<()>,
-    status: u16,
-    code: &str,
-) -> String {
-    let (got, body) = refused(request).await;
-    assert_eq!(got, status, "{body}");
-    assert_eq!(body.as_object().map(|o| o.len()), Some(2), "{body}");
-    assert_eq!(body["error"], code, "{body}");
-    let detail = body["detail"].as_str().expect("detail is a string");
-    assert!(!detail.is_empty(), "{body}");
-    detail.to_string()
-}
-
 fn ws_query(bridge: &Bridge, token: &str) -> tungstenite::http::Request<()> {
     request(&bridge.ws_url(&format!("/ws?token={token}")), &[])
 }

@@ -15,11 +15,8 @@ use std::{
 use common::{daemon::*, *};
 use futures_util::StreamExt;
 use lapin::{
-    options::{
-        BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions,
-        QueueBindOptions, QueueDeclareOptions,
-    },
-    types::{AMQPValue, FieldTable},
+    options::{BasicPublishOptions, ConfirmSelectOptions},
+    types::AMQPValue,
     BasicProperties, Connection, ConnectionProperties,
 };
 use serde_json::Value;
@@ -137,29 +134,7 @@ async fn ten_thousand_malformed_messages_are_dead_lettered_and_ten_thousand_good
     let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
         .await
         .unwrap();
-    let channel = connection.create_channel().await.unwrap();
-    let capture = channel
-        .queue_declare(
-            run.as_str().into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    channel
-        .queue_bind(
-            capture.name().clone(),
-            "notifications_dlx".into(),
-            "".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let (_capture_channel, mut dead) = watch_dead_letters(&connection).await;
 
     // Users listening for the good messages.
     let seen: Arc<Mutex<HashMap<String, u32>>> = Default::default();
@@ -225,15 +200,6 @@ async fn ten_thousand_malformed_messages_are_dead_lettered_and_ten_thousand_good
 
     // Every dead letter: one of ours, its body intact, rejected from the
     // daemon's queue with its routing key.
-    let mut dead = channel
-        .basic_consume(
-            capture.name().clone(),
-            "poison-capture".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
     let mut dead_ids = HashSet::new();
     let mut dead_by_kind: HashMap<String, u64> = HashMap::new();
     while (dead_ids.len() as u64) < PAIRS {
@@ -248,7 +214,6 @@ async fn ten_thousand_malformed_messages_are_dead_lettered_and_ten_thousand_good
             })
             .unwrap()
             .unwrap();
-        delivery.ack(BasicAckOptions::default()).await.unwrap();
         let props = &delivery.properties;
         if props.app_id().as_ref().map(|a| a.as_str()) != Some(run.as_str()) {
             continue; // someone else's

@@ -588,3 +588,63 @@ pub async fn queue_depth(queue: &str) -> (u32, u32) {
     let _ = conn.close(200, "depth read".into()).await;
     (q.message_count(), q.consumer_count())
 }
+
+/// Asserts a handshake refusal's status and its `{"error","detail"}` body
+/// (exactly those two keys, a non-empty detail); returns the detail.
+pub async fn assert_refused(request: http::Request<()>, status: u16, code: &str) -> String {
+    let (got, body) = refused(request).await;
+    assert_eq!(got, status, "{body}");
+    let object = body.as_object().expect("a JSON object body");
+    assert_eq!(object.len(), 2, "only error and detail: {body}");
+    assert_eq!(body["error"], code, "{body}");
+    let detail = body["detail"].as_str().expect("detail is a string");
+    assert!(!detail.is_empty(), "{body}");
+    detail.to_string()
+}
+
+/// Every dead letter from now on, through an exclusive queue of the test's
+/// own bound to `notifications_dlx` (a fanout, so `notifications.dead` gets
+/// the same copies): exact counts whatever else shares the broker. The
+/// channel is returned with the consumer so it stays open.
+pub async fn watch_dead_letters(connection: &Connection) -> (lapin::Channel, lapin::Consumer) {
+    use lapin::{
+        options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions},
+        types::FieldTable,
+    };
+    let channel = connection.create_channel().await.unwrap();
+    let watch = channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    channel
+        .queue_bind(
+            watch.name().clone(),
+            "notifications_dlx".into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let consumer = channel
+        .basic_consume(
+            watch.name().clone(),
+            "dead-letter-watch".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    (channel, consumer)
+}
