@@ -52,6 +52,9 @@ pub struct AmqpConfig {
     pub queue: String,
     pub prefetch: u16,
     pub max_message_bytes: usize,
+    /// The most distinct users one message may name (`user_ids`): a bound
+    /// on what one publisher can make the bridge do for one message.
+    pub max_recipients: usize,
     #[serde(with = "duration_text")]
     pub reconnect_max_backoff: Duration,
 }
@@ -68,6 +71,13 @@ pub struct WebSocketConfig {
     pub public_channels: Vec<String>,
     /// Outbound queue per connection, in messages; full means close 1013.
     pub send_queue: usize,
+    /// Outbound queue per connection, in bytes of frame text: 1,024 frames
+    /// of 1 MiB would otherwise pin a GiB for one slow reader. Past it the
+    /// connection is closed 1013, like a full `send_queue`.
+    pub send_queue_bytes: usize,
+    /// The most channels one connection may hold, from `?channel=`, the
+    /// token's `channels` claim and `subscribe` frames alike.
+    pub max_channels_per_connection: usize,
     pub max_message_bytes: usize,
     #[serde(with = "duration_text")]
     pub ping_interval: Duration,
@@ -91,6 +101,15 @@ pub struct HttpConfig {
     pub allow_anonymous: bool,
     /// Serves a token-minting endpoint for the demo page (development only).
     pub dev_tokens: bool,
+    /// A request head must arrive within this time, and its body within the
+    /// same time again; a connection that is slower is closed, so idle or
+    /// half-sent requests cannot pile up.
+    #[serde(with = "duration_text")]
+    pub request_timeout: Duration,
+    /// The most connections open on the side port at once; past it new
+    /// ones are refused at accept, so it cannot take the file descriptors
+    /// the WebSocket listener needs.
+    pub max_connections: usize,
 }
 
 /// The per-user inbox (stored notifications).
@@ -174,6 +193,7 @@ impl Default for AmqpConfig {
             queue: String::new(),
             prefetch: 200,
             max_message_bytes: 1_048_576,
+            max_recipients: 100_000,
             reconnect_max_backoff: Duration::from_secs(30),
         }
     }
@@ -187,6 +207,8 @@ impl Default for WebSocketConfig {
             allowed_origins: Vec::new(),
             public_channels: Vec::new(),
             send_queue: 1024,
+            send_queue_bytes: 4_194_304,
+            max_channels_per_connection: 128,
             max_message_bytes: 65_536,
             ping_interval: Duration::from_secs(25),
             max_connections: 100_000,
@@ -204,6 +226,8 @@ impl Default for HttpConfig {
             admin_keys: Vec::new(),
             allow_anonymous: false,
             dev_tokens: false,
+            request_timeout: Duration::from_secs(10),
+            max_connections: 1024,
         }
     }
 }
@@ -383,6 +407,11 @@ impl Config {
             "must be at least 1",
         );
         check(
+            a.max_recipients > 0,
+            "amqp.max_recipients",
+            "must be at least 1",
+        );
+        check(
             !a.reconnect_max_backoff.is_zero(),
             "amqp.reconnect_max_backoff",
             "must be longer than 0s",
@@ -396,6 +425,16 @@ impl Config {
         check(
             w.send_queue > 0,
             "websocket.send_queue",
+            "must be at least 1",
+        );
+        check(
+            w.send_queue_bytes > 0,
+            "websocket.send_queue_bytes",
+            "must be at least 1",
+        );
+        check(
+            w.max_channels_per_connection > 0,
+            "websocket.max_channels_per_connection",
             "must be at least 1",
         );
         check(
@@ -422,6 +461,16 @@ impl Config {
             !w.handshake_timeout.is_zero(),
             "websocket.handshake_timeout",
             "must be longer than 0s",
+        );
+        check(
+            !self.http.request_timeout.is_zero(),
+            "http.request_timeout",
+            "must be longer than 0s",
+        );
+        check(
+            self.http.max_connections > 0,
+            "http.max_connections",
+            "must be at least 1",
         );
         check(
             self.inbox.max_per_user > 0,

@@ -104,6 +104,64 @@ pub struct Metrics {
     pub inbox_replayed: Counter,
     pub inbox_gaps: Counter,
     pub inbox_commit_seconds: Histogram,
+    /// Hostile-input limits hit, one counter per limit (see [`Limit`]).
+    pub limit_refusals: [Counter; Limit::ALL.len()],
+}
+
+/// A limit on hostile input (CONTRACT.md, "Limits on hostile input"), as
+/// the `limit` label of `notify_bridge_limit_refusals_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    /// A message naming more than `amqp.max_recipients` users.
+    MaxRecipients,
+    /// A channel name outside 1–255 bytes.
+    ChannelName,
+    /// A connection past `websocket.max_channels_per_connection`.
+    MaxChannels,
+    /// A connection past `websocket.send_queue_bytes` (closed 1013).
+    SendQueueBytes,
+    /// A token whose `exp` or `nbf` is not a usable time.
+    TokenTime,
+    /// A side-port connection refused past `http.max_connections`.
+    HttpConnections,
+    /// A side-port request slower than `http.request_timeout`.
+    HttpRequestTimeout,
+}
+
+impl Limit {
+    pub const ALL: [Limit; 7] = [
+        Limit::MaxRecipients,
+        Limit::ChannelName,
+        Limit::MaxChannels,
+        Limit::SendQueueBytes,
+        Limit::TokenTime,
+        Limit::HttpConnections,
+        Limit::HttpRequestTimeout,
+    ];
+
+    /// The label value, named after the configuration key where there is one.
+    pub fn label(self) -> &'static str {
+        match self {
+            Limit::MaxRecipients => "amqp.max_recipients",
+            Limit::ChannelName => "channel_name",
+            Limit::MaxChannels => "websocket.max_channels_per_connection",
+            Limit::SendQueueBytes => "websocket.send_queue_bytes",
+            Limit::TokenTime => "token_time",
+            Limit::HttpConnections => "http.max_connections",
+            Limit::HttpRequestTimeout => "http.request_timeout",
+        }
+    }
+}
+
+impl Metrics {
+    /// Counts one refusal by `limit`.
+    pub fn refused(&self, limit: Limit) {
+        self.limit_refusals[limit as usize].inc();
+    }
+
+    pub fn refusals(&self, limit: Limit) -> u64 {
+        self.limit_refusals[limit as usize].get()
+    }
 }
 
 impl Metrics {
@@ -192,6 +250,19 @@ impl Metrics {
             "Time to commit one batch of inbox entries.",
             &self.inbox_commit_seconds,
         );
+        let _ = writeln!(
+            out,
+            "# HELP notify_bridge_limit_refusals_total Hostile-input limits hit, by limit.\n\
+             # TYPE notify_bridge_limit_refusals_total counter"
+        );
+        for limit in Limit::ALL {
+            let _ = writeln!(
+                out,
+                "notify_bridge_limit_refusals_total{{limit=\"{}\"}} {}",
+                limit.label(),
+                self.refusals(limit)
+            );
+        }
         out
     }
 }
