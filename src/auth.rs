@@ -21,7 +21,8 @@ use crate::{
     message::UserId,
 };
 
-/// The most clock skew tolerated on `exp` (the contract allows up to 60 s).
+/// The most clock skew tolerated on `exp` and `nbf` (the contract allows up
+/// to 60 s).
 pub const LEEWAY_SECS: u64 = 30;
 
 /// A verified client identity.
@@ -31,6 +32,8 @@ pub struct Identity {
     /// The channels this connection may join beyond the public ones.
     pub channels: ChannelGrant,
     /// When the token stops being valid; the connection is closed then.
+    /// `None` without an `exp`, or when `exp` lies beyond any time this
+    /// machine can represent (it never comes).
     pub expires_at: Option<SystemTime>,
 }
 
@@ -165,10 +168,13 @@ impl Authenticator {
                 .ok_or("token claim `channels` must be an array of strings")?,
             Some(_) => return Err("token claim `channels` must be an array of strings".into()),
         };
+        // jsonwebtoken has checked `exp` as a u64 already; past what a
+        // `SystemTime` holds (about 2^63 s) it is a far-future time, not a
+        // panic that drops the handshake.
         let expires_at = claims
             .get("exp")
             .and_then(Value::as_u64)
-            .map(|exp| UNIX_EPOCH + Duration::from_secs(exp));
+            .and_then(|exp| UNIX_EPOCH.checked_add(Duration::from_secs(exp)));
         Ok(Identity {
             user,
             channels: ChannelGrant::Listed(channels),
@@ -181,6 +187,9 @@ fn validation(config: &AuthConfig, family: AlgorithmFamily) -> Validation {
     let mut v = Validation::new_for_family(family);
     v.leeway = LEEWAY_SECS;
     v.validate_exp = true;
+    // Off by default in jsonwebtoken: a token whose `nbf` lies ahead (past
+    // the leeway) is not valid yet.
+    v.validate_nbf = true;
     // jsonwebtoken checks `aud` and `iss` only when the token has them: a
     // configured audience or issuer must also make the claim required, or
     // a token without it (minted for another service, say) would pass.
@@ -361,5 +370,54 @@ mod tests {
         )
         .unwrap();
         assert_eq!(auth.verify(&token).unwrap().user.as_str(), "7");
+    }
+
+    fn signed(claims: Value) -> String {
+        encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(b"test-secret-0123456789"),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn nbf_is_honoured_with_the_leeway() {
+        let auth = Authenticator::from_config(&config()).unwrap();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let exp = now + 3600;
+        let ahead = signed(serde_json::json!({"sub": "1", "exp": exp, "nbf": now + 86_400}));
+        assert!(auth.verify(&ahead).unwrap_err().contains("not valid yet"));
+        let within_leeway = signed(serde_json::json!({"sub": "1", "exp": exp, "nbf": now + 10}));
+        assert!(auth.verify(&within_leeway).is_ok());
+        let past = signed(serde_json::json!({"sub": "1", "exp": exp, "nbf": now - 10}));
+        assert!(auth.verify(&past).is_ok());
+        let far = signed(serde_json::json!({"sub": "1", "exp": exp, "nbf": u64::MAX}));
+        assert!(auth.verify(&far).unwrap_err().contains("not valid yet"));
+    }
+
+    #[test]
+    fn an_exp_beyond_any_representable_time_is_far_future_or_refused() {
+        let auth = Authenticator::from_config(&config()).unwrap();
+        for exp in [1u64 << 63, (1u64 << 63) + 5, u64::MAX] {
+            let token = signed(serde_json::json!({"sub": "1", "exp": exp}));
+            let id = auth.verify(&token).unwrap();
+            // Either a time the session can wait for, or none at all.
+            if let Some(at) = id.expires_at {
+                assert!(at > SystemTime::now() + Duration::from_secs(86_400 * 365 * 1000));
+            }
+        }
+        // Not a u64 at all: refused, never a panic.
+        for exp in [
+            serde_json::json!(1e30),
+            serde_json::json!(-1),
+            serde_json::json!("soon"),
+        ] {
+            let token = signed(serde_json::json!({"sub": "1", "exp": exp}));
+            assert!(auth.verify(&token).is_err(), "{exp}");
+        }
     }
 }

@@ -37,6 +37,7 @@ pub mod inbox;
 pub mod memory;
 pub mod message;
 pub mod metrics;
+pub mod outbound;
 pub mod readiness;
 pub mod rfc3339;
 pub mod router;
@@ -179,7 +180,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         router: router.clone(),
         publisher: Publisher::new(config.amqp.clone()),
         keys,
-        max_message_bytes: config.amqp.max_message_bytes,
+        limits: message::DecodeLimits::from_config(&config.amqp),
         demo: DemoSettings {
             ws_addr,
             ws_path: config.websocket.path.clone(),

@@ -6,7 +6,7 @@
 //! notification frame is serialized once per message, then shared by every
 //! recipient.
 
-use std::{fmt, sync::Arc};
+use std::{collections::HashSet, fmt, sync::Arc};
 
 use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
@@ -68,11 +68,46 @@ pub struct Notification {
     pub frame: Utf8Bytes,
 }
 
+/// What one message may cost: both bounds come from the `amqp` section, so
+/// the broker path and the HTTP path refuse exactly the same messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecodeLimits {
+    /// `amqp.max_message_bytes`.
+    pub max_bytes: usize,
+    /// `amqp.max_recipients`: distinct users one `user_ids` may name.
+    pub max_recipients: usize,
+}
+
+impl DecodeLimits {
+    pub fn from_config(config: &crate::config::AmqpConfig) -> Self {
+        Self {
+            max_bytes: config.max_message_bytes,
+            max_recipients: config.max_recipients,
+        }
+    }
+}
+
+impl Default for DecodeLimits {
+    /// The contract's defaults, for tests and tools.
+    fn default() -> Self {
+        Self::from_config(&crate::config::AmqpConfig::default())
+    }
+}
+
 /// Why a message was refused; the text goes to the log, the dead-letter
 /// reason and HTTP 400 bodies.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DecodeError {
-    TooLarge { size: usize, limit: usize },
+    TooLarge {
+        size: usize,
+        limit: usize,
+    },
+    /// More distinct users than `amqp.max_recipients`; `count` is how many
+    /// had been told apart when the limit was passed.
+    TooManyRecipients {
+        count: usize,
+        limit: usize,
+    },
     Invalid(String),
 }
 
@@ -85,6 +120,11 @@ impl fmt::Display for DecodeError {
                     "message is {size} bytes, larger than the limit of {limit} bytes"
                 )
             }
+            DecodeError::TooManyRecipients { count, limit } => write!(
+                f,
+                "`user_ids` names more than {limit} distinct users (amqp.max_recipients): \
+                 {count} counted before giving up"
+            ),
             DecodeError::Invalid(reason) => f.write_str(reason),
         }
     }
@@ -130,12 +170,12 @@ fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::
 pub fn decode(
     body: &[u8],
     fallback_id: Option<&str>,
-    max_bytes: usize,
+    limits: &DecodeLimits,
 ) -> Result<Notification, DecodeError> {
-    if body.len() > max_bytes {
+    if body.len() > limits.max_bytes {
         return Err(DecodeError::TooLarge {
             size: body.len(),
-            limit: max_bytes,
+            limit: limits.max_bytes,
         });
     }
     let text = std::str::from_utf8(body).map_err(|e| invalid(format!("body is not UTF-8: {e}")))?;
@@ -159,7 +199,7 @@ pub fn decode(
         targets.push(Target::User(parse_user(raw, "user_id")?));
     }
     if let Some(raw) = wire.user_ids {
-        targets.push(Target::Users(parse_users(raw)?));
+        targets.push(Target::Users(parse_users(raw, limits.max_recipients)?));
     }
     if let Some(raw) = wire.channel {
         let channel: String = serde_json::from_str(raw.get())
@@ -237,16 +277,27 @@ fn parse_user(raw: &RawValue, field: &str) -> Result<UserId, DecodeError> {
     })
 }
 
-fn parse_users(raw: &RawValue) -> Result<Vec<UserId>, DecodeError> {
+/// The distinct users of `user_ids`, in first-seen order. Linear: a set
+/// remembers who was seen, so 140,000 ids cost 140,000 hash lookups, not
+/// 10^10 comparisons on the consumer's task.
+fn parse_users(raw: &RawValue, max_recipients: usize) -> Result<Vec<UserId>, DecodeError> {
     let items: Vec<&RawValue> = serde_json::from_str(raw.get())
         .map_err(|_| invalid("`user_ids` must be a non-empty array of user ids"))?;
     if items.is_empty() {
         return Err(invalid("`user_ids` must be a non-empty array of user ids"));
     }
-    let mut users = Vec::with_capacity(items.len());
+    let bound = items.len().min(max_recipients.saturating_add(1));
+    let mut seen: HashSet<UserId> = HashSet::with_capacity(bound);
+    let mut users = Vec::with_capacity(bound);
     for item in items {
         let user = parse_user(item, "user_ids[]")?;
-        if !users.contains(&user) {
+        if seen.insert(user.clone()) {
+            if users.len() == max_recipients {
+                return Err(DecodeError::TooManyRecipients {
+                    count: users.len() + 1,
+                    limit: max_recipients,
+                });
+            }
             users.push(user);
         }
     }
@@ -318,11 +369,12 @@ mod tests {
     use super::*;
 
     fn ok(body: &str) -> Notification {
-        decode(body.as_bytes(), None, 1 << 20).unwrap_or_else(|e| panic!("{body}: {e}"))
+        decode(body.as_bytes(), None, &DecodeLimits::default())
+            .unwrap_or_else(|e| panic!("{body}: {e}"))
     }
 
     fn err(body: &str) -> String {
-        decode(body.as_bytes(), None, 1 << 20)
+        decode(body.as_bytes(), None, &DecodeLimits::default())
             .map(|n| format!("accepted: {:?}", n.target))
             .unwrap_err()
             .to_string()
@@ -393,6 +445,40 @@ mod tests {
     }
 
     #[test]
+    fn recipients_past_the_limit_are_refused_and_duplicates_do_not_count() {
+        let limits = DecodeLimits {
+            max_recipients: 3,
+            ..DecodeLimits::default()
+        };
+        let body = |ids: &str| format!(r#"{{"user_ids":[{ids}],"payload":1}}"#);
+        let n = decode(body("1,2,3,3,\"3\",1").as_bytes(), None, &limits).unwrap();
+        assert!(matches!(n.target, Target::Users(ref u) if u.len() == 3));
+        let e = decode(body("1,2,3,4").as_bytes(), None, &limits).unwrap_err();
+        assert_eq!(e, DecodeError::TooManyRecipients { count: 4, limit: 3 });
+        assert!(e.to_string().contains("amqp.max_recipients"), "{e}");
+    }
+
+    #[test]
+    fn many_recipients_are_deduplicated_in_linear_time() {
+        // 140,000 ids, each listed twice: with `Vec::contains` this was
+        // ~10^10 comparisons (minutes in a debug build); a set makes it
+        // instant. No timing is asserted: a quadratic dedupe would make this
+        // test hang far past any sane test timeout.
+        let ids: Vec<String> = (0..280_000).map(|i| (i % 140_000).to_string()).collect();
+        let body = format!(r#"{{"user_ids":[{}],"payload":1}}"#, ids.join(","));
+        let limits = DecodeLimits {
+            max_bytes: 4 << 20,
+            max_recipients: 200_000,
+        };
+        let n = decode(body.as_bytes(), None, &limits).unwrap();
+        let Target::Users(users) = n.target else {
+            panic!("not a users target")
+        };
+        assert_eq!(users.len(), 140_000);
+        assert_eq!(users[139_999].as_str(), "139999");
+    }
+
+    #[test]
     fn channel_and_broadcast_frames_carry_their_marker() {
         let n = ok(r#"{"channel":"news","payload":1}"#);
         assert!(n.frame.as_str().contains(r#""channel":"news""#));
@@ -405,7 +491,12 @@ mod tests {
     #[test]
     fn id_comes_from_body_then_message_id_then_uuid() {
         assert_eq!(ok(r#"{"id":"abc","user_id":1,"payload":1}"#).id, "abc");
-        let n = decode(br#"{"user_id":1,"payload":1}"#, Some("amqp-id"), 1 << 20).unwrap();
+        let n = decode(
+            br#"{"user_id":1,"payload":1}"#,
+            Some("amqp-id"),
+            &DecodeLimits::default(),
+        )
+        .unwrap();
         assert_eq!(n.id, "amqp-id");
         let made = ok(r#"{"user_id":1,"payload":1}"#).id;
         assert_eq!(uuid::Uuid::parse_str(&made).unwrap().get_version_num(), 7);
@@ -428,11 +519,15 @@ mod tests {
         assert!(err("[1]").contains("not a JSON object"));
         assert!(err("{not json").contains("not valid JSON"));
         assert!(err(r#"{"user_id":1,"payload":1} trailing"#).contains("not valid JSON"));
-        assert!(decode(&[0xff, 0xfe], None, 100)
+        let small = DecodeLimits {
+            max_bytes: 100,
+            ..DecodeLimits::default()
+        };
+        assert!(decode(&[0xff, 0xfe], None, &small)
             .unwrap_err()
             .to_string()
             .contains("UTF-8"));
-        let big = decode(&[b' '; 101], None, 100).unwrap_err();
+        let big = decode(&[b' '; 101], None, &small).unwrap_err();
         assert!(matches!(
             big,
             DecodeError::TooLarge {

@@ -120,8 +120,6 @@ pub enum Limit {
     MaxChannels,
     /// A connection past `websocket.send_queue_bytes` (closed 1013).
     SendQueueBytes,
-    /// A token whose `exp` or `nbf` is not a usable time.
-    TokenTime,
     /// A side-port connection refused past `http.max_connections`.
     HttpConnections,
     /// A side-port request slower than `http.request_timeout`.
@@ -129,12 +127,11 @@ pub enum Limit {
 }
 
 impl Limit {
-    pub const ALL: [Limit; 7] = [
+    pub const ALL: [Limit; 6] = [
         Limit::MaxRecipients,
         Limit::ChannelName,
         Limit::MaxChannels,
         Limit::SendQueueBytes,
-        Limit::TokenTime,
         Limit::HttpConnections,
         Limit::HttpRequestTimeout,
     ];
@@ -146,7 +143,6 @@ impl Limit {
             Limit::ChannelName => "channel_name",
             Limit::MaxChannels => "websocket.max_channels_per_connection",
             Limit::SendQueueBytes => "websocket.send_queue_bytes",
-            Limit::TokenTime => "token_time",
             Limit::HttpConnections => "http.max_connections",
             Limit::HttpRequestTimeout => "http.request_timeout",
         }

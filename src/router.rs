@@ -22,7 +22,8 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     amqp::settle::Settlement,
     message::{Notification, Target, UserId},
-    metrics::Metrics,
+    metrics::{Limit, Metrics},
+    outbound::{OutboundSender, PushError},
     ws::frames,
 };
 
@@ -46,29 +47,7 @@ impl std::str::FromStr for ConnectionId {
     }
 }
 
-/// One frame waiting in a session's outbound queue.
-#[derive(Debug)]
-pub struct Outbound {
-    /// A text frame (wrapped in `Message::Text` only when written, which
-    /// keeps a queue slot small).
-    pub text: Utf8Bytes,
-    /// When the broker delivered the message this frame carries, for the
-    /// delivery-latency histogram; `None` for control frames.
-    pub received_at: Option<Instant>,
-    /// The inbox position of a stored notification, so a session can drop
-    /// a live frame that its replay already sent.
-    pub seq: Option<u64>,
-}
-
-impl Outbound {
-    pub fn control(text: Utf8Bytes) -> Self {
-        Self {
-            text,
-            received_at: None,
-            seq: None,
-        }
-    }
-}
+pub use crate::outbound::Outbound;
 
 /// Why and how a session must close; the first reason given wins.
 #[derive(Debug, Default)]
@@ -101,8 +80,30 @@ pub struct SessionHandle {
     pub user: UserId,
     pub remote_addr: SocketAddr,
     pub connected_at: SystemTime,
-    pub outbound: mpsc::Sender<Outbound>,
+    pub outbound: OutboundSender,
     pub control: Arc<SessionControl>,
+}
+
+impl SessionHandle {
+    /// Queues `out` for this session; `false` when the session is gone or
+    /// was just closed for reading too slowly (1013, counted), and must
+    /// leave the maps. Every frame the router hands out comes through here,
+    /// so the slow-client rule is written once.
+    fn offer(&self, out: Outbound, metrics: &Metrics) -> bool {
+        match self.outbound.try_push(out) {
+            Ok(()) => true,
+            Err(PushError::Closed) => false,
+            Err(full) => {
+                if full == PushError::BytesFull {
+                    metrics.refused(Limit::SendQueueBytes);
+                    tracing::warn!(connection = %self.id, user = %self.user, "send queue over websocket.send_queue_bytes; closing 1013");
+                }
+                self.control.close(1013, "client reads too slowly");
+                metrics.slow_client_closes.inc();
+                false
+            }
+        }
+    }
 }
 
 /// A connection as the admin API lists it.
@@ -412,14 +413,10 @@ impl RouterTask {
                     received_at: Some(received_at),
                     seq,
                 };
-                match entry.handle.outbound.try_send(out) {
-                    Ok(()) => handed += 1,
-                    Err(mpsc::error::TrySendError::Full(_)) => {
-                        entry.handle.control.close(1013, "client reads too slowly");
-                        metrics.slow_client_closes.inc();
-                        dead.push(*id);
-                    }
-                    Err(mpsc::error::TrySendError::Closed(_)) => dead.push(*id),
+                if entry.handle.offer(out, metrics) {
+                    handed += 1;
+                } else {
+                    dead.push(*id);
                 }
             };
             let frame = &notification.frame;
@@ -481,14 +478,8 @@ impl RouterTask {
         let Some(entry) = self.sessions.get(&id) else {
             return;
         };
-        match entry.handle.outbound.try_send(out) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                entry.handle.control.close(1013, "client reads too slowly");
-                self.metrics.slow_client_closes.inc();
-                self.remove(id);
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => self.remove(id),
+        if !entry.handle.offer(out, &self.metrics) {
+            self.remove(id);
         }
     }
 
@@ -526,8 +517,12 @@ mod tests {
         assert!("42".parse::<ConnectionId>().is_err());
     }
 
-    fn session(id: u64, user: &str, queue: usize) -> (SessionHandle, mpsc::Receiver<Outbound>) {
-        let (tx, rx) = mpsc::channel(queue);
+    fn session(
+        id: u64,
+        user: &str,
+        queue: usize,
+    ) -> (SessionHandle, crate::outbound::OutboundReceiver) {
+        let (tx, rx) = crate::outbound::queue(queue, 1 << 20);
         (
             SessionHandle {
                 id: ConnectionId(id),
@@ -543,7 +538,7 @@ mod tests {
 
     fn note(body: &str) -> RouteRequest {
         RouteRequest::new(
-            crate::message::decode(body.as_bytes(), None, 1 << 20).unwrap(),
+            crate::message::decode(body.as_bytes(), None, &Default::default()).unwrap(),
             None,
         )
     }
@@ -577,7 +572,7 @@ mod tests {
 
         let text = |o: Outbound| o.text.to_string();
         assert!(text(a1_rx.try_recv().unwrap()).contains(r#""payload":"x""#));
-        assert!(a1_rx.try_recv().is_err());
+        assert!(a1_rx.try_recv().is_none());
         assert!(text(a2_rx.try_recv().unwrap()).contains(r#""payload":"x""#));
         assert!(text(a2_rx.try_recv().unwrap()).contains(r#""channel":"news""#));
         assert!(text(b_rx.try_recv().unwrap()).contains(r#""payload":"y""#));
@@ -591,5 +586,31 @@ mod tests {
         assert_eq!(router.list(UserId::new("1")).await.len(), 2);
         assert!(router.disconnect(ConnectionId(1)).await);
         assert!(!router.disconnect(ConnectionId(1)).await);
+    }
+
+    #[tokio::test]
+    async fn a_queue_past_its_byte_bound_is_closed_1013() {
+        let metrics = Arc::new(Metrics::default());
+        let (router, _task) = Router::spawn(metrics.clone());
+        let (tx, mut rx) = crate::outbound::queue(1024, 500);
+        let (mut big, _) = session(1, "1", 1);
+        big.outbound = tx;
+        let control = big.control.clone();
+        assert!(router.register(big, vec![]).await);
+        // Each frame is ~110 bytes of envelope plus 100 of payload: the
+        // second fits under 500 bytes, the third does not, though the frame
+        // bound (1024) is far away.
+        let payload = "p".repeat(100);
+        for _ in 0..3 {
+            router
+                .route(note(&format!(r#"{{"user_id":1,"payload":"{payload}"}}"#)))
+                .await;
+        }
+        router.barrier().await;
+        assert_eq!(control.reason(), Some((1013, "client reads too slowly")));
+        assert_eq!(metrics.refusals(Limit::SendQueueBytes), 1);
+        assert_eq!(metrics.slow_client_closes.get(), 1);
+        assert!(rx.try_recv().is_some() && rx.try_recv().is_some());
+        assert!(rx.try_recv().is_none());
     }
 }

@@ -521,9 +521,14 @@ async fn raw_upgrade(bridge: &Bridge, token: &str) -> tokio::net::TcpStream {
 #[tokio::test]
 async fn a_peer_that_stops_reading_mid_backlog_is_still_dropped() {
     // The socket buffers fill up, so writes to the peer block; with fewer
-    // messages than `send_queue` nobody else closes it: the ping deadline
-    // must still apply.
-    let bridge = Bridge::start_with(|c| c.websocket.ping_interval = Duration::from_secs(1)).await;
+    // messages than `send_queue` and fewer bytes than `send_queue_bytes`
+    // (18 MB here, under the 64 MiB set below) nobody else closes it: the
+    // ping deadline must still apply.
+    let bridge = Bridge::start_with(|c| {
+        c.websocket.ping_interval = Duration::from_secs(1);
+        c.websocket.send_queue_bytes = 64 << 20;
+    })
+    .await;
     let metrics = bridge.running().metrics.clone();
     let publisher = Publisher::connect().await;
     let _stuck = raw_upgrade(&bridge, &token("stuck", &[])).await;

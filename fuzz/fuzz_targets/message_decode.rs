@@ -2,18 +2,20 @@
 //! body and every `POST /api/notifications/send` body goes through it.
 //!
 //! Input: the raw body bytes. The first byte, when there is one, also picks
-//! whether an AMQP `message_id` is given and how small the size limit is, so
-//! the `TooLarge` and fallback-id paths are fuzzed too (the body is the whole
-//! input either way).
+//! whether an AMQP `message_id` is given, how small the size limit is and
+//! whether `max_recipients` is 2, so the `TooLarge`, `TooManyRecipients`
+//! and fallback-id paths are fuzzed too (the body is the whole input either
+//! way).
 //!
 //! Beyond "no panic", each accepted message is checked against the contract:
 //! its frame is one JSON object with `type`, `id`, `event` and the payload
 //! copied exactly, the channel or broadcast marker matches the target, the
-//! stored-copy frame adds only `seq`, and `user_ids` has no duplicates.
+//! stored-copy frame adds only `seq`, and `user_ids` has no duplicates and
+//! never more users than `max_recipients`.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use notify_bridge::message::{decode, DecodeError, Target};
+use notify_bridge::message::{decode, DecodeError, DecodeLimits, Target};
 use serde_json::Value;
 
 fuzz_target!(|body: &[u8]| {
@@ -24,11 +26,20 @@ fuzz_target!(|body: &[u8]| {
         _ => Some(""),
     };
     let limit = if selector & 0x80 != 0 { 64 } else { 1 << 20 };
+    let max_recipients = if selector & 0x40 != 0 { 2 } else { 100_000 };
+    let limits = DecodeLimits {
+        max_bytes: limit,
+        max_recipients,
+    };
 
-    let notification = match decode(body, fallback, limit) {
+    let notification = match decode(body, fallback, &limits) {
         Ok(n) => n,
         Err(DecodeError::TooLarge { size, limit: l }) => {
             assert!(size > l && size == body.len() && l == limit);
+            return;
+        }
+        Err(DecodeError::TooManyRecipients { count, limit: l }) => {
+            assert!(count > l && l == max_recipients);
             return;
         }
         Err(DecodeError::Invalid(reason)) => {
@@ -39,10 +50,9 @@ fuzz_target!(|body: &[u8]| {
     assert!(body.len() <= limit);
     assert!(!notification.id.is_empty(), "an accepted message has an id");
     if let Target::Users(users) = &notification.target {
-        assert!(!users.is_empty());
-        for (i, u) in users.iter().enumerate() {
-            assert!(!users[..i].contains(u), "duplicate user {u} in {users:?}");
-        }
+        assert!(!users.is_empty() && users.len() <= max_recipients);
+        let distinct: std::collections::HashSet<_> = users.iter().collect();
+        assert_eq!(distinct.len(), users.len(), "duplicate user in {users:?}");
     }
 
     check_frame(notification.frame.as_str(), &notification, None);

@@ -23,7 +23,7 @@ use crate::{
     config::AmqpConfig,
     inbox::stage::InboxStage,
     message,
-    metrics::Metrics,
+    metrics::{Limit, Metrics},
     readiness::Readiness,
     router::{RouteRequest, Router},
 };
@@ -146,6 +146,7 @@ async fn consume_once(ctx: &ConsumerContext, connected_before: &mut bool) -> Res
     );
 
     let settler = Settler::spawn();
+    let limits = message::DecodeLimits::from_config(config);
     let mut health_check = tokio::time::interval(Duration::from_secs(1));
     let result = loop {
         tokio::select! {
@@ -158,13 +159,16 @@ async fn consume_once(ctx: &ConsumerContext, connected_before: &mut bool) -> Res
             delivery = consumer.next() => match delivery {
                 Some(Ok(delivery)) => {
                     let message_id = delivery.properties.message_id().as_ref().map(|id| id.as_str());
-                    match message::decode(&delivery.data, message_id, config.max_message_bytes) {
+                    match message::decode(&delivery.data, message_id, &limits) {
                         Ok(notification) => {
                             let settlement = Some(settler.settlement(delivery.acker));
                             ctx.downstream.submit(RouteRequest::new(notification, settlement)).await;
                         }
                         Err(reason) => {
                             ctx.metrics.messages_invalid.inc();
+                            if matches!(reason, message::DecodeError::TooManyRecipients { .. }) {
+                                ctx.metrics.refused(Limit::MaxRecipients);
+                            }
                             warn!(
                                 %reason,
                                 routing_key = %delivery.routing_key,

@@ -39,8 +39,9 @@ pub struct HttpState {
     pub router: Router,
     pub publisher: Publisher,
     pub keys: ApiKeys,
-    /// `amqp.max_message_bytes`: the send endpoint's body limit.
-    pub max_message_bytes: usize,
+    /// `amqp.max_message_bytes` (the send endpoint's body limit) and
+    /// `amqp.max_recipients`, as the consumer applies them.
+    pub limits: crate::message::DecodeLimits,
     pub demo: demo::DemoSettings,
     /// Verifies users' own tokens for the inbox routes.
     pub auth: Arc<Authenticator>,

@@ -13,7 +13,10 @@ use axum::{
 use serde_json::{json, Value};
 
 use super::{ApiError, HttpState};
-use crate::message::{self, DecodeError};
+use crate::{
+    message::{self, DecodeError},
+    metrics::Limit,
+};
 
 /// Validates, publishes, and answers `202 {"status":"queued","id":…}`.
 pub async fn send(
@@ -22,7 +25,7 @@ pub async fn send(
     body: Body,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     state.keys.check_sender(&headers)?;
-    let limit = state.max_message_bytes;
+    let limit = state.limits.max_bytes;
     let too_large = |size: Option<usize>| {
         let detail = match size {
             Some(size) => {
@@ -44,12 +47,18 @@ pub async fn send(
         .map_err(|_| too_large(None))?;
 
     let fallback_id = uuid::Uuid::now_v7().to_string();
-    let notification = message::decode(&bytes, Some(&fallback_id), limit).map_err(|e| match e {
-        DecodeError::TooLarge { size, .. } => too_large(Some(size)),
-        DecodeError::Invalid(reason) => {
-            ApiError::new(StatusCode::BAD_REQUEST, "bad_request", reason)
-        }
-    })?;
+    let notification =
+        message::decode(&bytes, Some(&fallback_id), &state.limits).map_err(|e| match e {
+            DecodeError::TooLarge { size, .. } => too_large(Some(size)),
+            DecodeError::TooManyRecipients { .. } => {
+                state.metrics.refused(Limit::MaxRecipients);
+                tracing::warn!(reason = %e, "send refused");
+                ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.to_string())
+            }
+            DecodeError::Invalid(reason) => {
+                ApiError::new(StatusCode::BAD_REQUEST, "bad_request", reason)
+            }
+        })?;
 
     state
         .publisher

@@ -11,7 +11,11 @@ use crate::{
     auth::{Authenticator, ChannelGrant, Identity},
     config::{AuthMode, WebSocketConfig},
     message::UserId,
+    metrics::Limit,
 };
+
+/// The longest channel name, in bytes (CONTRACT.md: 1–255).
+pub const MAX_CHANNEL_NAME_BYTES: usize = 255;
 
 /// The subprotocol that carries a token: `Sec-WebSocket-Protocol: bearer, T`.
 pub const BEARER_PROTOCOL: &str = "bearer";
@@ -20,7 +24,8 @@ pub const BEARER_PROTOCOL: &str = "bearer";
 #[derive(Debug)]
 pub struct Admission {
     pub user: UserId,
-    /// Channels joined at connect (`?channel=`), already authorised.
+    /// Channels joined at connect (`?channel=`), already authorised; the
+    /// session keeps it as the list of channels it holds.
     pub channels: Vec<String>,
     pub grant: ChannelGrant,
     pub expires_at: Option<SystemTime>,
@@ -36,6 +41,9 @@ pub struct Refusal {
     pub status: StatusCode,
     pub code: &'static str,
     pub detail: String,
+    /// The hostile-input limit this refusal enforces, if any: such
+    /// refusals are counted and logged at WARN, ordinary ones at DEBUG.
+    pub limit: Option<Limit>,
 }
 
 impl Refusal {
@@ -44,6 +52,15 @@ impl Refusal {
             status,
             code,
             detail: detail.into(),
+            limit: None,
+        }
+    }
+
+    /// Marks the refusal as enforcing `limit`.
+    pub fn for_limit(self, limit: Limit) -> Self {
+        Self {
+            limit: Some(limit),
+            ..self
         }
     }
 
@@ -120,6 +137,7 @@ impl HandshakePolicy<'_> {
                         )
                     })?;
                 let identity = self.auth.verify(token).map_err(unauthorized)?;
+                self.check_claim(&identity.channels)?;
                 if let Some(path_user) = &path_user {
                     if *path_user != identity.user {
                         return Err(forbidden(format!(
@@ -156,16 +174,7 @@ impl HandshakePolicy<'_> {
             if key != "channel" {
                 continue;
             }
-            if value.is_empty() {
-                return Err(Refusal::new(
-                    StatusCode::BAD_REQUEST,
-                    "bad_request",
-                    "`channel` must not be empty",
-                ));
-            }
-            if !self.may_join(&identity.channels, value) {
-                return Err(forbidden(format!("channel {value} is not allowed")));
-            }
+            self.check_join(&identity.channels, value, &channels)?;
             if !channels.contains(value) {
                 channels.push(value.clone());
             }
@@ -179,6 +188,71 @@ impl HandshakePolicy<'_> {
             bearer_protocol,
             since,
         })
+    }
+
+    /// The one rule for joining a channel, at connect (`?channel=`) and in
+    /// `subscribe` alike: a name of 1–255 bytes (400), allowed by the token
+    /// or a public pattern (403), and room under
+    /// `websocket.max_channels_per_connection` beside the channels already
+    /// `held` (403; joining a held channel again needs no room).
+    pub fn check_join(
+        &self,
+        grant: &ChannelGrant,
+        channel: &str,
+        held: &[String],
+    ) -> Result<(), Refusal> {
+        let bad_name =
+            |detail: String| Refusal::new(StatusCode::BAD_REQUEST, "bad_request", detail);
+        if channel.is_empty() {
+            return Err(bad_name("`channel` must not be empty".into()));
+        }
+        if channel.len() > MAX_CHANNEL_NAME_BYTES {
+            return Err(bad_name(format!(
+                "a channel name is at most {MAX_CHANNEL_NAME_BYTES} bytes, this one is {}",
+                channel.len()
+            ))
+            .for_limit(Limit::ChannelName));
+        }
+        if !self.may_join(grant, channel) {
+            return Err(forbidden(format!("channel {channel} is not allowed")));
+        }
+        let max = self.settings.max_channels_per_connection;
+        if held.len() >= max && !held.iter().any(|c| c == channel) {
+            return Err(forbidden(format!(
+                "a connection holds at most {max} channels (websocket.max_channels_per_connection)"
+            ))
+            .for_limit(Limit::MaxChannels));
+        }
+        Ok(())
+    }
+
+    /// A token's `channels` claim obeys the same limits as joined channels:
+    /// at most `websocket.max_channels_per_connection` names of 1–255 bytes,
+    /// so one token cannot make a connection hold an unbounded grant.
+    fn check_claim(&self, grant: &ChannelGrant) -> Result<(), Refusal> {
+        let ChannelGrant::Listed(claimed) = grant else {
+            return Ok(());
+        };
+        let max = self.settings.max_channels_per_connection;
+        if claimed.len() > max {
+            return Err(forbidden(format!(
+                "the token's `channels` claim lists {} channels, more than \
+                 websocket.max_channels_per_connection ({max})",
+                claimed.len()
+            ))
+            .for_limit(Limit::MaxChannels));
+        }
+        if claimed
+            .iter()
+            .any(|c| c.is_empty() || c.len() > MAX_CHANNEL_NAME_BYTES)
+        {
+            return Err(forbidden(format!(
+                "the token's `channels` claim holds a name outside 1 to \
+                 {MAX_CHANNEL_NAME_BYTES} bytes"
+            ))
+            .for_limit(Limit::ChannelName));
+        }
+        Ok(())
     }
 
     /// A channel may be joined if the token lists it or it matches one of
@@ -540,6 +614,73 @@ mod tests {
         assert_eq!(
             parse_query("channel=a%3Ab&x"),
             vec![("channel".into(), "a:b".into()), ("x".into(), "".into())]
+        );
+    }
+
+    #[test]
+    fn channel_names_are_1_to_255_bytes() {
+        let t = token("1", &[]);
+        let ok = format!("public:{}", "n".repeat(255 - 7));
+        let a = admit(AuthMode::Jwt, &format!("/ws?token={t}&channel={ok}"), &[]).unwrap();
+        assert_eq!(a.channels, vec![ok.clone()]);
+        let long = format!("{ok}n");
+        let e = admit(AuthMode::Jwt, &format!("/ws?token={t}&channel={long}"), &[]).unwrap_err();
+        assert_eq!((e.status, e.code), (StatusCode::BAD_REQUEST, "bad_request"));
+        assert_eq!(e.limit, Some(Limit::ChannelName));
+        assert!(e.detail.contains("255"), "{}", e.detail);
+        // The name is not echoed: it could be 64 KiB.
+        assert!(!e.detail.contains(&long));
+    }
+
+    #[test]
+    fn a_connection_joins_at_most_max_channels_per_connection() {
+        let t = token("1", &[]);
+        let query =
+            |n: usize| -> String { (0..n).map(|i| format!("&channel=public:{i}")).collect() };
+        let a = admit(AuthMode::Jwt, &format!("/ws?token={t}{}", query(128)), &[]).unwrap();
+        assert_eq!(a.channels.len(), 128);
+        // The same channel twice takes one place.
+        let again = format!("/ws?token={t}{}&channel=public:0", query(128));
+        assert_eq!(
+            admit(AuthMode::Jwt, &again, &[]).unwrap().channels.len(),
+            128
+        );
+        let e = admit(AuthMode::Jwt, &format!("/ws?token={t}{}", query(129)), &[]).unwrap_err();
+        assert_eq!((e.status, e.code), (StatusCode::FORBIDDEN, "forbidden"));
+        assert_eq!(e.limit, Some(Limit::MaxChannels));
+        assert!(e.detail.contains("websocket.max_channels_per_connection"));
+    }
+
+    #[test]
+    fn a_token_claim_obeys_the_channel_limits() {
+        let many: Vec<String> = (0..129).map(|i| format!("team-{i}")).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        let e = admit(
+            AuthMode::Jwt,
+            &format!("/ws?token={}", token("1", &many)),
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(
+            (e.status, e.limit),
+            (StatusCode::FORBIDDEN, Some(Limit::MaxChannels))
+        );
+        assert!(admit(
+            AuthMode::Jwt,
+            &format!("/ws?token={}", token("1", &many[..128])),
+            &[]
+        )
+        .is_ok());
+        let long = "x".repeat(256);
+        let e = admit(
+            AuthMode::Jwt,
+            &format!("/ws?token={}", token("1", &[&long])),
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(
+            (e.status, e.limit),
+            (StatusCode::FORBIDDEN, Some(Limit::ChannelName))
         );
     }
 }

@@ -244,13 +244,24 @@ async fn upgrade(
             return None;
         }
         Ok(Err(HeadError::Refused(refusal))) => {
-            debug!(
-                %remote_addr,
-                status = refusal.status.as_u16(),
-                code = refusal.code,
-                detail = %refusal.detail,
-                "handshake refused"
-            );
+            if let Some(limit) = refusal.limit {
+                ctx.metrics.refused(limit);
+                warn!(
+                    %remote_addr,
+                    status = refusal.status.as_u16(),
+                    limit = limit.label(),
+                    detail = %refusal.detail,
+                    "handshake refused: limit reached"
+                );
+            } else {
+                debug!(
+                    %remote_addr,
+                    status = refusal.status.as_u16(),
+                    code = refusal.code,
+                    detail = %refusal.detail,
+                    "handshake refused"
+                );
+            }
             refuse(stream, &refusal).await;
             return None;
         }

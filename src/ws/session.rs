@@ -9,7 +9,7 @@ use std::{
 };
 
 use futures_util::{SinkExt, StreamExt};
-use tokio::{net::TcpStream, sync::mpsc, time::Instant};
+use tokio::{net::TcpStream, time::Instant};
 use tokio_tungstenite::{
     tungstenite::{
         error::{CapacityError, Error as WsError},
@@ -21,7 +21,9 @@ use tokio_tungstenite::{
 use tracing::debug;
 
 use crate::{
-    router::{ConnectionId, Outbound, SessionControl, SessionHandle},
+    metrics::Limit,
+    outbound::{self, Outbound, OutboundReceiver, OutboundSender, PushError},
+    router::{ConnectionId, SessionControl, SessionHandle},
     ws::{
         frames::{self, ClientFrame},
         handshake::Admission,
@@ -47,7 +49,8 @@ pub async fn run(
     ctx: Arc<WsContext>,
 ) {
     let id = ConnectionId(ctx.next_connection_id.fetch_add(1, Ordering::Relaxed) + 1);
-    let (outbound, mut queue) = mpsc::channel(ctx.settings.send_queue);
+    let (outbound, mut queue) =
+        outbound::queue(ctx.settings.send_queue, ctx.settings.send_queue_bytes);
     let control = Arc::new(SessionControl::default());
     let handle = SessionHandle {
         id,
@@ -143,7 +146,7 @@ struct Session {
     id: ConnectionId,
     admission: Admission,
     /// The session's own handle on its queue, for pongs and error frames.
-    outbound: mpsc::Sender<Outbound>,
+    outbound: OutboundSender,
     /// The highest inbox seq the client already has (from `since` and the
     /// replay); live copies up to it are duplicates.
     skip_through: u64,
@@ -229,7 +232,7 @@ impl Session {
         &mut self,
         sink: &mut Sink,
         stream: &mut Stream,
-        queue: &mut mpsc::Receiver<Outbound>,
+        queue: &mut OutboundReceiver,
         control: &SessionControl,
     ) -> Ending {
         let ping_interval = self.ctx.settings.ping_interval;
@@ -246,9 +249,10 @@ impl Session {
         // intervals means it stopped reading: it is dropped like a peer that
         // stopped answering pings.
         let stalled_after = ping_interval * 2;
-        let expiry = self.admission.expires_at.map(|at| {
+        // An `exp` further away than an `Instant` reaches never comes.
+        let expiry = self.admission.expires_at.and_then(|at| {
             let left = at.duration_since(SystemTime::now()).unwrap_or_default();
-            Instant::now() + left
+            Instant::now().checked_add(left)
         });
         let expired = async {
             match expiry {
@@ -351,15 +355,32 @@ impl Session {
         let reply = match frames::parse_client(text) {
             Ok(ClientFrame::Ping) => frames::pong(),
             Ok(ClientFrame::Subscribe(channel)) => {
-                if self.ctx.policy().may_join(&self.admission.grant, &channel) {
-                    // The router answers `subscribed`, in order with the
-                    // channel's messages.
-                    self.ctx.router.subscribe(self.id, channel).await;
-                    return None;
+                let held = &self.admission.channels;
+                match self
+                    .ctx
+                    .policy()
+                    .check_join(&self.admission.grant, &channel, held)
+                {
+                    Ok(()) => {
+                        if !held.contains(&channel) {
+                            self.admission.channels.push(channel.clone());
+                        }
+                        // The router answers `subscribed`, in order with the
+                        // channel's messages.
+                        self.ctx.router.subscribe(self.id, channel).await;
+                        return None;
+                    }
+                    Err(refusal) => {
+                        if let Some(limit) = refusal.limit {
+                            self.ctx.metrics.refused(limit);
+                            tracing::warn!(connection = %self.id, limit = limit.label(), detail = %refusal.detail, "subscribe refused: limit reached");
+                        }
+                        frames::error(refusal.code, &refusal.detail)
+                    }
                 }
-                frames::error("forbidden", &format!("channel {channel} is not allowed"))
             }
             Ok(ClientFrame::Unsubscribe(channel)) => {
+                self.admission.channels.retain(|held| *held != channel);
                 self.ctx.router.unsubscribe(self.id, channel).await;
                 return None;
             }
@@ -386,13 +407,16 @@ impl Session {
             },
             Err(detail) => frames::error("bad_request", &detail),
         };
-        match self.outbound.try_send(Outbound::control(reply)) {
+        match self.outbound.try_push(Outbound::control(reply)) {
             Ok(()) => None,
-            Err(mpsc::error::TrySendError::Full(_)) => {
+            Err(PushError::Closed) => Some(Ending::Drop),
+            Err(full) => {
+                if full == PushError::BytesFull {
+                    self.ctx.metrics.refused(Limit::SendQueueBytes);
+                }
                 self.ctx.metrics.slow_client_closes.inc();
                 Some(Ending::Close(1013, "client reads too slowly"))
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => Some(Ending::Drop),
         }
     }
 }

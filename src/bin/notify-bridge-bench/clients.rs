@@ -551,7 +551,8 @@ mod tests {
         let text = String::from_utf8(b).unwrap();
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();
         assert_eq!(v["payload"]["pad"], "xxxxx");
-        let msg = notify_bridge::message::decode(text.as_bytes(), None, 1 << 20).unwrap();
+        let msg =
+            notify_bridge::message::decode(text.as_bytes(), None, &Default::default()).unwrap();
         let s = parse_stamp(msg.frame.as_str()).unwrap();
         assert_eq!((s.run, s.seq, s.sent), (2, 42, 123456789));
         assert_eq!(source_addr(0, 1000), Ipv4Addr::new(127, 0, 0, 2));
