@@ -168,12 +168,12 @@ impl Authenticator {
                 .ok_or("token claim `channels` must be an array of strings")?,
             Some(_) => return Err("token claim `channels` must be an array of strings".into()),
         };
-        // jsonwebtoken has checked `exp` as a u64 already; past what a
-        // `SystemTime` holds (about 2^63 s) it is a far-future time, not a
-        // panic that drops the handshake.
+        // jsonwebtoken has checked `exp` already; past what a `SystemTime`
+        // holds (about 2^63 s) it is a far-future time, not a panic that
+        // drops the handshake.
         let expires_at = claims
             .get("exp")
-            .and_then(Value::as_u64)
+            .and_then(numeric_date)
             .and_then(|exp| UNIX_EPOCH.checked_add(Duration::from_secs(exp)));
         Ok(Identity {
             user,
@@ -181,6 +181,17 @@ impl Authenticator {
             expires_at,
         })
     }
+}
+
+/// A JWT NumericDate as jsonwebtoken reads it when it validates `exp`: an
+/// integer, or a finite non-negative number rounded to whole seconds (the
+/// token-claims fuzzer found `"exp": 1e10` accepted there but read as "no
+/// expiry" here, so such a session was never closed at `exp`).
+pub fn numeric_date(value: &Value) -> Option<u64> {
+    value.as_u64().or_else(|| {
+        let secs = value.as_f64()?;
+        (secs.is_finite() && secs >= 0.0 && secs < u64::MAX as f64).then(|| secs.round() as u64)
+    })
 }
 
 fn validation(config: &AuthConfig, family: AlgorithmFamily) -> Validation {
@@ -410,7 +421,17 @@ mod tests {
                 assert!(at > SystemTime::now() + Duration::from_secs(86_400 * 365 * 1000));
             }
         }
-        // Not a u64 at all: refused, never a panic.
+        // A number with a fraction counts as whole seconds, as jsonwebtoken
+        // validated it: the session closes at that time.
+        let soon = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 100;
+        let token = signed(serde_json::json!({"sub": "1", "exp": soon as f64 + 0.4}));
+        let at = auth.verify(&token).unwrap().expires_at;
+        assert_eq!(at, Some(UNIX_EPOCH + Duration::from_secs(soon)));
+        // Not a usable number at all: refused, never a panic.
         for exp in [
             serde_json::json!(1e30),
             serde_json::json!(-1),
