@@ -20,7 +20,8 @@
 //!
 //! The first line, when it starts with `#`, sets the policy: `mode` (`jwt`,
 //! the default, or `none`), `path` (`websocket.path`, default `/ws`),
-//! `origins` and `public` (comma-separated lists), and `user` / `channels`
+//! `origins` and `public` (comma-separated lists), `max`
+//! (`websocket.max_channels_per_connection`), and `user` / `channels`
 //! for a token. A fuzzer cannot forge a signed token, so when `user=` is
 //! given, a valid HS256 token is minted (`auth::mint`) for that user and
 //! channels, and every `$TOKEN` in the request is replaced by it. That lets
@@ -109,6 +110,11 @@ fuzz_target!(|data: &[u8]| {
                 "public" => settings.public_channels = list(value),
                 "user" => user = Some(value.to_string()),
                 "channels" => channels = list(value),
+                "max" => {
+                    if let Ok(max) = value.parse::<usize>() {
+                        settings.max_channels_per_connection = max.clamp(1, 512);
+                    }
+                }
                 _ => {}
             }
         }
@@ -185,8 +191,16 @@ fuzz_target!(|data: &[u8]| {
             );
         }
         Ok(admission) => {
+            // The channel limits of CONTRACT.md: at most
+            // max_channels_per_connection, names of 1 to 255 bytes, from a
+            // claim that obeys the same limits.
+            let max = settings.max_channels_per_connection;
+            assert!(admission.channels.len() <= max, "{} channels", admission.channels.len());
+            if let auth::ChannelGrant::Listed(claim) = &admission.grant {
+                assert!(claim.len() <= max, "a claim of {} channels", claim.len());
+            }
             for (i, channel) in admission.channels.iter().enumerate() {
-                assert!(!channel.is_empty());
+                assert!(!channel.is_empty() && channel.len() <= 255, "{channel:?}");
                 assert!(!admission.channels[..i].contains(channel), "duplicate");
                 assert!(policy.may_join(&admission.grant, channel), "{channel:?}");
             }
