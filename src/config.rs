@@ -712,6 +712,12 @@ mod tests {
         assert_eq!(c.shutdown_timeout, Duration::from_secs(10));
         assert_eq!(c.inbox.ttl, Duration::from_secs(30 * 86400));
         assert!(c.amqp.queue_name().starts_with("notify-bridge."));
+        // "Limits on hostile input".
+        assert_eq!(c.amqp.max_recipients, 100_000);
+        assert_eq!(c.websocket.max_channels_per_connection, 128);
+        assert_eq!(c.websocket.send_queue_bytes, 4_194_304);
+        assert_eq!(c.http.request_timeout, Duration::from_secs(10));
+        assert_eq!(c.http.max_connections, 1024);
     }
 
     #[test]
