@@ -173,6 +173,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             "http.allow_anonymous = true: anyone who reaches the side port can send notifications"
         );
     }
+    if config.http.dev_tokens {
+        warn!(
+            "http.dev_tokens = true: GET /api/dev/token gives anyone who reaches the side port \
+             a valid token for ANY user. Local development only!"
+        );
+    }
     let http_state = Arc::new(HttpState {
         metrics: metrics.clone(),
         readiness: readiness.clone(),
