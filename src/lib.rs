@@ -197,7 +197,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         auth,
         inbox,
     });
-    let http_task = tokio::spawn(http::serve(http_listener, http_state, shutdown.clone()));
+    let http_task = tokio::spawn(http::serve(
+        http_listener,
+        http_state,
+        (&config.http).into(),
+        shutdown.clone(),
+    ));
 
     info!(%ws_addr, path = %config.websocket.path, %http_addr, "notify-bridge listening");
 

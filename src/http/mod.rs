@@ -3,14 +3,18 @@
 //! 404/405 handling that would otherwise be hand-written; every error is
 //! the contract's `{"error": CODE, "detail": TEXT}`.
 
+mod activity;
 mod admin;
+mod deadline;
 pub mod demo;
 mod error;
 mod health;
 mod inbox;
 mod keys;
+mod log_limit;
 mod openapi;
 mod send;
+mod side_port;
 
 use std::sync::Arc;
 
@@ -26,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 pub use error::ApiError;
 pub use keys::ApiKeys;
 pub use openapi::document as openapi_document;
+pub use side_port::SidePortLimits;
 
 use crate::{
     amqp::publisher::Publisher, auth::Authenticator, inbox::Inbox, metrics::Metrics,
@@ -72,15 +77,26 @@ pub fn routes(state: Arc<HttpState>) -> Routes {
         .with_state(state)
 }
 
-/// Serves until shutdown.
-pub async fn serve(listener: TcpListener, state: Arc<HttpState>, shutdown: CancellationToken) {
-    let app = routes(state);
-    let result = axum::serve(listener, app)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await;
-    if let Err(e) = result {
-        tracing::error!(error = %e, "HTTP side port failed");
-    }
+/// Serves until shutdown, within `limits` (CONTRACT.md, "Limits on hostile
+/// input"): the connection cap and the head timer are the listener's
+/// ([`side_port`]), the body's deadline is a middleware around every route
+/// ([`deadline`]).
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<HttpState>,
+    limits: SidePortLimits,
+    shutdown: CancellationToken,
+) {
+    let metrics = state.metrics.clone();
+    let body_deadline = Arc::new(deadline::BodyDeadline::new(
+        limits.request_timeout,
+        metrics.clone(),
+    ));
+    let app = routes(state).layer(axum::middleware::from_fn_with_state(
+        body_deadline,
+        deadline::enforce,
+    ));
+    side_port::serve(listener, app, limits, metrics, shutdown).await;
 }
 
 async fn metrics(
