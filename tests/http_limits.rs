@@ -262,3 +262,83 @@ async fn shutdown_answers_the_request_in_flight_and_closes_idle_ones() {
     assert!(late.is_some(), "the side port still accepts after shutdown");
     bridge.stop().await;
 }
+
+/// User and system CPU time of `pid`, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces), 14 and 15 in all.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// A kept-alive connection that has been answered 200 (so it holds a
+/// descriptor of the daemon until it is dropped).
+async fn served_keep_alive(addr: std::net::SocketAddr) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut first = [0u8; 12];
+    stream.read_exact(&mut first).await.unwrap();
+    assert_eq!(&first, b"HTTP/1.1 200");
+    stream
+}
+
+/// Out of file descriptors (`prlimit` on the real binary), the side port's
+/// accept loop backs off instead of spinning, logs rate-limited, and serves
+/// the waiting clients once descriptors come back.
+#[tokio::test]
+async fn the_side_port_accept_loop_survives_running_out_of_file_descriptors() {
+    let daemon = common::daemon::Daemon::start(&[]).await;
+    let (pid, addr) = (daemon.pid(), daemon.http_addr);
+    // The readiness probes' connections are closed by now.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let limit = daemon.open_fds() + 30;
+    let status = std::process::Command::new("prlimit")
+        .args(["--pid", &pid.to_string(), &format!("--nofile={limit}:")])
+        .status()
+        .expect("prlimit (util-linux) is installed");
+    assert!(status.success());
+
+    // 30 kept-alive connections take the room that is left.
+    let mut held = Vec::new();
+    for _ in 0..30 {
+        held.push(served_keep_alive(addr).await);
+    }
+    // 20 more: the kernel completes their TCP handshakes, the daemon cannot
+    // accept them yet.
+    let waiting: Vec<_> = (0..20)
+        .map(|_| tokio::spawn(served_keep_alive(addr)))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = cpu_ticks(pid);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let spent = cpu_ticks(pid) - before;
+    let log = daemon.log();
+    let warnings = log.matches("side port: accept failed").count();
+    let still_waiting = waiting.iter().filter(|t| !t.is_finished()).count();
+    eprintln!(
+        "side port out of descriptors: {spent} CPU ticks in 2 s, {warnings} warning(s), \
+         {still_waiting} of 20 clients waiting"
+    );
+    // Spinning on accept would be ~200 ticks (a whole core).
+    assert!(
+        spent < 30,
+        "{spent} ticks of CPU in 2 s while out of descriptors"
+    );
+    assert!(warnings >= 1, "no warning logged:\n{log}");
+    assert!(warnings <= 2, "the warning is not rate-limited:\n{log}");
+    assert!(
+        still_waiting >= 15,
+        "only {still_waiting} of 20 were kept waiting"
+    );
+
+    // Descriptors come back: the waiting clients are served.
+    drop(held);
+    for task in waiting {
+        drop(task.await.unwrap());
+    }
+    daemon.cleanup().await;
+}
