@@ -1,7 +1,9 @@
 //! The HTTP side port: the REST send endpoint (republished onto the
 //! exchange), admin routes, health, readiness, metrics and OpenAPI. axum gives routing, extractors and
 //! 404/405 handling that would otherwise be hand-written; every error is
-//! the contract's `{"error": CODE, "detail": TEXT}`.
+//! the contract's `{"error": CODE, "detail": TEXT}`. The listener is
+//! `side_port` (connection cap, head timer, graceful shutdown), the body's
+//! deadline `deadline`.
 
 mod activity;
 mod admin;
@@ -79,8 +81,8 @@ pub fn routes(state: Arc<HttpState>) -> Routes {
 
 /// Serves until shutdown, within `limits` (CONTRACT.md, "Limits on hostile
 /// input"): the connection cap and the head timer are the listener's
-/// ([`side_port`]), the body's deadline is a middleware around every route
-/// ([`deadline`]).
+/// (`side_port`), the body's deadline is a middleware around every route
+/// (`deadline`).
 pub async fn serve(
     listener: TcpListener,
     state: Arc<HttpState>,
