@@ -43,7 +43,8 @@ use crate::{
 /// at once would spin a core until a socket closes.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 
-/// The side port's limits, from `[http]`.
+/// The part of `[http]` the listener enforces, on its own so that the
+/// listener needs nothing else of the configuration.
 #[derive(Debug, Clone, Copy)]
 pub struct SidePortLimits {
     /// `http.request_timeout`: for the head, again for the body, and for an
@@ -69,6 +70,20 @@ struct Logs {
     accept_failed: LogLimit,
 }
 
+/// What the accept loop shares with the connections it starts.
+struct SidePort {
+    app: Routes,
+    limits: SidePortLimits,
+    metrics: Arc<Metrics>,
+    /// One permit per open connection, `http.max_connections` in all.
+    open: Arc<Semaphore>,
+    builder: http1::Builder,
+    graceful: GracefulShutdown,
+    /// The 503 for a connection past the cap, rendered once.
+    refusal: Vec<u8>,
+    logs: Arc<Logs>,
+}
+
 /// Accepts and serves connections until `shutdown`, then stops accepting,
 /// lets every connection finish the request it is in (idle ones close at
 /// once) and returns when all are closed.
@@ -79,67 +94,81 @@ pub async fn serve(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
-    let open = Arc::new(Semaphore::new(
-        limits.max_connections.min(Semaphore::MAX_PERMITS),
-    ));
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(limits.request_timeout);
-    let graceful = GracefulShutdown::new();
-    let refusal = refusal_response(limits.max_connections);
-    let logs = Arc::new(Logs {
-        refused: LogLimit::new(LOG_INTERVAL),
-        head_timeout: LogLimit::new(LOG_INTERVAL),
-        accept_failed: LogLimit::new(LOG_INTERVAL),
-    });
+    let port = SidePort {
+        app,
+        limits,
+        metrics,
+        open: Arc::new(Semaphore::new(
+            limits.max_connections.min(Semaphore::MAX_PERMITS),
+        )),
+        builder,
+        graceful: GracefulShutdown::new(),
+        refusal: refusal_response(limits.max_connections),
+        logs: Arc::new(Logs {
+            refused: LogLimit::new(LOG_INTERVAL),
+            head_timeout: LogLimit::new(LOG_INTERVAL),
+            accept_failed: LogLimit::new(LOG_INTERVAL),
+        }),
+    };
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => break,
             accepted = listener.accept() => accepted,
         };
-        let (stream, remote_addr) = match accepted {
-            Ok(accepted) => accepted,
+        match accepted {
+            Ok((stream, remote_addr)) => match port.open.clone().try_acquire_owned() {
+                Ok(permit) => port.start(stream, remote_addr, permit),
+                Err(_) => port.refuse(stream, remote_addr),
+            },
             Err(e) => {
-                if let Some(unlogged) = logs.accept_failed.event() {
+                if let Some(unlogged) = port.logs.accept_failed.event() {
                     warn!(error = %e, failed_since_last_log = unlogged,
                         "side port: accept failed (out of file descriptors?); retrying every {ACCEPT_ERROR_BACKOFF:?}");
                 }
                 tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
-                continue;
             }
-        };
-        let Ok(permit) = open.clone().try_acquire_owned() else {
-            refuse(stream, &refusal);
-            metrics.refused(Limit::HttpConnections);
-            if let Some(unlogged) = logs.refused.event() {
-                warn!(%remote_addr, limit = Limit::HttpConnections.label(),
-                    max_connections = limits.max_connections, refused_since_last_log = unlogged,
-                    "side port: connection refused, http.max_connections connections are open");
-            }
-            continue;
-        };
+        }
+    }
+    drop(listener);
+    port.graceful.shutdown().await;
+}
+
+impl SidePort {
+    /// Serves one connection on its own task, holding `permit` until it
+    /// closes.
+    fn start(&self, stream: TcpStream, remote_addr: SocketAddr, permit: OwnedSemaphorePermit) {
         let activity = Arc::new(Activity::default());
         let io = TokioIo::new(Watched::new(stream, activity.clone()));
-        let connection = graceful.watch(builder.serve_connection(io, service(&app, &activity)));
-        let (metrics, logs) = (metrics.clone(), logs.clone());
+        let connection = self.graceful.watch(
+            self.builder
+                .serve_connection(io, service(&self.app, &activity)),
+        );
+        let (metrics, logs) = (self.metrics.clone(), self.logs.clone());
+        let timeout = self.limits.request_timeout;
         tokio::spawn(async move {
             let mut result = connection.await;
+            drop(permit);
             if activity.idle_keep_alive() {
                 result = Ok(());
             }
-            closed(
-                result,
-                remote_addr,
-                permit,
-                limits.request_timeout,
-                &metrics,
-                &logs,
-            );
+            closed(result, remote_addr, timeout, &metrics, &logs);
         });
     }
-    drop(listener);
-    graceful.shutdown().await;
+
+    /// A connection past `http.max_connections`: answered, counted, closed.
+    fn refuse(&self, stream: TcpStream, remote_addr: SocketAddr) {
+        refuse(stream, &self.refusal);
+        self.metrics.refused(Limit::HttpConnections);
+        if let Some(unlogged) = self.logs.refused.event() {
+            warn!(%remote_addr, limit = Limit::HttpConnections.label(),
+                max_connections = self.limits.max_connections, refused_since_last_log = unlogged,
+                "side port: connection refused, http.max_connections connections are open");
+        }
+    }
 }
 
 /// The routes as one connection's hyper service, noting each answer in the
@@ -166,18 +195,16 @@ fn service(
     })
 }
 
-/// A connection has ended: its place is free again; a head that did not
-/// arrive in time is a refusal (an idle keep-alive connection closed by the
-/// same timer ends without an error and is not).
+/// A connection has ended: a head that did not arrive in time is a refusal
+/// (an idle keep-alive connection closed by the same timer is passed in as
+/// `Ok`, see [`Activity`]).
 fn closed(
     result: Result<(), hyper::Error>,
     remote_addr: SocketAddr,
-    permit: OwnedSemaphorePermit,
     timeout: Duration,
     metrics: &Metrics,
     logs: &Logs,
 ) {
-    drop(permit);
     let Err(e) = result else {
         return;
     };
