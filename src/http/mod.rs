@@ -2,8 +2,8 @@
 //! exchange), admin routes, health, readiness, metrics and OpenAPI. axum gives routing, extractors and
 //! 404/405 handling that would otherwise be hand-written; every error is
 //! the contract's `{"error": CODE, "detail": TEXT}`. The listener is
-//! `side_port` (connection cap, head timer, graceful shutdown), the body's
-//! deadline `deadline`.
+//! `side_port` (connection cap, head timer, body deadline from `deadline`,
+//! graceful shutdown).
 
 mod activity;
 mod admin;
@@ -80,9 +80,8 @@ pub fn routes(state: Arc<HttpState>) -> Routes {
 }
 
 /// Serves until shutdown, within `limits` (CONTRACT.md, "Limits on hostile
-/// input"): the connection cap and the head timer are the listener's
-/// (`side_port`), the body's deadline is a middleware around every route
-/// (`deadline`).
+/// input"): the connection cap, the head timer and the body's deadline are
+/// the listener's (`side_port`, `deadline`).
 pub async fn serve(
     listener: TcpListener,
     state: Arc<HttpState>,
@@ -90,15 +89,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let metrics = state.metrics.clone();
-    let body_deadline = Arc::new(deadline::BodyDeadline::new(
-        limits.request_timeout,
-        metrics.clone(),
-    ));
-    let app = routes(state).layer(axum::middleware::from_fn_with_state(
-        body_deadline,
-        deadline::enforce,
-    ));
-    side_port::serve(listener, app, limits, metrics, shutdown).await;
+    side_port::serve(listener, routes(state), limits, metrics, shutdown).await;
 }
 
 async fn metrics(

@@ -8,6 +8,7 @@
 //! listener could not accept any more.
 
 use std::{
+    convert::Infallible,
     future::Future,
     io::{Read, Write},
     net::SocketAddr,
@@ -15,7 +16,7 @@ use std::{
     time::Duration,
 };
 
-use axum::Router as Routes;
+use axum::{response::Response, Router as Routes};
 use hyper::server::conn::http1;
 use hyper_util::{
     rt::{TokioIo, TokioTimer},
@@ -31,6 +32,7 @@ use tracing::{debug, warn};
 
 use super::{
     activity::{Activity, Watched},
+    deadline::BodyDeadline,
     log_limit::{LogLimit, LOG_INTERVAL},
 };
 use crate::{
@@ -75,6 +77,7 @@ struct SidePort {
     app: Routes,
     limits: SidePortLimits,
     metrics: Arc<Metrics>,
+    deadline: Arc<BodyDeadline>,
     /// One permit per open connection, `http.max_connections` in all.
     open: Arc<Semaphore>,
     builder: http1::Builder,
@@ -101,6 +104,7 @@ pub async fn serve(
     let port = SidePort {
         app,
         limits,
+        deadline: Arc::new(BodyDeadline::new(limits.request_timeout, metrics.clone())),
         metrics,
         open: Arc::new(Semaphore::new(
             limits.max_connections.min(Semaphore::MAX_PERMITS),
@@ -145,7 +149,7 @@ impl SidePort {
         let io = TokioIo::new(Watched::new(stream, activity.clone()));
         let connection = self.graceful.watch(
             self.builder
-                .serve_connection(io, service(&self.app, &activity)),
+                .serve_connection(io, service(&self.app, &self.deadline, &activity)),
         );
         let (metrics, logs) = (self.metrics.clone(), self.logs.clone());
         let timeout = self.limits.request_timeout;
@@ -171,26 +175,28 @@ impl SidePort {
     }
 }
 
-/// The routes as one connection's hyper service, noting each answer in the
-/// connection's [`Activity`].
+/// The routes as one connection's hyper service: each request's body under
+/// its deadline, each answer noted in the connection's [`Activity`].
 fn service(
     app: &Routes,
+    deadline: &Arc<BodyDeadline>,
     activity: &Arc<Activity>,
 ) -> impl hyper::service::Service<
     hyper::Request<hyper::body::Incoming>,
-    Response = axum::response::Response,
-    Error = std::convert::Infallible,
-    Future = impl Future<Output = Result<axum::response::Response, std::convert::Infallible>> + Send,
+    Response = Response,
+    Error = Infallible,
+    Future = impl Future<Output = Result<Response, Infallible>> + Send,
 > + Clone {
     let routes = TowerToHyperService::new(app.clone());
-    let activity = activity.clone();
+    let (deadline, activity) = (deadline.clone(), activity.clone());
     hyper::service::service_fn(move |request| {
+        let (request, expired) = deadline.arm(request);
         let answer = hyper::service::Service::call(&routes, request);
-        let activity = activity.clone();
+        let (deadline, activity) = (deadline.clone(), activity.clone());
         async move {
-            let response = answer.await;
+            let response = answer.await?;
             activity.answered();
-            response
+            Ok(deadline.answer(expired, response))
         }
     })
 }
