@@ -342,3 +342,71 @@ async fn the_side_port_accept_loop_survives_running_out_of_file_descriptors() {
     }
     daemon.cleanup().await;
 }
+
+/// The point of the cap, on the real binary: a flood of half-sent heads
+/// cannot take more than `http.max_connections` descriptors, the rest are
+/// answered 503 at once, the held ones are closed after `request_timeout`,
+/// and the WebSocket listener accepts throughout.
+#[tokio::test]
+async fn a_flood_of_half_sent_heads_takes_at_most_max_connections_descriptors() {
+    const FLOOD: usize = 2_000;
+    const MAX: usize = 500;
+    let daemon = common::daemon::Daemon::start(&[
+        ("NOTIFY_BRIDGE_HTTP__MAX_CONNECTIONS", "500"),
+        ("NOTIFY_BRIDGE_HTTP__REQUEST_TIMEOUT", "2s"),
+    ])
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let baseline = daemon.open_fds();
+    let addr = daemon.http_addr;
+    let started = Instant::now();
+    let flood: Vec<_> = (0..FLOOD)
+        .map(|_| {
+            tokio::spawn(async move {
+                let mut stream = TcpStream::connect(addr).await.ok()?;
+                let _ = stream
+                    .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+                    .await;
+                let answer = read_until_closed(&mut stream, Duration::from_secs(10)).await?;
+                Some((answer.starts_with("HTTP/1.1 503"), started.elapsed()))
+            })
+        })
+        .collect();
+    let mut peak = baseline;
+    while flood.iter().any(|t| !t.is_finished()) && started.elapsed() < Duration::from_secs(1) {
+        peak = peak.max(daemon.open_fds());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut client = daemon.connect("during-the-flood").await;
+    send_text(&mut client, r#"{"type":"ping"}"#).await;
+    assert_eq!(next_json(&mut client).await["type"], "pong");
+
+    let (mut refused, mut closed_at) = (0, Duration::ZERO);
+    for task in flood {
+        let (was_503, at) = task
+            .await
+            .unwrap()
+            .expect("every socket is answered or closed");
+        if was_503 {
+            refused += 1;
+        } else {
+            closed_at = closed_at.max(at);
+        }
+    }
+    peak = peak.max(daemon.open_fds());
+    eprintln!(
+        "{FLOOD} half-sent heads, max_connections {MAX}: descriptors {baseline} -> peak {peak}, \
+         {refused} answered 503, the rest closed by {closed_at:?}"
+    );
+    assert!(
+        peak <= baseline + MAX + 20,
+        "peak {peak} descriptors (baseline {baseline})"
+    );
+    assert!(refused >= FLOOD - MAX, "only {refused} of {FLOOD} refused");
+    assert!(
+        closed_at < Duration::from_secs(8),
+        "held heads closed only by {closed_at:?}"
+    );
+    drop(client);
+    daemon.cleanup().await;
+}
