@@ -557,18 +557,42 @@ fn env_provider() -> Env {
     })
 }
 
+/// What `check-config` shows instead of a password.
+const MASK: &str = "********";
+
+/// `amqp.url` with its password replaced by [`MASK`], because
+/// `check-config` output is pasted into tickets and chats. The URL is read
+/// with the `url` crate, the parser the AMQP client (`amq-protocol-uri`)
+/// connects with, so what is masked is exactly what would be sent as the
+/// password, `@` in it included (the userinfo ends at the last `@`). A URL
+/// that parser rejects, or reads as having no password although it has an
+/// `@`, is masked from the first `:` after the scheme to the last `@`:
+/// too much hidden is harmless here, a secret shown is not.
 fn mask_url_password(url: &str) -> String {
-    // amqp://user:password@host -> amqp://user:********@host
+    match url::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            if parsed.set_password(Some(MASK)).is_ok() {
+                return parsed.to_string();
+            }
+            mask_through_last_at(url)
+        }
+        _ => mask_through_last_at(url),
+    }
+}
+
+/// The conservative mask of [`mask_url_password`]:
+/// `scheme://user:********@` then what follows the last `@`.
+fn mask_through_last_at(url: &str) -> String {
     let Some(scheme_end) = url.find("://") else {
         return url.to_string();
     };
     let rest = &url[scheme_end + 3..];
-    let Some(at) = rest.find('@') else {
+    let Some(at) = rest.rfind('@') else {
         return url.to_string();
     };
     match rest[..at].find(':') {
         Some(colon) => format!(
-            "{}{}:********{}",
+            "{}{}:{MASK}{}",
             &url[..scheme_end + 3],
             &rest[..colon],
             &rest[at..]
@@ -766,6 +790,35 @@ mod tests {
         // The masked output is itself a loadable config.
         let again: Config = toml::from_str(&shown).unwrap();
         assert_eq!(again.websocket, c.websocket);
+    }
+
+    #[test]
+    fn mask_url_password_hides_the_whole_password() {
+        // (input, what check-config shows)
+        let cases = [
+            (
+                "amqp://u:hunter2@h:5672/%2f",
+                "amqp://u:********@h:5672/%2f",
+            ),
+            // The userinfo ends at the LAST `@`: nothing of `p@ss` shows.
+            ("amqp://user:p@ss@host/", "amqp://user:********@host/"),
+            (
+                "amqps://user:a@b@c@broker.example:5671/vh?heartbeat=10",
+                "amqps://user:********@broker.example:5671/vh?heartbeat=10",
+            ),
+            ("amqp://user:p%40ss@host/", "amqp://user:********@host/"),
+            // Not a URL the AMQP client can parse (a `/` in the password):
+            // still nothing of the password shows.
+            ("amqp://user:pa/ss@host/", "amqp://user:********@host/"),
+            ("amqp://user:12/ss@host", "amqp://user:********@host"),
+            // Nothing to hide.
+            ("amqp://host:5672/%2f", "amqp://host:5672/%2f"),
+            ("amqp://user@host/", "amqp://user@host/"),
+            ("not a url", "not a url"),
+        ];
+        for (input, shown) in cases {
+            assert_eq!(mask_url_password(input), shown, "masking {input:?}");
+        }
     }
 
     #[test]

@@ -174,6 +174,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             "http.allow_anonymous = true: anyone who reaches the side port can send notifications"
         );
     }
+    if config.http.dev_tokens {
+        warn!(
+            "http.dev_tokens = true: GET /api/dev/token gives anyone who reaches the side port \
+             a valid token for ANY user. Local development only!"
+        );
+    }
     let http_state = Arc::new(HttpState {
         metrics: metrics.clone(),
         readiness: readiness.clone(),
@@ -192,7 +198,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         auth,
         inbox,
     });
-    let http_task = tokio::spawn(http::serve(http_listener, http_state, shutdown.clone()));
+    let http_task = tokio::spawn(http::serve(
+        http_listener,
+        http_state,
+        (&config.http).into(),
+        shutdown.clone(),
+    ));
 
     info!(%ws_addr, path = %config.websocket.path, %http_addr, "notify-bridge listening");
 

@@ -29,7 +29,10 @@ fn services_ports_and_mounts_match_the_scripts() {
     let broker = &services["rabbitmq"];
     let bridge = &services["notify-bridge"];
     assert!(broker["image"].as_str().unwrap().contains("management"));
-    assert_eq!(strings(&broker["ports"]), ["5672:5672", "15672:15672"]);
+    assert_eq!(
+        strings(&broker["ports"]),
+        ["127.0.0.1:5672:5672", "127.0.0.1:15672:15672"]
+    );
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     for mount in strings(&broker["volumes"])
         .iter()
@@ -46,7 +49,10 @@ fn services_ports_and_mounts_match_the_scripts() {
     ] {
         assert!(mounts.contains(file), "{file} not mounted into the broker");
     }
-    assert_eq!(strings(&bridge["ports"]), ["8080:8080", "8081:8081"]);
+    assert_eq!(
+        strings(&bridge["ports"]),
+        ["127.0.0.1:8080:8080", "127.0.0.1:8081:8081"]
+    );
     assert_eq!(bridge["build"].as_str(), Some("."));
     assert!(root.join("Dockerfile").is_file());
     assert_eq!(
@@ -69,4 +75,43 @@ fn services_ports_and_mounts_match_the_scripts() {
     let command = strings(&bridge["command"]);
     assert_eq!(command[0], "--config");
     assert!(strings(&bridge["volumes"])[0].starts_with("./config/dev.toml:"));
+}
+
+/// The broker's guest account works from any address (`loopback_users =
+/// none`) and the bridge runs with development switches: a port published
+/// without a host address is open on every interface of the host (and
+/// Docker's rules bypass the host firewall). Every published port, of every
+/// service, short syntax or long, must name the host's loopback.
+#[test]
+fn every_published_port_is_bound_to_the_host_loopback() {
+    let doc = compose();
+    let services = doc["services"].as_hash().expect("services is a map");
+    let mut checked = 0;
+    for (name, service) in services {
+        let name = name.as_str().unwrap_or("?");
+        let Some(ports) = service["ports"].as_vec() else {
+            continue;
+        };
+        for port in ports {
+            let host_ip = published_host_ip(port);
+            assert_eq!(
+                host_ip.as_deref(),
+                Some("127.0.0.1"),
+                "service {name}: port {port:?} is not bound to 127.0.0.1 on the host"
+            );
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 4, "the four published ports were checked");
+}
+
+/// The host address of one `ports` entry: `"IP:HOST:CONTAINER"` (short
+/// syntax; `"HOST:CONTAINER"` and `"CONTAINER"` have none) or
+/// `{host_ip: IP, ...}` (long syntax).
+fn published_host_ip(port: &Yaml) -> Option<String> {
+    if let Some(text) = port.as_str() {
+        let parts: Vec<&str> = text.rsplitn(3, ':').collect();
+        return (parts.len() == 3).then(|| parts[2].trim_matches(['[', ']']).to_string());
+    }
+    port["host_ip"].as_str().map(str::to_string)
 }

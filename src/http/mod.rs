@@ -1,16 +1,22 @@
 //! The HTTP side port: the REST send endpoint (republished onto the
 //! exchange), admin routes, health, readiness, metrics and OpenAPI. axum gives routing, extractors and
 //! 404/405 handling that would otherwise be hand-written; every error is
-//! the contract's `{"error": CODE, "detail": TEXT}`.
+//! the contract's `{"error": CODE, "detail": TEXT}`. The listener is
+//! `side_port` (connection cap, head timer, body deadline from `deadline`,
+//! graceful shutdown).
 
+mod activity;
 mod admin;
+mod deadline;
 pub mod demo;
 mod error;
 mod health;
 mod inbox;
 mod keys;
+mod log_limit;
 mod openapi;
 mod send;
+mod side_port;
 
 use std::sync::Arc;
 
@@ -26,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 pub use error::ApiError;
 pub use keys::ApiKeys;
 pub use openapi::document as openapi_document;
+pub use side_port::SidePortLimits;
 
 use crate::{
     amqp::publisher::Publisher, auth::Authenticator, inbox::Inbox, metrics::Metrics,
@@ -73,15 +80,17 @@ pub fn routes(state: Arc<HttpState>) -> Routes {
         .with_state(state)
 }
 
-/// Serves until shutdown.
-pub async fn serve(listener: TcpListener, state: Arc<HttpState>, shutdown: CancellationToken) {
-    let app = routes(state);
-    let result = axum::serve(listener, app)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await;
-    if let Err(e) = result {
-        tracing::error!(error = %e, "HTTP side port failed");
-    }
+/// Serves until shutdown, within `limits` (CONTRACT.md, "Limits on hostile
+/// input"): the connection cap, the head timer and the body's deadline are
+/// the listener's (`side_port`, `deadline`).
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<HttpState>,
+    limits: SidePortLimits,
+    shutdown: CancellationToken,
+) {
+    let metrics = state.metrics.clone();
+    side_port::serve(listener, routes(state), limits, metrics, shutdown).await;
 }
 
 async fn metrics(
