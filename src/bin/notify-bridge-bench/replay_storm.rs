@@ -125,6 +125,24 @@ async fn storm_loop(storm: Arc<Storm>, ws_addr: std::net::SocketAddr, token: Str
     }
 }
 
+/// Runs the storm on a thread and runtime of its own, so that reading
+/// replays as fast as it can does not delay this process's measuring
+/// clients (the hostile client would be another machine).
+fn spawn_storm(
+    storm: Arc<Storm>,
+    ws_addr: std::net::SocketAddr,
+    token: String,
+    entries: u64,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime for the storm");
+        runtime.block_on(storm_loop(storm, ws_addr, token, entries));
+    })
+}
+
 /// Fills the storm user's inbox (run 0: not measured) and waits until it
 /// is committed.
 async fn fill_storm_inbox(
@@ -173,6 +191,7 @@ async fn fill_storm_inbox(
 /// One phase's figures.
 struct Phase {
     commits: (f64, f64, f64),
+    cpu: bridge::CpuUse,
     latency: crate::stats::Summary,
     lost: u64,
 }
@@ -200,6 +219,8 @@ pub async fn replay_storm(ctx: &Ctx) -> anyhow::Result<Report> {
     fill_storm_inbox(ctx, &handle, &publisher, storm_user).await?;
     ctx.progress.phase("connecting");
     let sockets = ctx.connect(&handle, 1, o.users, 0, None).await?;
+    // Let the fill's commits and WAL checkpoints settle before measuring.
+    tokio::time::sleep(Duration::from_secs(3)).await;
     let recorders = ctx.recorders(
         (0..4)
             .map(|i| Recorder::unicast(if i == 0 { 0 } else { count }))
@@ -213,18 +234,19 @@ pub async fn replay_storm(ctx: &Ctx) -> anyhow::Result<Report> {
     let storm = Arc::new(Storm::default());
     let mut phases = Vec::new();
     for (run, label) in [(1, "A (quiet)"), (2, "B (storm)"), (3, "C (quiet again)")] {
-        let storm_task = (run == 2).then(|| {
+        let storm_thread = (run == 2).then(|| {
             let token = ctx.tokens()(storm_user).expect("a token");
-            tokio::spawn(storm_loop(
+            spawn_storm(
                 storm.clone(),
                 handle.ws_addr,
                 token,
                 o.storm_entries.min(1000),
-            ))
+            )
         });
         ctx.progress.phase(&format!("phase {label}"));
         ctx.progress.received.store(0, Relaxed);
         let before = Commits::read(&handle).await?;
+        let cpu = bridge::CpuWindow::start(Some(handle.pid));
         publisher
             .run(
                 count,
@@ -248,12 +270,14 @@ pub async fn replay_storm(ctx: &Ctx) -> anyhow::Result<Report> {
         let rec = recorders.runs[run].clone();
         let unique = wait_for(|| rec.seqs.unique(), count, o.drain_timeout).await;
         let after = Commits::read(&handle).await?;
-        if let Some(task) = storm_task {
+        let cpu = cpu.stop();
+        if let Some(thread) = storm_thread {
             storm.stop.store(true, Relaxed);
-            let _ = tokio::time::timeout(Duration::from_secs(15), task).await;
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
         }
         phases.push(Phase {
             commits: after.since(&before),
+            cpu,
             latency: rec.latency.summary(),
             lost: count.saturating_sub(unique),
         });
@@ -314,6 +338,12 @@ fn describe(r: &mut Report, phases: &[Phase], storm: &Storm, count: u64) {
             &format!("others_latency_{name}"),
             &format!("others, {name}"),
             &phase.latency,
+        );
+        super::add_cpu(
+            r,
+            &format!("cpu_{name}"),
+            &format!("CPU, {name}"),
+            &phase.cpu,
         );
         if phase.lost > 0 {
             r.problem(format!("{name}: {} of {count} messages lost", phase.lost));
