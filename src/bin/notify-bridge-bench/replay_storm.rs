@@ -19,7 +19,7 @@ use tokio_tungstenite::tungstenite::Message;
 use super::{base_report, wait_for, Ctx};
 use crate::{
     bridge::{self, Handle},
-    clients::{self, Publisher, Reader, Recorder},
+    clients::{self, Publisher, Reader, Recorder, Recorders},
     report::{self, Report},
     stats::Rng,
 };
@@ -196,6 +196,56 @@ struct Phase {
     lost: u64,
 }
 
+/// What every phase uses.
+struct Rig<'a> {
+    handle: &'a Handle,
+    publisher: &'a Publisher,
+    recorders: &'a Arc<Recorders>,
+    storm: Arc<Storm>,
+    /// The addressed user of each message.
+    plan: &'a [u32],
+    storm_user: u64,
+}
+
+/// One phase: the paced stream as run `run`, with the storm when `run` is
+/// 2; the commit histogram, CPU and latency over it.
+async fn run_phase(ctx: &Ctx, rig: &Rig<'_>, run: usize, label: &str) -> anyhow::Result<Phase> {
+    let o = &ctx.opts;
+    let count = rig.plan.len() as u64;
+    let storm_thread = (run == 2).then(|| {
+        let token = ctx.tokens()(rig.storm_user).expect("a token");
+        let entries = o.storm_entries.min(1000);
+        spawn_storm(rig.storm.clone(), rig.handle.ws_addr, token, entries)
+    });
+    ctx.progress.phase(&format!("phase {label}"));
+    ctx.progress.received.store(0, Relaxed);
+    let before = Commits::read(rig.handle).await?;
+    let cpu = bridge::CpuWindow::start(Some(rig.handle.pid));
+    let make = |s: u64, t: u64, out: &mut Vec<u8>| {
+        let target = format!(r#""user_id":{}"#, rig.plan[s as usize]);
+        clients::body(out, &target, run, s, t, o.payload_bytes)
+    };
+    rig.publisher
+        .run(count, o.rate, o.window, ctx.clock, &ctx.progress, make)
+        .await?;
+    let rec = rig.recorders.runs[run].clone();
+    let unique = wait_for(|| rec.seqs.unique(), count, o.drain_timeout).await;
+    let after = Commits::read(rig.handle).await?;
+    let cpu = cpu.stop();
+    if let Some(thread) = storm_thread {
+        rig.storm.stop.store(true, Relaxed);
+        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+    }
+    Ok(Phase {
+        commits: after.since(&before),
+        cpu,
+        latency: rec.latency.summary(),
+        lost: count.saturating_sub(unique),
+    })
+}
+
+/// The scenario: fill the storm user's inbox, connect the others, run the
+/// three phases, report.
 pub async fn replay_storm(ctx: &Ctx) -> anyhow::Result<Report> {
     let o = &ctx.opts;
     anyhow::ensure!(
@@ -231,57 +281,19 @@ pub async fn replay_storm(ctx: &Ctx) -> anyhow::Result<Report> {
         .map(|(_, ws)| Reader::spawn(ws, recorders.clone()))
         .collect();
 
-    let storm = Arc::new(Storm::default());
+    let rig = Rig {
+        handle: &handle,
+        publisher: &publisher,
+        recorders: &recorders,
+        storm: Arc::new(Storm::default()),
+        plan: &plan,
+        storm_user,
+    };
     let mut phases = Vec::new();
     for (run, label) in [(1, "A (quiet)"), (2, "B (storm)"), (3, "C (quiet again)")] {
-        let storm_thread = (run == 2).then(|| {
-            let token = ctx.tokens()(storm_user).expect("a token");
-            spawn_storm(
-                storm.clone(),
-                handle.ws_addr,
-                token,
-                o.storm_entries.min(1000),
-            )
-        });
-        ctx.progress.phase(&format!("phase {label}"));
-        ctx.progress.received.store(0, Relaxed);
-        let before = Commits::read(&handle).await?;
-        let cpu = bridge::CpuWindow::start(Some(handle.pid));
-        publisher
-            .run(
-                count,
-                o.rate,
-                o.window,
-                ctx.clock,
-                &ctx.progress,
-                |s, t, out| {
-                    let user = plan[s as usize];
-                    clients::body(
-                        out,
-                        &format!(r#""user_id":{user}"#),
-                        run,
-                        s,
-                        t,
-                        o.payload_bytes,
-                    )
-                },
-            )
-            .await?;
-        let rec = recorders.runs[run].clone();
-        let unique = wait_for(|| rec.seqs.unique(), count, o.drain_timeout).await;
-        let after = Commits::read(&handle).await?;
-        let cpu = cpu.stop();
-        if let Some(thread) = storm_thread {
-            storm.stop.store(true, Relaxed);
-            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
-        }
-        phases.push(Phase {
-            commits: after.since(&before),
-            cpu,
-            latency: rec.latency.summary(),
-            lost: count.saturating_sub(unique),
-        });
+        phases.push(run_phase(ctx, &rig, run, label).await?);
     }
+    let storm = rig.storm;
     publisher.close().await;
     for reader in readers {
         reader.task.abort();
