@@ -191,9 +191,31 @@ async fn fill_storm_inbox(
 /// One phase's figures.
 struct Phase {
     commits: (f64, f64, f64),
+    /// The bridge's peak RSS during the phase, when it could be reset.
+    peak_rss: Option<u64>,
     cpu: bridge::CpuUse,
     latency: crate::stats::Summary,
     lost: u64,
+}
+
+/// Restarts the bridge's peak-RSS count (Linux: `5` to `clear_refs`), so a
+/// phase's peak is its own and not the fill's.
+fn reset_peak_rss(pid: u32) -> bool {
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").is_ok()
+}
+
+/// The bridge's peak resident memory since the last reset: what a replay
+/// held at once shows here (a whole inbox before replays were paged).
+fn peak_rss(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .split_whitespace()
+        .next()?
+        .parse::<u64>()
+        .ok()?;
+    Some(kb * 1024)
 }
 
 /// What every phase uses.
@@ -221,6 +243,7 @@ async fn run_phase(ctx: &Ctx, rig: &Rig<'_>, run: usize, label: &str) -> anyhow:
     ctx.progress.received.store(0, Relaxed);
     let before = Commits::read(rig.handle).await?;
     let cpu = bridge::CpuWindow::start(Some(rig.handle.pid));
+    let peak_reset = reset_peak_rss(rig.handle.pid);
     let make = |s: u64, t: u64, out: &mut Vec<u8>| {
         let target = format!(r#""user_id":{}"#, rig.plan[s as usize]);
         clients::body(out, &target, run, s, t, o.payload_bytes)
@@ -232,12 +255,14 @@ async fn run_phase(ctx: &Ctx, rig: &Rig<'_>, run: usize, label: &str) -> anyhow:
     let unique = wait_for(|| rec.seqs.unique(), count, o.drain_timeout).await;
     let after = Commits::read(rig.handle).await?;
     let cpu = cpu.stop();
+    let peak_rss = peak_reset.then(|| peak_rss(rig.handle.pid)).flatten();
     if let Some(thread) = storm_thread {
         rig.storm.stop.store(true, Relaxed);
         let _ = tokio::task::spawn_blocking(move || thread.join()).await;
     }
     Ok(Phase {
         commits: after.since(&before),
+        peak_rss,
         cpu,
         latency: rec.latency.summary(),
         lost: count.saturating_sub(unique),
@@ -357,6 +382,14 @@ fn describe(r: &mut Report, phases: &[Phase], storm: &Storm, count: u64) {
             &format!("CPU, {name}"),
             &phase.cpu,
         );
+        if let Some(peak) = phase.peak_rss {
+            r.add(
+                &format!("peak_rss_bytes_{name}"),
+                &format!("bridge: peak RSS ({name})"),
+                peak,
+                report::mib(peak as f64),
+            );
+        }
         if phase.lost > 0 {
             r.problem(format!("{name}: {} of {count} messages lost", phase.lost));
         }
