@@ -345,15 +345,20 @@ async fn long_listings_and_replays_come_whole_and_in_order_across_pages() {
         .await;
     wait_for_stored(&bridge, 300).await;
 
-    let (status, listing) = http(
-        &bridge,
+    let auth = format!("Bearer {}", token("pages", &[]));
+    let reply = http_request(
+        bridge.running().http_addr,
         "GET",
         "/api/me/notifications?limit=500&before=290",
-        "pages",
+        &[("authorization", &auth)],
         "",
     )
     .await;
-    assert_eq!(status, 200);
+    assert_eq!(reply.status, 200);
+    // Streamed a page at a time, not built whole (11 MB here).
+    assert_eq!(reply.header("transfer-encoding"), Some("chunked"));
+    assert_eq!(reply.header("content-type"), Some("application/json"));
+    let listing = reply.json();
     assert_eq!(
         (listing["total"].as_u64(), listing["unread"].as_u64()),
         (Some(300), Some(300))
