@@ -6,7 +6,8 @@
 //!     cargo build --release --bins
 //!     cargo run --release --bin notify-bridge-bench -- SCENARIO [OPTIONS]
 //!
-//! Scenarios: unicast, broadcast, idle, slow-client, baseline, soak.
+//! Scenarios: unicast, broadcast, idle, slow-client, baseline, soak,
+//! replay-storm.
 //! It starts target/release/notify-bridge itself (its own exchange and
 //! queue, ports on 127.0.0.1:0), stops it and deletes the topology at the
 //! end, also on errors and Ctrl-C. See docs/performance.md.
@@ -48,6 +49,9 @@ enum Scenario {
     Baseline,
     /// Steady traffic with connection churn: RSS and fds must stay flat.
     Soak,
+    /// Inbox on, paced unicast while one user with a full inbox reconnects
+    /// with since=0 in a loop: others' commit latency with and without.
+    ReplayStorm,
 }
 
 #[derive(Parser, Debug)]
@@ -113,6 +117,12 @@ struct Cli {
     /// soak: connects (and as many disconnects) per second.
     #[arg(long, default_value_t = 20.0)]
     churn: f64,
+    /// replay-storm: entries in the reconnecting user's inbox.
+    #[arg(long, default_value_t = 1000)]
+    storm_entries: u64,
+    /// replay-storm: payload padding of those entries, in bytes.
+    #[arg(long, default_value_t = 4096)]
+    storm_payload: usize,
     /// Seconds without progress after which a run stops waiting for frames.
     #[arg(long, default_value_t = 10.0)]
     drain_timeout: f64,
@@ -151,6 +161,7 @@ impl Cli {
             Idle => (15_000, 0, 0.0, 0.0),
             SlowClient => (1000, 0, 2000.0, 15.0),
             Soak => (1000, 0, 500.0, 60.0),
+            ReplayStorm => (1000, 0, 1000.0, 10.0),
         };
         let amqp_url = self.amqp_url.clone().unwrap_or_else(|| {
             std::env::var("NOTIFY_BRIDGE_BENCH_AMQP_URL")
@@ -186,7 +197,7 @@ impl Cli {
             publishers: self.publishers.max(1),
             prefetch: self.prefetch,
             payload_bytes: self.payload_bytes,
-            inbox: self.inbox,
+            inbox: self.inbox || self.scenario == ReplayStorm,
             baseline: !self.no_baseline,
             per_source: self.per_source.max(1),
             connect_concurrency: self.connect_concurrency.max(1),
@@ -195,6 +206,8 @@ impl Cli {
             slow_rate: self.slow_rate.max(1.0),
             slow_payload: self.slow_payload,
             churn: self.churn.max(0.0),
+            storm_entries: self.storm_entries.max(1),
+            storm_payload: self.storm_payload,
             drain_timeout: Duration::from_secs_f64(self.drain_timeout.max(0.5)),
             seed: self.seed,
             amqp_url,
@@ -239,6 +252,7 @@ async fn main() -> ExitCode {
             Scenario::SlowClient => scenarios::slow_client(&ctx).await,
             Scenario::Baseline => scenarios::baseline(&ctx).await,
             Scenario::Soak => scenarios::soak(&ctx).await,
+            Scenario::ReplayStorm => scenarios::replay_storm(&ctx).await,
         }
     };
     let bound = Duration::from_secs_f64(cli.max_seconds.max(1.0));

@@ -5,11 +5,13 @@
 use std::sync::Arc;
 
 use axum::{
-    body::Bytes,
+    body::{Body, Bytes},
     extract::{Path, State},
     http::{header, HeaderMap, StatusCode, Uri},
+    response::Response,
     Json,
 };
+use futures_util::StreamExt;
 use serde_json::{json, value::RawValue, Value};
 
 use super::{ApiError, HttpState};
@@ -110,25 +112,101 @@ fn parse_list_query(uri: &Uri) -> Result<ListQuery, ApiError> {
     Ok(query)
 }
 
-fn listing(counts: Counts, entries: Vec<Entry>) -> Json<Value> {
-    let notifications: Vec<Value> = entries
-        .into_iter()
-        .map(|e| {
-            let payload = RawValue::from_string(e.payload)
-                .unwrap_or_else(|_| RawValue::from_string("null".into()).expect("null is JSON"));
-            let created_at = std::time::UNIX_EPOCH
-                + std::time::Duration::from_millis(e.created_at_ms.max(0) as u64);
-            json!({
-                "id": e.id,
-                "seq": e.seq,
-                "event": e.event,
-                "payload": payload,
-                "created_at": crate::rfc3339::format(created_at),
-                "read": e.read,
-            })
-        })
-        .collect();
-    Json(json!({"total": counts.total, "unread": counts.unread, "notifications": notifications}))
+/// One entry as the listing shows it.
+fn entry_json(e: Entry) -> Value {
+    let payload = RawValue::from_string(e.payload)
+        .unwrap_or_else(|_| RawValue::from_string("null".into()).expect("null is JSON"));
+    let created_at =
+        std::time::UNIX_EPOCH + std::time::Duration::from_millis(e.created_at_ms.max(0) as u64);
+    json!({
+        "id": e.id,
+        "seq": e.seq,
+        "event": e.event,
+        "payload": payload,
+        "created_at": crate::rfc3339::format(created_at),
+        "read": e.read,
+    })
+}
+
+/// Where a streamed listing is: the next page starts below `query.before`
+/// and holds at most `query.limit` (what is left) entries.
+struct Listing {
+    inbox: Inbox,
+    user: UserId,
+    query: ListQuery,
+    /// The page read but not yet written (the first comes with the counts).
+    page: Option<Vec<Entry>>,
+    started: bool,
+    done: bool,
+}
+
+impl Listing {
+    /// The next piece of the body: the opening with the first page, then
+    /// one page at a time, then the closing brackets. A page the store
+    /// fails to read ends the body early (the client sees a cut response).
+    async fn next_piece(&mut self) -> Option<Result<Bytes, std::io::Error>> {
+        if self.done {
+            return None;
+        }
+        let page = match self.page.take() {
+            Some(page) => page,
+            None if self.query.limit == 0 => Vec::new(),
+            None => match self.inbox.list_page(self.user.as_str(), self.query).await {
+                Ok(page) => page,
+                Err(e) => {
+                    tracing::error!(error = %e, user = %self.user, "inbox listing failed");
+                    self.done = true;
+                    return Some(Err(std::io::Error::other("the inbox store is unavailable")));
+                }
+            },
+        };
+        let mut out = Vec::new();
+        if page.is_empty() {
+            out.extend_from_slice(b"]}");
+            self.done = true;
+        }
+        for entry in page {
+            self.query.before = Some(entry.seq);
+            self.query.limit -= 1;
+            if std::mem::replace(&mut self.started, true) {
+                out.push(b',');
+            }
+            serde_json::to_writer(&mut out, &entry_json(entry)).expect("JSON to a Vec");
+        }
+        Some(Ok(Bytes::from(out)))
+    }
+}
+
+/// The response for a listing: `{"total","unread","notifications":[…]}`,
+/// streamed page by page, so a `limit=500` listing of 1 MiB entries never
+/// holds more than a page.
+fn listing(
+    inbox: &Inbox,
+    user: &UserId,
+    query: ListQuery,
+    counts: Counts,
+    first: Vec<Entry>,
+) -> Response {
+    let head = format!(
+        r#"{{"total":{},"unread":{},"notifications":["#,
+        counts.total, counts.unread
+    );
+    let state = Listing {
+        inbox: inbox.clone(),
+        user: user.clone(),
+        query,
+        page: Some(first),
+        started: false,
+        done: false,
+    };
+    let pages = futures_util::stream::unfold(state, |mut state| async move {
+        state.next_piece().await.map(|piece| (piece, state))
+    });
+    let head = futures_util::stream::once(async move { Ok(Bytes::from(head)) });
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from_stream(head.chain(pages)))
+        .expect("a valid response")
 }
 
 /// `GET /api/me/notifications?unread=true&before=N&limit=50`, newest first.
@@ -136,7 +214,7 @@ pub async fn list_mine(
     State(state): State<Arc<HttpState>>,
     headers: HeaderMap,
     uri: Uri,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let inbox = inbox(&state)?;
     let user = caller(&state, &headers, &uri)?;
     list(inbox, &user, &uri).await
@@ -148,21 +226,23 @@ pub async fn list_for_user(
     headers: HeaderMap,
     Path(user): Path<String>,
     uri: Uri,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let inbox = inbox(&state)?;
     state.keys.check_admin(&headers)?;
     let user = UserId::new(&user).ok_or_else(|| bad_request("the user id must not be empty"))?;
     list(inbox, &user, &uri).await
 }
 
-/// One page of `user`'s inbox, as the query string asks.
-async fn list(inbox: &Inbox, user: &UserId, uri: &Uri) -> Result<Json<Value>, ApiError> {
+/// One page of `user`'s inbox, as the query string asks. The counts and
+/// the first store page are read before answering, so a store that fails
+/// answers 503.
+async fn list(inbox: &Inbox, user: &UserId, uri: &Uri) -> Result<Response, ApiError> {
     let query = parse_list_query(uri)?;
-    let (counts, entries) = inbox
+    let (counts, first) = inbox
         .list(user.as_str(), query)
         .await
         .map_err(unavailable)?;
-    Ok(listing(counts, entries))
+    Ok(listing(inbox, user, query, counts, first))
 }
 
 /// `PATCH /api/me/notifications` with `{"action": …, "ids": […]}`.

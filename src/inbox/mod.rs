@@ -2,13 +2,21 @@
 //! `seq` and read state) so that nothing is lost while they are offline and
 //! tabs stay in step.
 //!
-//! - [`store`]: the storage interface and its SQLite implementation.
+//! - [`store`]: the storage interface (writes and reads).
+//! - [`sqlite`], [`sqlite_read`], [`schema`]: its SQLite implementation,
+//!   writer, readers and versioned schema.
+//! - [`readers`]: the pool of readers used beside the store thread.
 //! - [`stage`]: the ordered commit step between the consumer and the router:
 //!   a delivery is acked only after its entries are committed, and frames
 //!   keep broker order.
-//! - [`Inbox`]: the async handle; the store runs on its own thread, so the
-//!   runtime never blocks on disk.
+//! - [`Inbox`]: the async handle; writes run on the store's own thread and
+//!   reads on a few reader connections from `spawn_blocking`, so the runtime
+//!   never blocks on disk and a replay never delays a commit.
 
+pub mod readers;
+pub mod schema;
+pub mod sqlite;
+pub mod sqlite_read;
 pub mod stage;
 pub mod store;
 
@@ -21,7 +29,11 @@ use tokio::sync::oneshot;
 use tracing::{error, info};
 
 use crate::config::{ConfigError, InboxConfig};
-pub use store::{Change, Counts, Entry, InboxStore, ListQuery, NewEntry, Replay, SqliteStore};
+use readers::Readers;
+pub use sqlite::SqliteStore;
+pub use store::{
+    Change, Counts, Entry, InboxReader, InboxStore, ListQuery, NewMessage, PageBound, Replay,
+};
 
 /// How often entries older than `inbox.ttl` are dropped.
 const EXPIRY_INTERVAL: Duration = Duration::from_secs(60);
@@ -29,16 +41,15 @@ const EXPIRY_INTERVAL: Duration = Duration::from_secs(60);
 type Reply<T> = oneshot::Sender<anyhow::Result<T>>;
 
 enum Command {
-    Append(Arc<Vec<NewEntry>>, Reply<Vec<Option<u64>>>),
-    Replay(String, Option<u64>, Reply<Replay>),
-    List(String, ListQuery, Reply<(Counts, Vec<Entry>)>),
+    Append(Arc<Vec<NewMessage>>, Reply<Vec<Vec<Option<u64>>>>),
     Change(String, Change, Reply<(bool, Counts)>),
 }
 
-/// A cloneable handle to the store thread.
+/// A cloneable handle to the store thread and the readers.
 #[derive(Clone)]
 pub struct Inbox {
     commands: std_mpsc::Sender<Command>,
+    readers: Arc<Readers>,
 }
 
 impl std::fmt::Debug for Inbox {
@@ -51,7 +62,7 @@ impl Inbox {
     /// Opens the configured store and starts its thread. A store that
     /// cannot be opened is a configuration error naming `inbox.path`.
     pub fn open(config: &InboxConfig) -> Result<Self, ConfigError> {
-        let store = SqliteStore::open(&config.path).map_err(|e| {
+        let unusable = |e: anyhow::Error| {
             ConfigError::key(
                 "inbox.path",
                 format!(
@@ -59,19 +70,29 @@ impl Inbox {
                     config.path.display()
                 ),
             )
-        })?;
+        };
+        let store = SqliteStore::open(&config.path).map_err(unusable)?;
+        let inbox = Self::start(store, config.max_per_user, config.ttl).map_err(unusable)?;
         info!(path = %config.path.display(), "inbox store open");
-        Ok(Self::start(store, config.max_per_user, config.ttl))
+        Ok(inbox)
     }
 
-    /// Runs `store` on a dedicated thread.
-    pub fn start(store: impl InboxStore, max_per_user: usize, ttl: Duration) -> Self {
+    /// Opens the readers and runs `store` on a dedicated thread.
+    pub fn start(
+        store: impl InboxStore,
+        max_per_user: usize,
+        ttl: Duration,
+    ) -> anyhow::Result<Self> {
+        let readers = Readers::open(&store)?;
         let (tx, rx) = std_mpsc::channel();
         std::thread::Builder::new()
             .name("inbox-store".into())
             .spawn(move || serve(store, rx, max_per_user, ttl))
             .expect("spawn the inbox store thread");
-        Self { commands: tx }
+        Ok(Self {
+            commands: tx,
+            readers,
+        })
     }
 
     async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> anyhow::Result<T> {
@@ -83,20 +104,54 @@ impl Inbox {
             .map_err(|_| anyhow::anyhow!("the inbox store has stopped"))?
     }
 
-    pub async fn append(&self, batch: Arc<Vec<NewEntry>>) -> anyhow::Result<Vec<Option<u64>>> {
+    /// Commits a batch on the store thread; per message, per user, the
+    /// new seq or `None` for a redelivery.
+    pub async fn append(
+        &self,
+        batch: Arc<Vec<NewMessage>>,
+    ) -> anyhow::Result<Vec<Vec<Option<u64>>>> {
         self.ask(|r| Command::Append(batch, r)).await
     }
 
+    /// The start of a replay (counts, gap, `through`, first page), read
+    /// beside the commits.
     pub async fn replay(&self, user: &str, since: Option<u64>) -> anyhow::Result<Replay> {
-        self.ask(|r| Command::Replay(user.to_string(), since, r))
+        let user = user.to_string();
+        self.readers
+            .read(move |r| r.replay(&user, since, PageBound::DEFAULT))
             .await
     }
 
+    /// The next page of a replay: `after < seq <= through`.
+    pub async fn replay_page(
+        &self,
+        user: &str,
+        after: u64,
+        through: u64,
+    ) -> anyhow::Result<Vec<Entry>> {
+        let user = user.to_string();
+        self.readers
+            .read(move |r| r.replay_page(&user, after, through, PageBound::DEFAULT))
+            .await
+    }
+
+    /// Counts and the first page of a listing.
     pub async fn list(&self, user: &str, query: ListQuery) -> anyhow::Result<(Counts, Vec<Entry>)> {
-        self.ask(|r| Command::List(user.to_string(), query, r))
+        let user = user.to_string();
+        self.readers
+            .read(move |r| r.list(&user, query, PageBound::DEFAULT))
             .await
     }
 
+    /// A later page of a listing (see [`InboxReader::list_page`]).
+    pub async fn list_page(&self, user: &str, query: ListQuery) -> anyhow::Result<Vec<Entry>> {
+        let user = user.to_string();
+        self.readers
+            .read(move |r| r.list_page(&user, query, PageBound::DEFAULT))
+            .await
+    }
+
+    /// Applies a read-state change on the store thread.
     pub async fn change(&self, user: &str, change: Change) -> anyhow::Result<(bool, Counts)> {
         self.ask(|r| Command::Change(user.to_string(), change, r))
             .await
@@ -132,12 +187,6 @@ fn serve(
             Ok(Command::Append(batch, reply)) => {
                 let _ = reply.send(store.append(&batch, now_ms(), max_per_user));
             }
-            Ok(Command::Replay(user, since, reply)) => {
-                let _ = reply.send(store.replay(&user, since));
-            }
-            Ok(Command::List(user, query, reply)) => {
-                let _ = reply.send(store.list(&user, query));
-            }
             Ok(Command::Change(user, change, reply)) => {
                 let _ = reply.send(store.change(&user, &change));
             }
@@ -147,5 +196,100 @@ fn serve(
             }
             Err(std_mpsc::RecvTimeoutError::Disconnected) => break,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// A store whose reads wait until the test lets them go.
+    struct SlowReads {
+        release: Arc<Mutex<std_mpsc::Receiver<()>>>,
+    }
+
+    struct SlowReader(Arc<Mutex<std_mpsc::Receiver<()>>>);
+
+    impl InboxStore for SlowReads {
+        fn append(
+            &mut self,
+            batch: &[NewMessage],
+            _: i64,
+            _: usize,
+        ) -> anyhow::Result<Vec<Vec<Option<u64>>>> {
+            Ok(batch.iter().map(|m| vec![Some(1); m.users.len()]).collect())
+        }
+        fn change(&mut self, _: &str, _: &Change) -> anyhow::Result<(bool, Counts)> {
+            Ok((false, Counts::default()))
+        }
+        fn expire(&mut self, _: i64) -> anyhow::Result<usize> {
+            Ok(0)
+        }
+        fn reader(&self) -> anyhow::Result<Box<dyn InboxReader>> {
+            Ok(Box::new(SlowReader(self.release.clone())))
+        }
+    }
+
+    impl InboxReader for SlowReader {
+        fn replay(&mut self, _: &str, _: Option<u64>, _: PageBound) -> anyhow::Result<Replay> {
+            self.0.lock().unwrap().recv().ok();
+            Ok(Replay {
+                counts: Counts::default(),
+                gap_oldest: None,
+                through: 0,
+                entries: Vec::new(),
+            })
+        }
+        fn replay_page(
+            &mut self,
+            _: &str,
+            _: u64,
+            _: u64,
+            _: PageBound,
+        ) -> anyhow::Result<Vec<Entry>> {
+            Ok(Vec::new())
+        }
+        fn list(
+            &mut self,
+            _: &str,
+            _: ListQuery,
+            _: PageBound,
+        ) -> anyhow::Result<(Counts, Vec<Entry>)> {
+            Ok((Counts::default(), Vec::new()))
+        }
+        fn list_page(&mut self, _: &str, _: ListQuery, _: PageBound) -> anyhow::Result<Vec<Entry>> {
+            Ok(Vec::new())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_commit_does_not_wait_behind_a_replay() {
+        let (release, wait) = std_mpsc::channel();
+        let inbox = Inbox::start(
+            SlowReads {
+                release: Arc::new(Mutex::new(wait)),
+            },
+            100,
+            Duration::from_secs(3600),
+        )
+        .unwrap();
+        let reader = inbox.clone();
+        let replay = tokio::spawn(async move { reader.replay("slow", Some(0)).await });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let message = NewMessage {
+            users: vec!["other".into()],
+            id: "1".into(),
+            event: "notification".into(),
+            payload: "1".into(),
+        };
+        let committed = tokio::time::timeout(
+            Duration::from_secs(2),
+            inbox.append(Arc::new(vec![message])),
+        )
+        .await;
+        release.send(()).unwrap();
+        assert!(committed.is_ok(), "the commit waited behind a replay");
+        replay.await.unwrap().unwrap();
     }
 }

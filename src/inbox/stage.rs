@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::error;
 
 use crate::{
-    inbox::{Inbox, NewEntry},
+    inbox::{Inbox, NewMessage},
     message::Target,
     metrics::Metrics,
     readiness::Readiness,
@@ -73,22 +73,28 @@ async fn run(
 ) {
     let mut batch: Vec<RouteRequest> = Vec::with_capacity(BATCH);
     while rx.recv_many(&mut batch, BATCH).await > 0 {
-        let entries: Vec<NewEntry> = batch
+        // One item per stored message, with its users: the payload is
+        // copied (and stored) once, however many users it is for.
+        let messages: Vec<NewMessage> = batch
             .iter()
-            .flat_map(|request| {
+            .filter(|request| !storage_users(request).is_empty())
+            .map(|request| {
                 let n = &request.notification;
-                storage_users(request).iter().map(move |user| NewEntry {
-                    user: user.to_string(),
+                NewMessage {
                     id: n.id.clone(),
                     event: n.event.clone(),
                     payload: n.payload.get().to_string(),
-                })
+                    users: storage_users(request)
+                        .iter()
+                        .map(|u| u.to_string())
+                        .collect(),
+                }
             })
             .collect();
-        let mut seqs = if entries.is_empty() {
+        let mut seqs = if messages.is_empty() {
             Vec::new()
         } else {
-            match commit(&inbox, entries, &metrics, &readiness, &shutdown).await {
+            match commit(&inbox, messages, &metrics, &readiness, &shutdown).await {
                 Some(seqs) => seqs,
                 // Shutting down with the store failing: leave the batch
                 // unacknowledged; the broker redelivers it.
@@ -98,10 +104,13 @@ async fn run(
         .into_iter();
         for mut request in batch.drain(..) {
             let users = storage_users(&request).to_vec();
-            request.stored = users
-                .into_iter()
-                .map(|user| (user, seqs.next().flatten()))
-                .collect();
+            if !users.is_empty() {
+                let mut for_message = seqs.next().unwrap_or_default().into_iter();
+                request.stored = users
+                    .into_iter()
+                    .map(|user| (user, for_message.next().flatten()))
+                    .collect();
+            }
             router.route(request).await;
         }
     }
@@ -111,17 +120,17 @@ async fn run(
 /// acked, readiness says why) instead of dropping messages.
 async fn commit(
     inbox: &Inbox,
-    entries: Vec<NewEntry>,
+    messages: Vec<NewMessage>,
     metrics: &Metrics,
     readiness: &Readiness,
     shutdown: &CancellationToken,
-) -> Option<Vec<Option<u64>>> {
-    let entries = Arc::new(entries);
+) -> Option<Vec<Vec<Option<u64>>>> {
+    let messages = Arc::new(messages);
     let mut backoff = Duration::from_millis(200);
     let mut failing = false;
     loop {
         let started = std::time::Instant::now();
-        match inbox.append(entries.clone()).await {
+        match inbox.append(messages.clone()).await {
             Ok(seqs) => {
                 if failing {
                     readiness.set_store_ok();
@@ -129,7 +138,7 @@ async fn commit(
                 metrics.inbox_commit_seconds.observe(started.elapsed());
                 metrics
                     .inbox_stored
-                    .add(seqs.iter().filter(|s| s.is_some()).count() as u64);
+                    .add(seqs.iter().flatten().filter(|s| s.is_some()).count() as u64);
                 return Some(seqs);
             }
             Err(e) => {

@@ -21,6 +21,7 @@ use tokio_tungstenite::{
 use tracing::debug;
 
 use crate::{
+    inbox::Entry,
     metrics::Limit,
     outbound::{self, Outbound, OutboundReceiver, OutboundSender, PushError},
     router::{ConnectionId, SessionControl, SessionHandle},
@@ -37,7 +38,8 @@ use crate::{
 const CLOSE_DEADLINE: Duration = Duration::from_secs(2);
 /// The most frames written between two flushes.
 const WRITE_BATCH: usize = 64;
-/// How long the opening frames (welcome, inbox counts, replay) may take.
+/// How long writing one page of the opening frames (welcome, inbox counts,
+/// then each page of the replay) may take.
 const OPENING_DEADLINE: Duration = Duration::from_secs(10);
 
 /// Runs one admitted connection to its end.
@@ -79,28 +81,19 @@ pub async fn run(
     };
     // Boxed: the opening's state would otherwise enlarge every session's
     // task for its whole life.
-    let ending = match Box::pin(session.opening_frames()).await {
-        Err(ending) => ending,
-        Ok(mut opening) => {
-            let mut latencies = Vec::new();
-            let written = tokio::select! {
-                biased;
-                _ = control.closed() => Err(control.reason().map_or(Ending::Drop, |(c, r)| Ending::Close(c, r))),
-                written = tokio::time::timeout(OPENING_DEADLINE, write_batch(&mut sink, &mut opening, &mut latencies, 0)) => match written {
-                    Ok(Ok(frames)) => Ok(frames),
-                    _ => Err(Ending::Drop),
-                },
-            };
-            match written {
-                Ok(frames) => {
-                    ctx.metrics.frames_sent.add(frames);
-                    session
-                        .serve(&mut sink, &mut stream, &mut queue, &control)
-                        .await
-                }
-                Err(ending) => ending,
-            }
+    let opened = tokio::select! {
+        biased;
+        _ = control.closed() => Err(control.reason().map_or(Ending::Drop, |(c, r)| Ending::Close(c, r))),
+        opened = Box::pin(session.write_opening(&mut sink)) => opened,
+    };
+    let ending = match opened {
+        Ok(frames) => {
+            ctx.metrics.frames_sent.add(frames);
+            session
+                .serve(&mut sink, &mut stream, &mut queue, &control)
+                .await
         }
+        Err(ending) => ending,
     };
 
     ctx.router.unregister(id).await;
@@ -185,10 +178,15 @@ type Stream = futures_util::stream::SplitStream<WebSocketStream<TcpStream>>;
 
 impl Session {
     /// `welcome`, then with the inbox: the counts, a `gap` if retention
-    /// dropped entries after `since`, and the replay. Read after the session
-    /// was registered, so whatever is committed later arrives live; what
-    /// arrives live and was also replayed is dropped by seq.
-    async fn opening_frames(&mut self) -> Result<Vec<Outbound>, Ending> {
+    /// dropped entries after `since`, and the first page of the replay.
+    /// Read after the session was registered, so whatever is committed
+    /// later arrives live; what arrives live and was also replayed (or is
+    /// at most `since`) is dropped by seq. `skip_through` is the last seq
+    /// the store had assigned at the read ("through"), never the client's
+    /// `since`: beyond it nothing is replayed and every live frame counts.
+    /// Returns the frames and, when the replay has more pages, the cursor
+    /// `(after, through)`.
+    async fn opening_frames(&mut self) -> Result<(Vec<Outbound>, Option<(u64, u64)>), Ending> {
         let user = &self.admission.user;
         let mut frames = vec![Outbound::control(frames::welcome(
             self.id,
@@ -196,7 +194,7 @@ impl Session {
             &self.admission.channels,
         ))];
         let Some(inbox) = &self.ctx.inbox else {
-            return Ok(frames);
+            return Ok((frames, None));
         };
         let since = self.admission.since;
         let replay = match inbox.replay(user.as_str(), since).await {
@@ -207,25 +205,65 @@ impl Session {
             }
         };
         frames.push(Outbound::control(frames::inbox_counts(replay.counts)));
-        if let (Some(since), Some(oldest)) = (since, replay.gap_oldest) {
+        let Some(since) = since else {
+            return Ok((frames, None));
+        };
+        if let Some(oldest) = replay.gap_oldest {
             frames.push(Outbound::control(frames::gap(since, oldest)));
             self.ctx.metrics.inbox_gaps.inc();
         }
-        self.ctx
-            .metrics
-            .inbox_replayed
-            .add(replay.entries.len() as u64);
-        self.skip_through = since.unwrap_or(0);
-        for entry in replay.entries {
-            self.skip_through = self.skip_through.max(entry.seq);
-            frames.push(Outbound::control(crate::message::stored_frame(
+        self.skip_through = replay.through;
+        let more = self.replayed(&mut frames, replay.entries);
+        Ok((frames, more.map(|after| (after, replay.through))))
+    }
+
+    /// Appends replayed entries as frames; the seq to read after when the
+    /// page was not empty (there may be more).
+    fn replayed(&self, frames: &mut Vec<Outbound>, entries: Vec<Entry>) -> Option<u64> {
+        self.ctx.metrics.inbox_replayed.add(entries.len() as u64);
+        let last = entries.last().map(|e| e.seq);
+        frames.extend(entries.into_iter().map(|entry| {
+            Outbound::control(crate::message::stored_frame(
                 entry.seq,
                 &entry.id,
                 &entry.event,
                 &entry.payload,
-            )));
+            ))
+        }));
+        last
+    }
+
+    /// Writes the opening frames, then the rest of the replay page by page:
+    /// each page is written before the next is read, so a replay holds at
+    /// most one page. Each write must finish within `OPENING_DEADLINE`.
+    async fn write_opening(&mut self, sink: &mut Sink) -> Result<u64, Ending> {
+        let (mut frames, mut cursor) = self.opening_frames().await?;
+        let mut latencies = Vec::new();
+        let mut written = 0;
+        loop {
+            let write = write_batch(sink, &mut frames, &mut latencies, 0);
+            match tokio::time::timeout(OPENING_DEADLINE, write).await {
+                Ok(Ok(n)) => written += n,
+                _ => return Err(Ending::Drop),
+            }
+            let Some((after, through)) = cursor.filter(|(after, through)| after < through) else {
+                return Ok(written);
+            };
+            let inbox = self.ctx.inbox.as_ref().expect("a replay needs the inbox");
+            let page = match inbox
+                .replay_page(self.admission.user.as_str(), after, through)
+                .await
+            {
+                Ok(page) => page,
+                Err(e) => {
+                    tracing::error!(error = %e, user = %self.admission.user, "inbox replay failed");
+                    return Err(Ending::Close(1011, "inbox unavailable"));
+                }
+            };
+            cursor = self
+                .replayed(&mut frames, page)
+                .map(|after| (after, through));
         }
-        Ok(frames)
     }
 
     async fn serve(

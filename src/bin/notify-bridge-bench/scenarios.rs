@@ -11,6 +11,10 @@ use std::{
 use anyhow::bail;
 use tokio::sync::Mutex;
 
+#[path = "replay_storm.rs"]
+mod replay_storm;
+pub use replay_storm::replay_storm;
+
 use crate::{
     bridge::{self, Bridge, BridgeOptions, Handle, Names},
     clients::{self, Baseline, Publisher, Reader, Recorder, Recorders, Ws},
@@ -39,6 +43,10 @@ pub struct Options {
     pub slow_rate: f64,
     pub slow_payload: usize,
     pub churn: f64,
+    /// replay-storm: entries in the reconnecting user's inbox, and their
+    /// payload padding.
+    pub storm_entries: u64,
+    pub storm_payload: usize,
     pub drain_timeout: Duration,
     pub seed: u64,
     pub amqp_url: String,

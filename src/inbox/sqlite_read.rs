@@ -1,0 +1,192 @@
+//! Reading the SQLite store on a connection of its own: WAL lets it read
+//! the last committed state while the writer commits, and every read
+//! stops at a page bound.
+
+use std::path::Path;
+
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Statement};
+
+use super::store::{Counts, Entry, InboxReader, ListQuery, PageBound, Replay};
+
+/// A read-only connection to the store.
+pub struct SqliteReader {
+    db: Connection,
+}
+
+impl SqliteReader {
+    /// Opens a reader on a store the writer has already opened (and
+    /// migrated).
+    pub fn open(path: &Path) -> anyhow::Result<Self> {
+        let db = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        db.pragma_update(None, "query_only", true)?;
+        db.busy_timeout(std::time::Duration::from_secs(5))?;
+        Ok(Self { db })
+    }
+}
+
+/// The whole inbox's counts for `user`.
+pub fn counts(db: &Connection, user: &str) -> rusqlite::Result<Counts> {
+    db.query_row(
+        "SELECT COUNT(*), COALESCE(SUM(read = 0), 0) FROM inbox_entries WHERE user_id = ?1",
+        params![user],
+        |r| {
+            Ok(Counts {
+                total: r.get::<_, i64>(0)? as u64,
+                unread: r.get::<_, i64>(1)? as u64,
+            })
+        },
+    )
+}
+
+/// A seq from outside (u64) as SQLite holds it: seqs never pass
+/// `i64::MAX`, so clamping keeps every comparison true to the u64.
+fn clamp(seq: u64) -> i64 {
+    seq.min(i64::MAX as u64) as i64
+}
+
+const COLUMNS: &str = "SELECT e.seq, e.id, p.event, p.payload, e.created_at, e.read
+     FROM inbox_entries e JOIN inbox_payloads p ON p.pid = e.payload_ref";
+
+/// Reads rows of `stmt` into a page: at most `page.entries`, and no more
+/// once the next would pass `page.bytes` (but at least one).
+fn page_of(
+    stmt: &mut Statement<'_>,
+    params: impl rusqlite::Params,
+    page: PageBound,
+) -> rusqlite::Result<Vec<Entry>> {
+    let mut rows = stmt.query(params)?;
+    let mut entries = Vec::new();
+    let mut bytes = 0;
+    while entries.len() < page.entries.max(1) {
+        let Some(row) = rows.next()? else { break };
+        let entry = Entry {
+            seq: row.get::<_, i64>(0)? as u64,
+            id: row.get(1)?,
+            event: row.get(2)?,
+            payload: row.get(3)?,
+            created_at_ms: row.get(4)?,
+            read: row.get::<_, i64>(5)? != 0,
+        };
+        if !entries.is_empty() && bytes + entry.bytes() > page.bytes {
+            break;
+        }
+        bytes += entry.bytes();
+        entries.push(entry);
+    }
+    Ok(entries)
+}
+
+fn replay_page(
+    db: &Connection,
+    user: &str,
+    after: u64,
+    through: u64,
+    page: PageBound,
+) -> rusqlite::Result<Vec<Entry>> {
+    let mut stmt = db.prepare_cached(&format!(
+        "{COLUMNS} WHERE e.user_id = ?1 AND e.seq > ?2 AND e.seq <= ?3 ORDER BY e.seq LIMIT ?4"
+    ))?;
+    let limit = page.entries.max(1) as i64;
+    page_of(
+        &mut stmt,
+        params![user, clamp(after), clamp(through), limit],
+        page,
+    )
+}
+
+fn list_page(
+    db: &Connection,
+    user: &str,
+    query: ListQuery,
+    page: PageBound,
+) -> rusqlite::Result<Vec<Entry>> {
+    let mut stmt = db.prepare_cached(&format!(
+        "{COLUMNS} WHERE e.user_id = ?1 AND e.seq < ?2 AND (?3 = 0 OR e.read = 0)
+         ORDER BY e.seq DESC LIMIT ?4"
+    ))?;
+    let before = query.before.map_or(i64::MAX, clamp);
+    let limit = query.limit.min(page.entries.max(1)) as i64;
+    let page = PageBound {
+        entries: limit as usize,
+        ..page
+    };
+    page_of(
+        &mut stmt,
+        params![user, before, query.unread_only as i64, limit],
+        page,
+    )
+}
+
+impl InboxReader for SqliteReader {
+    fn replay(
+        &mut self,
+        user: &str,
+        since: Option<u64>,
+        page: PageBound,
+    ) -> anyhow::Result<Replay> {
+        // One read transaction: counts, gap, `through` and the first page
+        // are of the same committed state.
+        let tx = self.db.transaction()?;
+        let counts = counts(&tx, user)?;
+        let (next_seq, dropped_through): (i64, i64) = tx
+            .query_row(
+                "SELECT next_seq, dropped_through FROM inbox_users WHERE user_id = ?1",
+                params![user],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?
+            .unwrap_or((1, 0));
+        let through = (next_seq as u64).saturating_sub(1);
+        let Some(since) = since else {
+            return Ok(Replay {
+                counts,
+                gap_oldest: None,
+                through,
+                entries: Vec::new(),
+            });
+        };
+        let entries = replay_page(&tx, user, since, through, page)?;
+        let gap_oldest = (dropped_through as u64 > since)
+            .then(|| entries.first().map_or(next_seq as u64, |e| e.seq));
+        Ok(Replay {
+            counts,
+            gap_oldest,
+            through,
+            entries,
+        })
+    }
+
+    fn replay_page(
+        &mut self,
+        user: &str,
+        after: u64,
+        through: u64,
+        page: PageBound,
+    ) -> anyhow::Result<Vec<Entry>> {
+        Ok(replay_page(&self.db, user, after, through, page)?)
+    }
+
+    fn list(
+        &mut self,
+        user: &str,
+        query: ListQuery,
+        page: PageBound,
+    ) -> anyhow::Result<(Counts, Vec<Entry>)> {
+        let tx = self.db.transaction()?;
+        let counts = counts(&tx, user)?;
+        let entries = list_page(&tx, user, query, page)?;
+        Ok((counts, entries))
+    }
+
+    fn list_page(
+        &mut self,
+        user: &str,
+        query: ListQuery,
+        page: PageBound,
+    ) -> anyhow::Result<Vec<Entry>> {
+        Ok(list_page(&self.db, user, query, page)?)
+    }
+}
