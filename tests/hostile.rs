@@ -969,27 +969,13 @@ async fn memory_stays_bounded_under_a_connection_flood() {
 }
 
 /// User and system CPU time of `pid`, in clock ticks.
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // Fields after the command name (which may hold spaces), 14 and 15 in all.
-    let rest = &stat[stat.rfind(')').unwrap() + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
-}
-
 #[tokio::test]
 async fn the_accept_loop_survives_running_out_of_file_descriptors() {
     let daemon = Daemon::start(&[]).await;
-    let pid = daemon.pid();
     // The readiness probes' connections are closed by now.
     tokio::time::sleep(Duration::from_millis(300)).await;
     // Room for 30 more descriptors, then EMFILE.
-    let limit = daemon.open_fds() + 30;
-    let status = std::process::Command::new("prlimit")
-        .args(["--pid", &pid.to_string(), &format!("--nofile={limit}:")])
-        .status()
-        .expect("prlimit (util-linux) is installed");
-    assert!(status.success());
+    daemon.limit_open_files(30);
 
     let mut sessions = Vec::new();
     for i in 0..30 {
@@ -1015,9 +1001,7 @@ async fn the_accept_loop_survives_running_out_of_file_descriptors() {
         })
         .collect();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let before = cpu_ticks(pid);
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let spent = cpu_ticks(pid) - before;
+    let spent = daemon.cpu_ticks_during(Duration::from_secs(2)).await;
     let log = daemon.log();
     let warnings = log.matches("accept failed").count();
     let still_waiting = waiting.iter().filter(|t| !t.is_finished()).count();

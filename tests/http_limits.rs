@@ -264,14 +264,6 @@ async fn shutdown_answers_the_request_in_flight_and_closes_idle_ones() {
 }
 
 /// User and system CPU time of `pid`, in clock ticks.
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // Fields after the command name (which may hold spaces), 14 and 15 in all.
-    let rest = &stat[stat.rfind(')').unwrap() + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
-}
-
 /// A kept-alive connection that has been answered 200 (so it holds a
 /// descriptor of the daemon until it is dropped).
 async fn served_keep_alive(addr: std::net::SocketAddr) -> TcpStream {
@@ -292,15 +284,10 @@ async fn served_keep_alive(addr: std::net::SocketAddr) -> TcpStream {
 #[tokio::test]
 async fn the_side_port_accept_loop_survives_running_out_of_file_descriptors() {
     let daemon = common::daemon::Daemon::start(&[]).await;
-    let (pid, addr) = (daemon.pid(), daemon.http_addr);
+    let addr = daemon.http_addr;
     // The readiness probes' connections are closed by now.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let limit = daemon.open_fds() + 30;
-    let status = std::process::Command::new("prlimit")
-        .args(["--pid", &pid.to_string(), &format!("--nofile={limit}:")])
-        .status()
-        .expect("prlimit (util-linux) is installed");
-    assert!(status.success());
+    daemon.limit_open_files(30);
 
     // 30 kept-alive connections take the room that is left.
     let mut held = Vec::new();
@@ -313,9 +300,7 @@ async fn the_side_port_accept_loop_survives_running_out_of_file_descriptors() {
         .map(|_| tokio::spawn(served_keep_alive(addr)))
         .collect();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let before = cpu_ticks(pid);
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let spent = cpu_ticks(pid) - before;
+    let spent = daemon.cpu_ticks_during(Duration::from_secs(2)).await;
     let log = daemon.log();
     let warnings = log.matches("side port: accept failed").count();
     let still_waiting = waiting.iter().filter(|t| !t.is_finished()).count();

@@ -12,10 +12,7 @@ use serde_json::{json, Value};
 const ADMIN_KEY: &str = "inbox-admin-key";
 
 fn store_path() -> PathBuf {
-    std::env::temp_dir()
-        .join(unique("nb-inbox"))
-        .join("data")
-        .join("inbox.db")
+    inbox_store_path("nb-inbox")
 }
 
 fn with_inbox(path: PathBuf) -> impl FnOnce(&mut Config) {

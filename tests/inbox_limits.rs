@@ -12,10 +12,7 @@ use notify_bridge::config::Config;
 use serde_json::{json, Value};
 
 fn store_path() -> PathBuf {
-    std::env::temp_dir()
-        .join(unique("nb-inbox-limits"))
-        .join("data")
-        .join("inbox.db")
+    inbox_store_path("nb-inbox-limits")
 }
 
 fn with_inbox(path: PathBuf) -> impl FnOnce(&mut Config) {

@@ -66,6 +66,7 @@ pub fn document() -> Value {
                         },
                         "400": error_response("Invalid body (the detail says what is wrong)"),
                         "401": error_response("No or bad API key"),
+                        "408": error_response("The body did not arrive within http.request_timeout (code `timeout`)"),
                         "413": error_response("Body larger than amqp.max_message_bytes"),
                         "503": error_response("Broker unavailable or no confirm in time: nothing was queued, retry")
                     }

@@ -250,6 +250,38 @@ impl Daemon {
             .count()
     }
 
+    /// User plus system CPU time in clock ticks, from /proc.
+    pub fn cpu_ticks(&self) -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid()))
+            .expect("read /proc/PID/stat");
+        // Fields after the command name (which may hold spaces), 14 and 15 in all.
+        let rest = &stat[stat.rfind(')').expect("(comm)") + 2..];
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+    }
+
+    /// The CPU ticks the daemon spends over the next `period`.
+    pub async fn cpu_ticks_during(&self, period: Duration) -> u64 {
+        let before = self.cpu_ticks();
+        tokio::time::sleep(period).await;
+        self.cpu_ticks() - before
+    }
+
+    /// Lowers the daemon's open-file limit (`prlimit`, util-linux) to what
+    /// it has open now plus `spare`, for out-of-descriptors tests.
+    pub fn limit_open_files(&self, spare: usize) {
+        let limit = self.open_fds() + spare;
+        let status = std::process::Command::new("prlimit")
+            .args([
+                "--pid",
+                &self.pid().to_string(),
+                &format!("--nofile={limit}:"),
+            ])
+            .status()
+            .expect("prlimit (util-linux) is installed");
+        assert!(status.success());
+    }
+
     /// SIGTERM, a clean exit, then the whole log once the pipes are drained;
     /// removes the daemon's queue and exchange.
     pub async fn terminate(mut self) -> String {

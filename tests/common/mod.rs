@@ -166,6 +166,15 @@ impl Bridge {
     }
 }
 
+/// A fresh inbox path in a folder of its own that does not exist yet (the
+/// bridge must create it), under the temp folder.
+pub fn inbox_store_path(prefix: &str) -> std::path::PathBuf {
+    std::env::temp_dir()
+        .join(unique(prefix))
+        .join("data")
+        .join("inbox.db")
+}
+
 /// An HS256 token for `user`, valid for an hour.
 pub fn token(user: &str, channels: &[&str]) -> String {
     let config = test_config();
