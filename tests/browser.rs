@@ -509,6 +509,25 @@ async fn demo_page_receives_sends_reconnects_and_fits_a_phone() {
     assert!(text.contains("12345678901234567890"), "{text}");
     assert!(text.contains("order.shipped"), "{text}");
 
+    // 2b. Escapes as Python's json.dumps writes them are shown decoded, and
+    // what JSON needs escaped stays escaped; numbers stay as received.
+    bridge
+        .publish(
+            &publisher,
+            r#"{"user_id": 1, "id": "escaped-1",
+                "payload": {"text": "done \u2713 caf\u00e9", "quote": "say \"hi\"", "n": 98765432109876543210}}"#,
+        )
+        .await;
+    page.notification_text("escaped-1").await;
+    let shown = page
+        .eval("document.querySelector('[data-notification-id=\"escaped-1\"] pre.payload').textContent")
+        .await;
+    let shown = shown.as_str().unwrap_or_default();
+    assert!(shown.contains(r#""done ✓ café""#), "{shown}");
+    assert!(!shown.contains(r"\u2713"), "{shown}");
+    assert!(shown.contains(r#""say \"hi\"""#), "{shown}");
+    assert!(shown.contains("98765432109876543210"), "{shown}");
+
     // 3. HTML in a payload is shown as text, never parsed.
     let evil = "<img src=x onerror=alert(1)>";
     bridge

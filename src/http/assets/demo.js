@@ -432,7 +432,25 @@
     }
   }
 
-  /** Re-indents JSON text token by token, changing nothing but whitespace. */
+  /**
+   * A JSON string token as a person reads it: escapes such as `\u2713`
+   * (Python's json.dumps writes every non-ASCII character so) decoded, and
+   * only what JSON needs escaped again (quotes, backslashes, control
+   * characters), so the text stays valid JSON. Numbers never pass through
+   * here, so big integers stay exactly as received.
+   */
+  function readableString(token) {
+    try {
+      return JSON.stringify(JSON.parse(token));
+    } catch (e) {
+      return token;
+    }
+  }
+
+  /**
+   * Re-indents JSON text token by token, changing nothing but whitespace and
+   * the escapes inside strings (see readableString).
+   */
   function indentJson(raw) {
     let out = "";
     let depth = 0;
@@ -443,7 +461,7 @@
         const start = i;
         i++;
         while (i < raw.length && raw[i] !== '"') i += raw[i] === "\\" ? 2 : 1;
-        out += raw.slice(start, i + 1);
+        out += readableString(raw.slice(start, i + 1));
       } else if (c === "{" || c === "[") {
         let j = i + 1;
         while (" \t\r\n".includes(raw[j])) j++;
