@@ -59,6 +59,8 @@ impl ChannelGrant {
 pub struct Authenticator {
     mode: AuthMode,
     user_claim: String,
+    /// `auth.cookie_name`, when cookie authentication is on.
+    cookie_name: Option<String>,
     hmac: Option<(DecodingKey, Validation)>,
     public: Option<(DecodingKey, Validation)>,
 }
@@ -112,6 +114,7 @@ impl Authenticator {
         Ok(Self {
             mode: config.mode,
             user_claim: config.user_claim.clone(),
+            cookie_name: Some(config.cookie_name.clone()).filter(|name| !name.is_empty()),
             hmac,
             public,
         })
@@ -119,6 +122,11 @@ impl Authenticator {
 
     pub fn mode(&self) -> AuthMode {
         self.mode
+    }
+
+    /// The cookie that may carry a token (`auth.cookie_name`), if any.
+    pub fn cookie_name(&self) -> Option<&str> {
+        self.cookie_name.as_deref()
     }
 
     /// Verifies a token and extracts the user and channel grant.

@@ -150,6 +150,10 @@ pub struct AuthConfig {
     pub audience: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub issuer: Option<String>,
+    /// The cookie the handshake reads the JWT from when no other token is
+    /// given (empty: off), for apps that set an HttpOnly cookie on their own
+    /// domain. Needs a non-empty `websocket.allowed_origins`.
+    pub cookie_name: String,
 }
 
 /// Log output.
@@ -252,6 +256,7 @@ impl Default for AuthConfig {
             user_claim: "sub".into(),
             audience: None,
             issuer: None,
+            cookie_name: String::new(),
         }
     }
 }
@@ -495,6 +500,14 @@ impl Config {
                  (or set auth.mode = \"none\" for local development)",
             );
         }
+        // Any site's page makes the browser send the cookie: only the
+        // origin check keeps other sites out.
+        check(
+            self.auth.cookie_name.is_empty() || !self.websocket.allowed_origins.is_empty(),
+            "auth.cookie_name",
+            "cookie authentication needs a non-empty websocket.allowed_origins: a browser \
+             sends the cookie from any site's page, and only the origin check refuses them",
+        );
         check(
             !self.shutdown_timeout.is_zero(),
             "shutdown_timeout",
@@ -753,6 +766,18 @@ mod tests {
         let err =
             load_toml(&format!("{SECRET}[websocket]\nping_interval = \"soon\"\n")).unwrap_err();
         assert!(err.to_string().contains("websocket.ping_interval"), "{err}");
+    }
+
+    #[test]
+    fn cookie_auth_needs_an_origin_allow_list() {
+        let e = load_toml(&format!("{SECRET}auth.cookie_name = \"nb_token\"\n")).unwrap_err();
+        let text = e.to_string();
+        assert!(text.contains("auth.cookie_name"), "{text}");
+        assert!(text.contains("websocket.allowed_origins"), "{text}");
+        let ok = format!(
+            "{SECRET}auth.cookie_name = \"nb_token\"\n[websocket]\nallowed_origins = [\"https://app.example\"]\n"
+        );
+        assert_eq!(load_toml(&ok).unwrap().auth.cookie_name, "nb_token");
     }
 
     #[test]

@@ -1049,3 +1049,85 @@ async fn demo_page_with_the_inbox_replays_counts_marks_read_and_resumes_after_a_
     page.assert_no_page_errors();
     bridge.stop().await;
 }
+
+/// Serves one small page to every request on 127.0.0.1, as a site of
+/// another origin would; returns its address.
+async fn serve_other_site() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = [0u8; 4096];
+                let _ = stream.read(&mut head).await;
+                let body = "<!doctype html><title>another site</title><p>another site</p>";
+                let reply = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: {}\r\n\
+                     Connection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = stream.write_all(reply.as_bytes()).await;
+            });
+        }
+    });
+    addr
+}
+
+/// Opens a WebSocket from the page with no token of its own (the browser
+/// adds its cookies and the page's Origin); the first frame's text, or
+/// "refused" when the handshake fails.
+async fn socket_from_page(page: &mut Cdp, ws_url: &str) -> String {
+    let script = format!(
+        "new Promise(done => {{ const ws = new WebSocket({ws_url:?}); \
+         ws.onmessage = e => {{ done(e.data); ws.close(); }}; \
+         ws.onerror = () => done('refused'); }})"
+    );
+    page.eval(&script)
+        .await
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[tokio::test]
+async fn a_cookie_connects_from_an_allowed_origin_but_not_from_another_site() {
+    let Some(binary) = chromium_binary() else {
+        return;
+    };
+    // The side port's origin is the allowed one, so its port is chosen first.
+    let http_port = free_port();
+    let allowed = format!("http://127.0.0.1:{http_port}");
+    let bridge = start_bridge(|c| {
+        c.http.listen = format!("127.0.0.1:{http_port}").parse().unwrap();
+        c.auth.cookie_name = "nb_token".into();
+        c.websocket.allowed_origins = vec![allowed.clone()];
+    })
+    .await;
+    let ws_url = format!("ws://{}/ws", bridge.running().ws_addr);
+    let browser = Browser::launch(&binary);
+    let mut page = browser.page().await;
+
+    // The app (on the allowed origin) sets its cookie; its page connects
+    // with no token in the URL.
+    page.navigate(&format!("{allowed}/")).await;
+    let cookie = format!("nb_token={}; path=/", token("victim", &[]));
+    page.eval(&format!("document.cookie = {cookie:?}")).await;
+    let first = socket_from_page(&mut page, &ws_url).await;
+    let welcome: Value = serde_json::from_str(&first).unwrap_or_else(|_| panic!("{first}"));
+    assert_eq!(welcome["type"], "welcome", "{welcome}");
+    assert_eq!(welcome["user_id"], "victim", "{welcome}");
+
+    // Another site on the same host (cookies ignore ports, so the browser
+    // sends the victim's cookie along) is refused for its origin.
+    let other = serve_other_site().await;
+    page.navigate(&format!("http://{other}/")).await;
+    assert_eq!(
+        page.eval("document.cookie.includes('nb_token=')").await,
+        Value::Bool(true),
+        "the browser holds the cookie for this host"
+    );
+    assert_eq!(socket_from_page(&mut page, &ws_url).await, "refused");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(connection_ids(&bridge, "victim").await.is_empty());
+    bridge.stop().await;
+}

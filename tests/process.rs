@@ -109,6 +109,11 @@ async fn a_bad_config_file_exits_2_naming_the_dotted_key_and_the_file() {
             "websocket.send_queeu",
         ),
         ("not-toml.toml", "this is [[ not toml\n", "line 3"),
+        (
+            "cookie-without-origins.toml",
+            "cookie_name = \"nb_token\"\n",
+            "auth.cookie_name",
+        ),
     ];
     for (name, body, key) in cases {
         let path = dir.write(name, &format!("{secret}{body}"));

@@ -127,9 +127,14 @@ impl HandshakePolicy<'_> {
         let bearer_protocol = offered_bearer.is_some();
         let identity = match self.auth.mode() {
             AuthMode::Jwt => {
+                let cookie = self
+                    .auth
+                    .cookie_name()
+                    .and_then(|name| cookie_token(headers, name));
                 let token = bearer_header(headers)
                     .or_else(|| query_value(&query, "token"))
                     .or(offered_bearer.as_deref().filter(|t| !t.is_empty()))
+                    .or(cookie.as_deref())
                     .ok_or_else(|| {
                         unauthorized(
                             "no token: send Authorization: Bearer T, ?token=T, \
@@ -312,6 +317,19 @@ fn bearer_header(headers: &HeaderMap) -> Option<&str> {
     let value = header(headers, "authorization")?.trim();
     let (scheme, token) = value.split_once(' ')?;
     (scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty()).then(|| token.trim())
+}
+
+/// The value of cookie `name` in the request's `Cookie` headers, when it
+/// is there and not empty.
+fn cookie_token(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all("cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(cookie::Cookie::split_parse)
+        .filter_map(Result::ok)
+        .find(|c| c.name() == name && !c.value().is_empty())
+        .map(|c| c.value().to_string())
 }
 
 /// The token of `Sec-WebSocket-Protocol: bearer, T`, when offered.
@@ -682,5 +700,40 @@ mod tests {
             (e.status, e.limit),
             (StatusCode::FORBIDDEN, Some(Limit::ChannelName))
         );
+    }
+
+    #[test]
+    fn a_cookie_carries_the_token_only_when_configured_and_nothing_else_is_given() {
+        let settings = settings();
+        let auth = Authenticator::from_config(&AuthConfig {
+            jwt_secret: Some("handshake-secret-0123".into()),
+            cookie_name: "nb_token".into(),
+            ..AuthConfig::default()
+        })
+        .unwrap();
+        let policy = HandshakePolicy {
+            settings: &settings,
+            auth: &auth,
+        };
+        let admit_with = |uri: &str, cookie: &str| {
+            let mut map = HeaderMap::new();
+            map.append("cookie", cookie.parse().unwrap());
+            policy.admit(&uri.parse().unwrap(), &map)
+        };
+        let one = token("1", &[]);
+        let cookie = format!("theme=dark; nb_token={one}; other=x");
+        assert_eq!(admit_with("/ws", &cookie).unwrap().user.as_str(), "1");
+        // A token given another way wins over the cookie.
+        let two = token("2", &[]);
+        let by_query = admit_with(&format!("/ws?token={two}"), &cookie).unwrap();
+        assert_eq!(by_query.user.as_str(), "2");
+        // Another cookie name, an empty value or a bad token: 401.
+        let e = admit_with("/ws", &format!("token={one}")).unwrap_err();
+        assert_eq!(e.status, StatusCode::UNAUTHORIZED);
+        assert!(admit_with("/ws", "nb_token=").is_err());
+        assert!(admit_with("/ws", "nb_token=garbage").is_err());
+        // Without auth.cookie_name the cookie is never read.
+        let e = admit(AuthMode::Jwt, "/ws", &[("cookie", &cookie)]).unwrap_err();
+        assert_eq!(e.status, StatusCode::UNAUTHORIZED);
     }
 }
