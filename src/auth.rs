@@ -15,10 +15,12 @@ use jsonwebtoken::{
     Validation,
 };
 use serde_json::{Map, Value};
+use tokio_tungstenite::tungstenite::http;
 
 use crate::{
     config::{AuthConfig, AuthMode, ConfigError},
     message::UserId,
+    tickets::Tickets,
 };
 
 /// The most clock skew tolerated on `exp` and `nbf` (the contract allows up
@@ -61,6 +63,8 @@ pub struct Authenticator {
     user_claim: String,
     /// `auth.cookie_name`, when cookie authentication is on.
     cookie_name: Option<String>,
+    /// One-time tickets issued for verified tokens (`POST /api/ws-ticket`).
+    tickets: Tickets,
     hmac: Option<(DecodingKey, Validation)>,
     public: Option<(DecodingKey, Validation)>,
 }
@@ -115,6 +119,7 @@ impl Authenticator {
             mode: config.mode,
             user_claim: config.user_claim.clone(),
             cookie_name: Some(config.cookie_name.clone()).filter(|name| !name.is_empty()),
+            tickets: Tickets::new(config.ticket_ttl),
             hmac,
             public,
         })
@@ -122,6 +127,11 @@ impl Authenticator {
 
     pub fn mode(&self) -> AuthMode {
         self.mode
+    }
+
+    /// The one-time tickets that stand for tokens this instance verified.
+    pub fn tickets(&self) -> &Tickets {
+        &self.tickets
     }
 
     /// The cookie that may carry a token (`auth.cookie_name`), if any.
@@ -189,6 +199,18 @@ impl Authenticator {
             expires_at,
         })
     }
+}
+
+/// The token of an `Authorization: Bearer T` header (the scheme in any
+/// case), for the handshake and the side port's user routes alike.
+pub fn bearer_token(headers: &http::HeaderMap) -> Option<&str> {
+    let value = headers
+        .get(http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .trim();
+    let (scheme, token) = value.split_once(' ')?;
+    (scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty()).then(|| token.trim())
 }
 
 /// A JWT NumericDate as jsonwebtoken reads it when it validates `exp`: an

@@ -154,6 +154,9 @@ pub struct AuthConfig {
     /// given (empty: off), for apps that set an HttpOnly cookie on their own
     /// domain. Needs a non-empty `websocket.allowed_origins`.
     pub cookie_name: String,
+    /// How long a one-time ticket from `POST /api/ws-ticket` stays valid.
+    #[serde(with = "duration_text")]
+    pub ticket_ttl: Duration,
 }
 
 /// Log output.
@@ -257,6 +260,7 @@ impl Default for AuthConfig {
             audience: None,
             issuer: None,
             cookie_name: String::new(),
+            ticket_ttl: Duration::from_secs(30),
         }
     }
 }
@@ -500,6 +504,11 @@ impl Config {
                  (or set auth.mode = \"none\" for local development)",
             );
         }
+        check(
+            !self.auth.ticket_ttl.is_zero(),
+            "auth.ticket_ttl",
+            "must be longer than 0s",
+        );
         // Any site's page makes the browser send the cookie: only the
         // origin check keeps other sites out.
         check(

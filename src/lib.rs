@@ -42,6 +42,7 @@ pub mod readiness;
 pub mod rfc3339;
 pub mod router;
 pub mod shutdown;
+pub mod tickets;
 pub mod ws;
 
 use std::{

@@ -494,6 +494,18 @@ async fn demo_page_receives_sends_reconnects_and_fits_a_phone() {
         vec![shown_id.as_str().unwrap().to_string()],
         "the page shows the welcome's connection_id"
     );
+    // The token left the address bar (and the history entry): the page
+    // connected with a one-time ticket instead.
+    let href = page.eval("location.href").await;
+    assert_eq!(href, Value::from(format!("http://{http_addr}/")), "{href}");
+    let ws_url = page
+        .eval("document.getElementById('ws-url').textContent")
+        .await;
+    let ws_url = ws_url.as_str().unwrap_or_default();
+    assert!(
+        ws_url.contains("ticket=") && !ws_url.contains("token="),
+        "{ws_url}"
+    );
 
     // 2. A message over AMQP appears, payload JSON as sent (the big integer
     // is not rounded as JSON.parse would).
@@ -654,9 +666,10 @@ async fn demo_page_receives_sends_reconnects_and_fits_a_phone() {
     )
     .await;
 
-    // 8. The bridge restarts on the same WebSocket port: the page shows the
+    // 8. The bridge restarts on the same ports (the page gets a ticket for
+    // each connection from the side port that served it): the page shows the
     // 1001 close, reconnects with backoff, and receives again.
-    let ws_addr = bridge.running().ws_addr;
+    let (ws_addr, http_addr) = (bridge.running().ws_addr, bridge.running().http_addr);
     let before = page
         .eval("document.getElementById('connection-id').textContent")
         .await;
@@ -673,7 +686,11 @@ async fn demo_page_receives_sends_reconnects_and_fits_a_phone() {
         "['reconnecting', 'connecting'].includes(document.body.dataset.state)",
     )
     .await;
-    let bridge = start_bridge(|c| c.websocket.listen = ws_addr).await;
+    let bridge = start_bridge(|c| {
+        c.websocket.listen = ws_addr;
+        c.http.listen = http_addr;
+    })
+    .await;
     page.wait_for("reconnected", "document.body.dataset.state === 'open'")
         .await;
     let after = connection_ids(&bridge, "1").await;

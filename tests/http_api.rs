@@ -364,6 +364,7 @@ async fn health_and_openapi() {
     assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
     for (path, method) in [
         ("/api/notifications/send", "post"),
+        ("/api/ws-ticket", "post"),
         ("/api/connections", "get"),
         ("/api/connections/{id}", "delete"),
         ("/healthz", "get"),

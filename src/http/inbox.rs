@@ -62,12 +62,7 @@ fn caller(state: &HttpState, headers: &HeaderMap, uri: &Uri) -> Result<UserId, A
             .and_then(|(_, v)| UserId::new(v))
             .ok_or_else(|| unauthorized("auth.mode is \"none\": give ?user_id=U".into()));
     }
-    let token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, token)| token.trim())
+    let token = crate::auth::bearer_token(headers)
         .ok_or_else(|| unauthorized("send your token as Authorization: Bearer T".into()))?;
     state
         .auth

@@ -17,6 +17,7 @@ mod log_limit;
 mod openapi;
 mod send;
 mod side_port;
+mod ticket;
 
 use std::sync::Arc;
 
@@ -60,6 +61,7 @@ pub fn routes(state: Arc<HttpState>) -> Routes {
     Routes::new()
         .route("/api/notifications/send", post(send::send))
         .route("/api/notifications/send/", post(send::send))
+        .route("/api/ws-ticket", post(ticket::issue))
         .route("/api/connections", get(admin::list))
         .route("/api/connections/{id}", delete(admin::disconnect))
         .route(

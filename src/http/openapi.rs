@@ -112,6 +112,30 @@ pub fn document() -> Value {
                     }
                 }
             },
+            "/api/ws-ticket": {
+                "post": {
+                    "summary": "Trade your JWT for a one-time WebSocket ticket",
+                    "description": "Connect with ws://HOST/ws?ticket=K within expires_in seconds (auth.ticket_ttl); the ticket works once, for the token's user and channels, so no token stands in a URL. 404 in auth.mode = \"none\".",
+                    "operationId": "issueWsTicket",
+                    "security": [{"userToken": []}],
+                    "responses": {
+                        "201": {
+                            "description": "A ticket",
+                            "content": {"application/json": {"schema": {
+                                "type": "object",
+                                "required": ["ticket", "expires_in"],
+                                "properties": {
+                                    "ticket": {"type": "string"},
+                                    "expires_in": {"type": "integer", "description": "seconds"}
+                                }
+                            }}}
+                        },
+                        "401": error_response("No or bad token"),
+                        "404": error_response("auth.mode = \"none\": there are no tokens to trade"),
+                        "503": error_response("Too many tickets waiting to be used")
+                    }
+                }
+            },
             "/api/me/notifications": {
                 "get": {
                     "summary": "List your own inbox, newest first (inbox.enabled only; 404 otherwise)",

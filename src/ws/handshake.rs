@@ -127,21 +127,7 @@ impl HandshakePolicy<'_> {
         let bearer_protocol = offered_bearer.is_some();
         let identity = match self.auth.mode() {
             AuthMode::Jwt => {
-                let cookie = self
-                    .auth
-                    .cookie_name()
-                    .and_then(|name| cookie_token(headers, name));
-                let token = bearer_header(headers)
-                    .or_else(|| query_value(&query, "token"))
-                    .or(offered_bearer.as_deref().filter(|t| !t.is_empty()))
-                    .or(cookie.as_deref())
-                    .ok_or_else(|| {
-                        unauthorized(
-                            "no token: send Authorization: Bearer T, ?token=T, \
-                             or Sec-WebSocket-Protocol: bearer, T",
-                        )
-                    })?;
-                let identity = self.auth.verify(token).map_err(unauthorized)?;
+                let identity = self.jwt_identity(&query, headers, offered_bearer.as_deref())?;
                 self.check_claim(&identity.channels)?;
                 if let Some(path_user) = &path_user {
                     if *path_user != identity.user {
@@ -193,6 +179,49 @@ impl HandshakePolicy<'_> {
             bearer_protocol,
             since,
         })
+    }
+
+    /// Who a client is in `auth.mode = "jwt"`, from the first of: the
+    /// `Authorization` header, `?token=`, the bearer subprotocol, a one-time
+    /// `?ticket=` (which stands for the token it was issued for), and the
+    /// `auth.cookie_name` cookie.
+    fn jwt_identity(
+        &self,
+        query: &[(String, String)],
+        headers: &HeaderMap,
+        offered_bearer: Option<&str>,
+    ) -> Result<Identity, Refusal> {
+        let token = crate::auth::bearer_token(headers)
+            .or_else(|| query_value(query, "token"))
+            .or(offered_bearer.filter(|t| !t.is_empty()));
+        if let Some(token) = token {
+            return self.auth.verify(token).map_err(unauthorized);
+        }
+        if let Some(ticket) = query_value(query, "ticket") {
+            let identity = self
+                .auth
+                .tickets()
+                .redeem(ticket)
+                .map_err(|e| unauthorized(e.to_string()))?;
+            if identity
+                .expires_at
+                .is_some_and(|at| at <= SystemTime::now())
+            {
+                return Err(unauthorized("token expired"));
+            }
+            return Ok(identity);
+        }
+        let cookie = self
+            .auth
+            .cookie_name()
+            .and_then(|name| cookie_token(headers, name))
+            .ok_or_else(|| {
+                unauthorized(
+                    "no token: send Authorization: Bearer T, ?token=T, \
+                     Sec-WebSocket-Protocol: bearer, T, or ?ticket=K",
+                )
+            })?;
+        self.auth.verify(&cookie).map_err(unauthorized)
     }
 
     /// The one rule for joining a channel, at connect (`?channel=`) and in
@@ -311,12 +340,6 @@ fn shown(segment: &str) -> &str {
 
 fn header<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
     headers.get(name).and_then(|v| v.to_str().ok())
-}
-
-fn bearer_header(headers: &HeaderMap) -> Option<&str> {
-    let value = header(headers, "authorization")?.trim();
-    let (scheme, token) = value.split_once(' ')?;
-    (scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty()).then(|| token.trim())
 }
 
 /// The value of cookie `name` in the request's `Cookie` headers, when it

@@ -57,13 +57,16 @@
     $("state-text").textContent = text;
   }
 
-  /** The WebSocket URL for `creds`, on the bridge's own WebSocket port. */
-  function socketUrl(creds) {
+  /**
+   * The WebSocket URL for `creds`, on the bridge's own WebSocket port: with
+   * a token, the one-time `ticket` got for it (no token in the URL).
+   */
+  function socketUrl(creds, ticket) {
     let host = settings.ws_host || location.hostname;
     if (host.includes(":") && !host.startsWith("[")) host = `[${host}]`; // IPv6
     const scheme = location.protocol === "https:" ? "wss" : "ws";
     const query = new URLSearchParams();
-    if (creds.token) query.set("token", creds.token);
+    if (creds.token) query.set("ticket", ticket);
     else query.set("user_id", creds.userId);
     if (settings.inbox) query.set("since", String(sinceFor(creds)));
     return `${scheme}://${host}:${settings.ws_port}${settings.ws_path}?${query}`;
@@ -98,9 +101,27 @@
     if (inboxUser !== null) localStorage.setItem(seqKey(inboxUser), String(seq));
   }
 
-  /** The same URL with the token hidden, for display. */
+  /** The same URL with the ticket hidden, for display. */
   function redact(url) {
-    return url.replace(/token=[^&]*/, "token=…");
+    return url.replace(/ticket=[^&]*/, "ticket=…");
+  }
+
+  /**
+   * A one-time ticket for `token` (POST api/ws-ticket, the token in a
+   * header). Rejects with `status` set when the bridge answered an error.
+   */
+  async function fetchTicket(token) {
+    const response = await fetch("api/ws-ticket", {
+      method: "POST",
+      headers: { Authorization: `Bearer ${token}` },
+    });
+    const body = await response.json().catch(() => ({}));
+    if (response.status !== 201) {
+      const failure = new Error(body.detail || `HTTP ${response.status}`);
+      failure.status = response.status;
+      throw failure;
+    }
+    return body.ticket;
   }
 
   /** Connects as `creds`, replacing any current connection. */
@@ -127,14 +148,37 @@
     $("disconnect").disabled = true;
   }
 
-  /** Opens one WebSocket; its close event decides about reconnecting. */
+  /**
+   * Gets a ticket when connecting with a token, then opens the socket. A
+   * token the bridge refuses stops here; an unreachable bridge is retried.
+   */
   function open() {
     clearInterval(countdownTimer);
-    const url = socketUrl(credentials);
-    $("ws-url").textContent = redact(url);
     $("disconnect").disabled = false;
     setState("connecting", attempt ? `reconnecting (attempt ${attempt + 1})…` : "connecting…");
+    const creds = credentials;
+    const ticket = creds.token ? fetchTicket(creds.token) : Promise.resolve(null);
+    ticket.then(
+      (ticket) => {
+        if (creds === credentials && wanted) openSocket(socketUrl(creds, ticket));
+      },
+      (failure) => {
+        if (creds !== credentials || !wanted) return;
+        log(`could not get a ticket: ${failure.message}`, "bad");
+        if (failure.status === 401) {
+          wanted = false;
+          $("disconnect").disabled = true;
+          setState("stopped", `the bridge refused the token (${failure.message}). Not reconnecting.`);
+          return;
+        }
+        scheduleReconnect();
+      },
+    );
+  }
 
+  /** Opens one WebSocket; its close event decides about reconnecting. */
+  function openSocket(url) {
+    $("ws-url").textContent = redact(url);
     const ws = new WebSocket(url);
     socket = ws;
     let opened = false;
@@ -700,6 +744,11 @@
       $("user-id").value = userId;
       connect({ userId });
     } else if (settings.auth_mode !== "none" && token) {
+      // The token leaves the address bar (and so the history) at once; the
+      // page keeps it in memory to get a ticket for each connection.
+      params.delete("token");
+      const rest = params.toString();
+      history.replaceState(null, "", location.pathname + (rest ? `?${rest}` : "") + location.hash);
       $("token").value = token;
       showTokenInfo();
       connect({ token });

@@ -1,0 +1,49 @@
+//! `POST /api/ws-ticket`: trade the user's JWT (in a header, where it stays
+//! out of URLs and logs) for a one-time ticket to put in the WebSocket URL
+//! (`?ticket=K`). See `crate::tickets`.
+
+use std::sync::Arc;
+
+use axum::{
+    extract::State,
+    http::{HeaderMap, StatusCode},
+    Json,
+};
+use serde_json::{json, Value};
+
+use super::{ApiError, HttpState};
+use crate::{config::AuthMode, tickets::TicketError};
+
+/// `201 {"ticket": K, "expires_in": SECONDS}` for a valid token.
+pub async fn issue(
+    State(state): State<Arc<HttpState>>,
+    headers: HeaderMap,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    if state.auth.mode() == AuthMode::None {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "tickets stand for tokens: they exist only in auth.mode = \"jwt\"",
+        ));
+    }
+    let unauthorized =
+        |detail: String| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", detail);
+    let token = crate::auth::bearer_token(&headers)
+        .ok_or_else(|| unauthorized("send your token as Authorization: Bearer T".into()))?;
+    let identity = state.auth.verify(token).map_err(unauthorized)?;
+    let tickets = state.auth.tickets();
+    let ticket = tickets.issue(identity).map_err(|e| match e {
+        TicketError::TooMany => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            e.to_string(),
+        ),
+        TicketError::Unknown => unauthorized(e.to_string()),
+    })?;
+    Ok((
+        StatusCode::CREATED,
+        // Whole seconds, rounded up: a client never reads 0 for a ticket
+        // that still works.
+        Json(json!({"ticket": ticket, "expires_in": tickets.ttl().as_secs_f64().ceil() as u64})),
+    ))
+}
