@@ -53,6 +53,9 @@ pub enum Target {
     Users(Vec<UserId>),
     Channel(Arc<str>),
     Broadcast,
+    /// One connection, by the welcome frame's `connection_id`; never
+    /// stored. An id no open connection has is simply no recipient.
+    Connection(Arc<str>),
 }
 
 /// A decoded, valid notification, with its frame already serialized.
@@ -149,6 +152,8 @@ struct Wire<'a> {
     #[serde(default, borrow, deserialize_with = "present")]
     broadcast: Option<&'a RawValue>,
     #[serde(default, borrow, deserialize_with = "present")]
+    connection_id: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
     payload: Option<&'a RawValue>,
     #[serde(default, borrow, deserialize_with = "present")]
     event: Option<&'a RawValue>,
@@ -209,6 +214,14 @@ pub fn decode(
         }
         targets.push(Target::Channel(Arc::from(channel)));
     }
+    if let Some(raw) = wire.connection_id {
+        let id: String = serde_json::from_str(raw.get())
+            .map_err(|_| invalid("`connection_id` must be a non-empty string"))?;
+        if id.is_empty() {
+            return Err(invalid("`connection_id` must be a non-empty string"));
+        }
+        targets.push(Target::Connection(Arc::from(id)));
+    }
     if let Some(raw) = wire.broadcast {
         match raw.get() {
             "true" => targets.push(Target::Broadcast),
@@ -219,13 +232,13 @@ pub fn decode(
     let target = match targets.len() {
         0 => {
             return Err(invalid(
-                "no target: give one of `user_id`, `user_ids`, `channel` or `broadcast: true`",
+                "no target: give one of `user_id`, `user_ids`, `channel`, `connection_id` or `broadcast: true`",
             ))
         }
         1 => targets.pop().expect("one target"),
         _ => {
             return Err(invalid(
-                "more than one kind of target: give only one of `user_id`, `user_ids`, `channel`, `broadcast`",
+                "more than one kind of target: give only one of `user_id`, `user_ids`, `channel`, `connection_id`, `broadcast`",
             ))
         }
     };
@@ -350,7 +363,7 @@ fn notification_frame(
             push_json_string(&mut out, channel);
         }
         Some(Target::Broadcast) => out.push_str(r#","broadcast":true"#),
-        Some(Target::User(_) | Target::Users(_)) | None => {}
+        Some(Target::User(_) | Target::Users(_) | Target::Connection(_)) | None => {}
     }
     out.push_str(r#","payload":"#);
     out.push_str(payload);
@@ -476,6 +489,17 @@ mod tests {
         };
         assert_eq!(users.len(), 140_000);
         assert_eq!(users[139_999].as_str(), "139999");
+    }
+
+    #[test]
+    fn one_connection_is_a_fifth_kind_of_target() {
+        let n = ok(r#"{"connection_id":"c-7","payload":1}"#);
+        assert_eq!(n.target, Target::Connection(Arc::from("c-7")));
+        assert!(!n.frame.as_str().contains("connection"), "{}", n.frame);
+        assert!(err(r#"{"connection_id":7,"payload":1}"#).contains("connection_id"));
+        assert!(err(r#"{"connection_id":"","payload":1}"#).contains("connection_id"));
+        assert!(err(r#"{"connection_id":"c-1","user_id":1,"payload":1}"#).contains("more than one"));
+        assert!(err(r#"{"payload":1}"#).contains("connection_id"));
     }
 
     #[test]

@@ -456,6 +456,12 @@ impl RouterTask {
                             offer(id, frame, None);
                         }
                     }
+                    Target::Connection(id) => {
+                        // A malformed id is as unknown as a closed one.
+                        if let Ok(id) = id.parse::<ConnectionId>() {
+                            offer(&id, frame, None);
+                        }
+                    }
                 }
             }
         }
@@ -612,5 +618,31 @@ mod tests {
         assert_eq!(metrics.slow_client_closes.get(), 1);
         assert!(rx.try_recv().is_some() && rx.try_recv().is_some());
         assert!(rx.try_recv().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_connection_target_reaches_that_connection_only() {
+        let metrics = Arc::new(Metrics::default());
+        let (router, _task) = Router::spawn(metrics.clone());
+        let (a, mut a_rx) = session(1, "1", 8);
+        let (b, mut b_rx) = session(2, "1", 8);
+        assert!(router.register(a, vec![]).await);
+        assert!(router.register(b, vec![]).await);
+        router
+            .route(note(r#"{"connection_id":"c-2","payload":"only b"}"#))
+            .await;
+        for unknown in ["c-99", "c-x", "2"] {
+            router
+                .route(note(&format!(
+                    r#"{{"connection_id":"{unknown}","payload":0}}"#
+                )))
+                .await;
+        }
+        router.barrier().await;
+        assert!(a_rx.try_recv().is_none());
+        assert!(b_rx.try_recv().unwrap().text.contains("only b"));
+        assert!(b_rx.try_recv().is_none());
+        assert_eq!(metrics.messages_delivered.get(), 1);
+        assert_eq!(metrics.messages_no_recipient.get(), 3);
     }
 }

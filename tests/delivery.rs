@@ -416,3 +416,65 @@ async fn an_existing_non_durable_exchange_is_used_as_it_is() {
     assert_eq!(next_json(&mut client).await["id"], "ok");
     bridge.stop().await;
 }
+
+#[tokio::test]
+async fn a_connection_target_reaches_that_one_socket_and_is_never_stored() {
+    let store = inbox_store_path("nb-connection-target");
+    let bridge = Bridge::start_with(|c| {
+        c.inbox.enabled = true;
+        c.inbox.path = store;
+        c.http.api_keys = vec!["connection-target-key".into()];
+    })
+    .await;
+    let publisher = Publisher::connect().await;
+    let (mut first, _, welcome) = accepted(request(
+        &bridge.ws_url(&format!("/ws?token={}", token("1", &[]))),
+        &[],
+    ))
+    .await;
+    let id = welcome["connection_id"].as_str().unwrap().to_string();
+    let mut second = bridge.connect("1").await;
+    // Both tabs read the inbox counts frame first.
+    assert_eq!(next_json(&mut first).await["type"], "inbox");
+    assert_eq!(next_json(&mut second).await["type"], "inbox");
+
+    let body = format!(r#"{{"connection_id":"{id}","payload":"just this tab"}}"#);
+    bridge.publish(&publisher, &body).await;
+    let frame = next_json(&mut first).await;
+    assert_eq!(frame["payload"], "just this tab", "{frame}");
+    assert!(frame.get("seq").is_none(), "never stored: {frame}");
+    // Over HTTP too, through the same decoder.
+    let reply = http_request(
+        bridge.running().http_addr,
+        "POST",
+        "/api/notifications/send",
+        &[("Authorization", "Bearer connection-target-key")],
+        &format!(r#"{{"connection_id":"{id}","payload":"by http"}}"#),
+    )
+    .await;
+    assert_eq!(reply.status, 202, "{}", reply.body);
+    assert_eq!(next_json(&mut first).await["payload"], "by http");
+    // An id nobody has: no recipient.
+    bridge
+        .publish(
+            &publisher,
+            r#"{"connection_id":"c-424242","payload":"nobody"}"#,
+        )
+        .await;
+    bridge
+        .publish(&publisher, r#"{"user_id":"1","payload":"both"}"#)
+        .await;
+    assert_eq!(next_json(&mut second).await["payload"], "both");
+    assert_eq!(next_json(&mut first).await["payload"], "both");
+    let (_, metrics) = http_get(bridge.running().http_addr, "/metrics").await;
+    assert_eq!(
+        metric(
+            &metrics,
+            "notify_bridge_messages_total{outcome=\"no_recipient\"}"
+        ),
+        1.0
+    );
+    // Only the user message was stored.
+    assert_eq!(metric(&metrics, "notify_bridge_inbox_stored_total"), 1.0);
+    bridge.stop().await;
+}

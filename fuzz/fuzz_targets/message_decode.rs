@@ -91,7 +91,7 @@ fn check_frame(text: &str, n: &notify_bridge::message::Notification, seq: Option
     match &n.target {
         Target::Channel(c) => assert_eq!(object.get("channel"), Some(&Value::from(&**c))),
         Target::Broadcast => assert_eq!(object.get("broadcast"), Some(&Value::Bool(true))),
-        Target::User(_) | Target::Users(_) => {
+        Target::User(_) | Target::Users(_) | Target::Connection(_) => {
             assert!(!object.contains_key("channel") && !object.contains_key("broadcast"))
         }
     }

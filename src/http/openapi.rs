@@ -282,13 +282,14 @@ pub fn document() -> Value {
                 "UserId": {"oneOf": [{"type": "integer"}, {"type": "string", "minLength": 1}]},
                 "Notification": {
                     "type": "object",
-                    "description": "Exactly one kind of target: user_id, user_ids, channel, or broadcast: true.",
+                    "description": "Exactly one kind of target: user_id, user_ids (at most amqp.max_recipients distinct users), channel, connection_id, or broadcast: true.",
                     "required": ["payload"],
                     "properties": {
                         "user_id": {"$ref": "#/components/schemas/UserId"},
                         "user_ids": {"type": "array", "minItems": 1, "items": {"$ref": "#/components/schemas/UserId"}},
                         "channel": {"type": "string", "minLength": 1},
                         "broadcast": {"type": "boolean"},
+                        "connection_id": {"type": "string", "minLength": 1, "description": "One connection, by the welcome frame's connection_id; never stored"},
                         "payload": {"description": "Any JSON value (null included), forwarded as received"},
                         "event": {"type": "string", "default": "notification"},
                         "id": {"type": "string", "minLength": 1},

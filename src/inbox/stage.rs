@@ -50,7 +50,7 @@ impl InboxStage {
 }
 
 /// The users a message is stored for: `user_id` / `user_ids` targets with
-/// `store` not false; never channels or broadcasts.
+/// `store` not false; never channels, broadcasts or single connections.
 fn storage_users(request: &RouteRequest) -> &[crate::message::UserId] {
     let n = &request.notification;
     if !n.store {
@@ -59,7 +59,7 @@ fn storage_users(request: &RouteRequest) -> &[crate::message::UserId] {
     match &n.target {
         Target::User(user) => std::slice::from_ref(user),
         Target::Users(users) => users,
-        Target::Channel(_) | Target::Broadcast => &[],
+        Target::Channel(_) | Target::Broadcast | Target::Connection(_) => &[],
     }
 }
 
