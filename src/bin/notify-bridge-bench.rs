@@ -147,6 +147,11 @@ struct Cli {
     /// TOKIO_WORKER_THREADS=1; repeatable.
     #[arg(long = "bridge-env", value_name = "KEY=VALUE")]
     bridge_env: Vec<String>,
+    /// A program run as `HOOK start PID` and `HOOK stop PID` (awaited)
+    /// around the bridge's measured unicast window; scripts/callgrind uses
+    /// it to count only that window's instructions.
+    #[arg(long, value_name = "HOOK")]
+    window_hook: Option<PathBuf>,
     /// Where plots and scratch files go.
     #[arg(long, default_value = "target/bench")]
     out_dir: PathBuf,
@@ -213,6 +218,7 @@ impl Cli {
             amqp_url,
             bridge_bin: self.bridge_bin.clone(),
             bridge_env,
+            window_hook: self.window_hook.clone(),
             out_dir: self.out_dir.clone(),
         })
     }

@@ -360,6 +360,9 @@ pub struct CpuWindow {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CpuUse {
     pub bridge: Option<f64>,
+    /// The bridge's CPU time in the window, in seconds (for CPU per
+    /// notification).
+    pub bridge_seconds: Option<f64>,
     pub broker: Option<f64>,
     pub bench: Option<f64>,
 }
@@ -383,12 +386,37 @@ impl CpuWindow {
             let t1 = cpu_ticks(pid)?;
             Some(t1.saturating_sub(t0) as f64 / secs) // ticks are 1/100 s: % of a core
         };
+        let ticks = |before: Option<&(String, u64)>| {
+            let (pid, t0) = before?;
+            Some(cpu_ticks(pid)?.saturating_sub(*t0))
+        };
         CpuUse {
             bridge: pct(self.bridge.as_ref().map(|(p, t)| (p.as_str(), *t))),
+            bridge_seconds: ticks(self.bridge.as_ref()).map(|t| t as f64 / 100.0),
             broker: pct(self.broker.as_ref().map(|(p, t)| (p.as_str(), *t))),
             bench: pct(self.bench.map(|t| ("self", t))),
         }
     }
+}
+
+/// Runs `hook start PID` / `hook stop PID` around a measured window and
+/// waits for it, so an outside tool (scripts/callgrind: `callgrind_control`)
+/// can count exactly the window's work of the bridge.
+pub async fn window_hook(hook: Option<&Path>, phase: &str, pid: Option<u32>) -> anyhow::Result<()> {
+    let (Some(hook), Some(pid)) = (hook, pid) else {
+        return Ok(());
+    };
+    let status = tokio::process::Command::new(hook)
+        .arg(phase)
+        .arg(pid.to_string())
+        .stdin(Stdio::null())
+        .status()
+        .await
+        .with_context(|| format!("cannot run --window-hook {}", hook.display()))?;
+    if !status.success() {
+        bail!("--window-hook {} {phase} {pid}: {status}", hook.display());
+    }
+    Ok(())
 }
 
 pub fn fds_of(fd_dir: &str) -> anyhow::Result<u64> {

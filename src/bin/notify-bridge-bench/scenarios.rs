@@ -52,6 +52,9 @@ pub struct Options {
     pub amqp_url: String,
     pub bridge_bin: Option<PathBuf>,
     pub bridge_env: Vec<(String, String)>,
+    /// Run as `HOOK start PID` / `HOOK stop PID` around the bridge's
+    /// measured unicast window (scripts/callgrind).
+    pub window_hook: Option<PathBuf>,
     pub out_dir: PathBuf,
 }
 
@@ -260,6 +263,7 @@ async fn drive_unicast(
         .as_ref()
         .map(|b| b.pid)
         .filter(|_| label != "baseline");
+    bridge::window_hook(opts.window_hook.as_deref(), "start", bridge_pid).await?;
     let cpu = bridge::CpuWindow::start(bridge_pid);
     let published = publisher
         .run(
@@ -286,6 +290,7 @@ async fn drive_unicast(
     )
     .await;
     let cpu = cpu.stop();
+    bridge::window_hook(opts.window_hook.as_deref(), "stop", bridge_pid).await?;
     ctx.progress.target.store(0, Relaxed);
     let received = rec.seqs.unique();
     let cdf = rec.latency.cdf();
@@ -367,6 +372,15 @@ fn add_measured(r: &mut Report, key: &str, label: &str, m: &Measured, expected: 
         String::new(),
     );
     add_cpu(r, key, label, &m.cpu);
+    if let Some(secs) = m.cpu.bridge_seconds.filter(|_| m.received > 0) {
+        let us = secs * 1e6 / m.received as f64;
+        r.add(
+            &format!("{key}_bridge_cpu_us_per_notification"),
+            &format!("{label}: bridge CPU per notification"),
+            (us * 10.0).round() / 10.0,
+            format!("{us:.1} µs"),
+        );
+    }
     if m.received < expected || m.duplicates > 0 || m.strays > 0 {
         r.problem(format!(
             "{label}: {} lost, {} duplicated, {} stray of {expected}",
