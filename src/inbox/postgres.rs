@@ -13,7 +13,7 @@
 use std::collections::{HashMap, HashSet};
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Transaction};
-use tokio_postgres::{error::SqlState, NoTls};
+use tokio_postgres::{error::SqlState, types::ToSql, NoTls};
 
 use super::{
     postgres_schema,
@@ -108,16 +108,17 @@ impl PgStore {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         // The users' rows first, in order, as writers take them.
-        tx.execute(
+        execute(
+            &tx,
             "SELECT 1 FROM inbox_users WHERE user_id IN
                  (SELECT DISTINCT user_id FROM inbox_entries WHERE created_at < $1)
              ORDER BY user_id FOR UPDATE",
             &[&cutoff_ms],
         )
         .await?;
-        let row = tx
-            .query_one(
-                "WITH gone AS (
+        let row = query_one(
+            &tx,
+            "WITH gone AS (
                      DELETE FROM inbox_entries WHERE created_at < $1 RETURNING user_id, seq
                  ), top AS (
                      SELECT user_id, MAX(seq) AS seq FROM gone GROUP BY user_id
@@ -126,12 +127,41 @@ impl PgStore {
                      FROM top WHERE u.user_id = top.user_id RETURNING 1
                  )
                  SELECT (SELECT COUNT(*) FROM gone), (SELECT COUNT(*) FROM marked)",
-                &[&cutoff_ms],
-            )
-            .await?;
+            &[&cutoff_ms],
+        )
+        .await?;
         tx.commit().await?;
         Ok(row.get::<_, i64>(0) as usize)
     }
+}
+
+/// Statements are prepared once per pooled connection and reused: one
+/// round trip per statement instead of two on the commit path.
+async fn execute(
+    tx: &Transaction<'_>,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<u64, tokio_postgres::Error> {
+    let stmt = tx.prepare_cached(sql).await?;
+    tx.execute(&stmt, params).await
+}
+
+async fn query(
+    tx: &Transaction<'_>,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+    let stmt = tx.prepare_cached(sql).await?;
+    tx.query(&stmt, params).await
+}
+
+async fn query_one(
+    tx: &Transaction<'_>,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<tokio_postgres::Row, tokio_postgres::Error> {
+    let stmt = tx.prepare_cached(sql).await?;
+    tx.query_one(&stmt, params).await
 }
 
 fn retryable(e: &tokio_postgres::Error) -> bool {
@@ -147,15 +177,15 @@ async fn lock_users(
     tx: &Transaction<'_>,
     users: &[&str],
 ) -> Result<HashMap<String, i64>, tokio_postgres::Error> {
-    let rows = tx
-        .query(
-            "INSERT INTO inbox_users (user_id, next_seq)
+    let rows = query(
+        tx,
+        "INSERT INTO inbox_users (user_id, next_seq)
              SELECT u, 1 FROM unnest($1::text[]) AS u ORDER BY u
              ON CONFLICT (user_id) DO UPDATE SET next_seq = inbox_users.next_seq
              RETURNING user_id, next_seq",
-            &[&users],
-        )
-        .await?;
+        &[&users],
+    )
+    .await?;
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
@@ -168,14 +198,14 @@ async fn held(
         .iter()
         .flat_map(|m| m.users.iter().map(move |u| (u.as_str(), m.id.as_str())))
         .unzip();
-    let rows = tx
-        .query(
-            "SELECT e.user_id, e.id FROM inbox_entries e
+    let rows = query(
+        tx,
+        "SELECT e.user_id, e.id FROM inbox_entries e
              JOIN unnest($1::text[], $2::text[]) AS b (user_id, id)
                ON e.user_id = b.user_id AND e.id = b.id",
-            &[&users, &ids],
-        )
-        .await?;
+        &[&users, &ids],
+    )
+    .await?;
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
@@ -232,7 +262,8 @@ async fn append_in(
     }
     insert(tx, &needed, &rows, now_ms).await?;
     let (names, nexts): (Vec<&str>, Vec<i64>) = next.iter().map(|(u, n)| (u.as_str(), *n)).unzip();
-    tx.execute(
+    execute(
+        tx,
         "UPDATE inbox_users u SET next_seq = v.n
          FROM unnest($1::text[], $2::bigint[]) AS v (user_id, n) WHERE u.user_id = v.user_id",
         &[&names, &nexts],
@@ -250,20 +281,21 @@ async fn insert(
     rows: &[Row<'_>],
     now_ms: i64,
 ) -> Result<(), tokio_postgres::Error> {
-    let pids: Vec<i64> = tx
-        .query(
-            "SELECT nextval(pg_get_serial_sequence('inbox_payloads', 'pid'))
+    let pids: Vec<i64> = query(
+        tx,
+        "SELECT nextval(pg_get_serial_sequence('inbox_payloads', 'pid'))
              FROM generate_series(1, $1::bigint)",
-            &[&(needed.len() as i64)],
-        )
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+        &[&(needed.len() as i64)],
+    )
+    .await?
+    .iter()
+    .map(|r| r.get(0))
+    .collect();
     let ids: Vec<&str> = needed.iter().map(|m| m.id.as_str()).collect();
     let events: Vec<&str> = needed.iter().map(|m| m.event.as_str()).collect();
     let payloads: Vec<&str> = needed.iter().map(|m| m.payload.as_str()).collect();
-    tx.execute(
+    execute(
+        tx,
         "INSERT INTO inbox_payloads (pid, id, event, payload, created_at)
          SELECT p, i, e, b, $5 FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[])
              AS n (p, i, e, b)",
@@ -274,7 +306,8 @@ async fn insert(
     let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
     let entry_ids: Vec<&str> = rows.iter().map(|r| r.id).collect();
     let refs: Vec<i64> = rows.iter().map(|r| pids[r.payload]).collect();
-    tx.execute(
+    execute(
+        tx,
         "INSERT INTO inbox_entries (user_id, seq, id, created_at, payload_ref)
          SELECT u, s, i, $4, p FROM unnest($1::text[], $2::bigint[], $3::text[], $5::bigint[])
              AS n (u, s, i, p)",
@@ -294,7 +327,8 @@ async fn trim(
     let mut users: Vec<&str> = rows.iter().map(|r| r.user).collect();
     users.sort_unstable();
     users.dedup();
-    tx.execute(
+    execute(
+        tx,
         "WITH cut AS (
              SELECT u.user_id, (SELECT seq FROM inbox_entries e WHERE e.user_id = u.user_id
                                 ORDER BY seq DESC LIMIT 1 OFFSET $2) AS seq
@@ -317,7 +351,8 @@ async fn change_in(
     change: &Change,
 ) -> Result<(bool, Counts), tokio_postgres::Error> {
     // The user's row first, as writers take it (no row: nothing to lock).
-    tx.execute(
+    execute(
+        tx,
         "SELECT 1 FROM inbox_users WHERE user_id = $1 FOR UPDATE",
         &[&user],
     )
@@ -325,7 +360,8 @@ async fn change_in(
     let changed = match change {
         Change::MarkRead(ids) if ids.is_empty() => 0,
         Change::MarkRead(ids) => {
-            tx.execute(
+            execute(
+                tx,
                 "UPDATE inbox_entries SET read = true
                  WHERE user_id = $1 AND NOT read AND id = ANY($2)",
                 &[&user, ids],
@@ -334,14 +370,16 @@ async fn change_in(
         }
         Change::MarkReadUpTo(seq) => {
             let seq = (*seq).min(i64::MAX as u64) as i64;
-            tx.execute(
+            execute(
+                tx,
                 "UPDATE inbox_entries SET read = true WHERE user_id = $1 AND NOT read AND seq <= $2",
                 &[&user, &seq],
             )
             .await?
         }
         Change::MarkAllRead => {
-            tx.execute(
+            execute(
+                tx,
                 "UPDATE inbox_entries SET read = true WHERE user_id = $1 AND NOT read",
                 &[&user],
             )
@@ -349,15 +387,15 @@ async fn change_in(
         }
         Change::Remove(ids) if ids.is_empty() => 0,
         Change::Remove(ids) => {
-            tx.execute(
+            execute(
+                tx,
                 "DELETE FROM inbox_entries WHERE user_id = $1 AND id = ANY($2)",
                 &[&user, ids],
             )
             .await?
         }
         Change::RemoveAll => {
-            tx.execute("DELETE FROM inbox_entries WHERE user_id = $1", &[&user])
-                .await?
+            execute(tx, "DELETE FROM inbox_entries WHERE user_id = $1", &[&user]).await?
         }
     };
     let counts = super::postgres_read::counts(tx, user).await?;
