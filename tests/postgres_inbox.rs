@@ -112,3 +112,93 @@ async fn an_unreachable_database_stops_startup_naming_inbox_postgres_url() {
     assert!(text.contains("inbox.postgres_url"), "{text}");
     assert!(!text.contains("hunter2"), "the password leaked: {text}");
 }
+
+/// The SQLite test of the same name, on PostgreSQL: reconnects with
+/// `since` while 1,000 messages stream in see exactly 1..=1000.
+#[tokio::test]
+async fn reconnecting_with_since_during_a_stream_loses_and_duplicates_nothing() {
+    let Some(db) = pg::fresh_schema().await else {
+        return;
+    };
+    let bridge = Bridge::start_with(with_postgres(db)).await;
+    let total = 1000u64;
+    let producer = {
+        let exchange = bridge.config.amqp.exchange.clone();
+        tokio::spawn(async move {
+            let publisher = Publisher::connect().await;
+            for start in (0..total).step_by(50) {
+                let bodies = (start..(start + 50).min(total))
+                    .map(|i| format!(r#"{{"user_id":"stream","id":"s-{i}","payload":{i}}}"#));
+                publisher.publish_all(&exchange, bodies).await;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    let (mut seen, mut last, mut reconnects) = (Vec::new(), 0u64, 0);
+    while last < total {
+        let (mut client, _) = connect_since(&bridge, "stream", last).await;
+        let budget = if reconnects < 6 { 120 } else { usize::MAX };
+        let mut read = 0;
+        while read < budget {
+            let Some(frame) = next_json_within(&mut client, Duration::from_secs(5)).await else {
+                break;
+            };
+            assert_ne!(frame["type"], "gap", "unexpected {frame}");
+            if frame["type"] == "notification" {
+                last = frame["seq"].as_u64().unwrap();
+                seen.push(last);
+                read += 1;
+            }
+        }
+        reconnects += 1;
+        assert!(reconnects < 50, "stuck at {last}");
+    }
+    producer.await.unwrap();
+    assert!(reconnects >= 6, "{reconnects}");
+    assert_eq!(seen, (1..=total).collect::<Vec<_>>());
+    bridge.stop().await;
+}
+
+/// The HTTP listing and PATCH read and change the PostgreSQL store, and a
+/// change reaches the user's tab as the counts frame.
+#[tokio::test]
+async fn http_list_and_patch_on_postgres() {
+    let Some(db) = pg::fresh_schema().await else {
+        return;
+    };
+    let bridge = Bridge::start_with(with_postgres(db)).await;
+    let publisher = Publisher::connect().await;
+    let bodies = (0..6).map(|i| format!(r#"{{"user_id":"h","id":"h-{i}","payload":{i}}}"#));
+    publisher
+        .publish_all(&bridge.config.amqp.exchange, bodies)
+        .await;
+    wait_for_stored(&bridge, 6).await;
+    let me = format!("Bearer {}", token("h", &[]));
+    let auth = [("authorization", me.as_str())];
+    let (mut tab, _) = connect_since(&bridge, "h", 6).await;
+    let addr = bridge.running().http_addr;
+    let path = "/api/me/notifications?limit=2&before=6";
+    let list = http_request(addr, "GET", path, &auth, "").await;
+    assert_eq!(list.status, 200, "{}", list.body);
+    let list = list.json();
+    assert_eq!(
+        (list["total"].as_u64(), list["unread"].as_u64()),
+        (Some(6), Some(6))
+    );
+    let seqs: Vec<u64> = list["notifications"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, vec![5, 4]);
+    let body = r#"{"action":"mark_read","ids":["h-0","h-1","nope"]}"#;
+    let patched = http_request(addr, "PATCH", "/api/me/notifications", &auth, body).await;
+    assert_eq!(patched.status, 200, "{}", patched.body);
+    assert_eq!(patched.json(), json!({"total": 6, "unread": 4}));
+    assert_eq!(
+        next_json(&mut tab).await,
+        json!({"type": "inbox", "total": 6, "unread": 4})
+    );
+    bridge.stop().await;
+}
