@@ -146,15 +146,6 @@ async fn execute(
     tx.execute(&stmt, params).await
 }
 
-async fn query(
-    tx: &Transaction<'_>,
-    sql: &str,
-    params: &[&(dyn ToSql + Sync)],
-) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
-    let stmt = tx.prepare_cached(sql).await?;
-    tx.query(&stmt, params).await
-}
-
 async fn query_one(
     tx: &Transaction<'_>,
     sql: &str,
@@ -171,42 +162,38 @@ fn retryable(e: &tokio_postgres::Error) -> bool {
     )
 }
 
-/// Locks the users' rows in sorted order (creating missing ones) and
-/// returns each one's next seq.
-async fn lock_users(
+const LOCK_USERS: &str = "INSERT INTO inbox_users (user_id, next_seq)
+     SELECT u, 1 FROM unnest($1::text[]) AS u ORDER BY u
+     ON CONFLICT (user_id) DO UPDATE SET next_seq = inbox_users.next_seq
+     RETURNING user_id, next_seq";
+
+const HELD: &str = "SELECT e.user_id, e.id FROM inbox_entries e
+     JOIN unnest($1::text[], $2::text[]) AS b (user_id, id)
+       ON e.user_id = b.user_id AND e.id = b.id";
+
+/// Locks the users' rows in sorted order (creating missing ones), then
+/// finds the batch's (user, id) pairs already stored: each user's next seq
+/// and those pairs. The two statements are pipelined (sent together, run
+/// by the server in that order, so the lookup sees what the lock waited for).
+async fn lock_and_find(
     tx: &Transaction<'_>,
     users: &[&str],
-) -> Result<HashMap<String, i64>, tokio_postgres::Error> {
-    let rows = query(
-        tx,
-        "INSERT INTO inbox_users (user_id, next_seq)
-             SELECT u, 1 FROM unnest($1::text[]) AS u ORDER BY u
-             ON CONFLICT (user_id) DO UPDATE SET next_seq = inbox_users.next_seq
-             RETURNING user_id, next_seq",
-        &[&users],
-    )
-    .await?;
-    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
-}
-
-/// The (user, id) pairs of the batch that the store already holds.
-async fn held(
-    tx: &Transaction<'_>,
     batch: &[NewMessage],
-) -> Result<HashSet<(String, String)>, tokio_postgres::Error> {
-    let (users, ids): (Vec<&str>, Vec<&str>) = batch
+) -> Result<(HashMap<String, i64>, HashSet<(String, String)>), tokio_postgres::Error> {
+    let (pair_users, ids): (Vec<&str>, Vec<&str>) = batch
         .iter()
         .flat_map(|m| m.users.iter().map(move |u| (u.as_str(), m.id.as_str())))
         .unzip();
-    let rows = query(
-        tx,
-        "SELECT e.user_id, e.id FROM inbox_entries e
-             JOIN unnest($1::text[], $2::text[]) AS b (user_id, id)
-               ON e.user_id = b.user_id AND e.id = b.id",
-        &[&users, &ids],
-    )
-    .await?;
-    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    let lock = tx.prepare_cached(LOCK_USERS).await?;
+    let find = tx.prepare_cached(HELD).await?;
+    let lock_params: [&(dyn ToSql + Sync); 1] = [&users];
+    let find_params: [&(dyn ToSql + Sync); 2] = [&pair_users, &ids];
+    let (locked, held) =
+        futures_util::try_join!(tx.query(&lock, &lock_params), tx.query(&find, &find_params))?;
+    Ok((
+        locked.iter().map(|r| (r.get(0), r.get(1))).collect(),
+        held.iter().map(|r| (r.get(0), r.get(1))).collect(),
+    ))
 }
 
 /// One entry to insert.
@@ -229,8 +216,7 @@ async fn append_in(
         .collect();
     users.sort_unstable();
     users.dedup();
-    let mut next = lock_users(tx, &users).await?;
-    let mut seen = held(tx, batch).await?;
+    let (mut next, mut seen) = lock_and_find(tx, &users, batch).await?;
     let mut rows = Vec::new();
     let mut needed: Vec<&NewMessage> = Vec::new();
     let mut seqs = Vec::with_capacity(batch.len());
@@ -260,88 +246,76 @@ async fn append_in(
     if rows.is_empty() {
         return Ok(seqs);
     }
-    insert(tx, &needed, &rows, now_ms).await?;
-    let (names, nexts): (Vec<&str>, Vec<i64>) = next.iter().map(|(u, n)| (u.as_str(), *n)).unzip();
-    execute(
-        tx,
-        "UPDATE inbox_users u SET next_seq = v.n
-         FROM unnest($1::text[], $2::bigint[]) AS v (user_id, n) WHERE u.user_id = v.user_id",
-        &[&names, &nexts],
-    )
-    .await?;
-    trim(tx, &rows, max_per_user).await?;
+    write(tx, &needed, &rows, &next, now_ms, max_per_user).await?;
     Ok(seqs)
 }
 
-/// Inserts the payloads (ids drawn from their sequence first, so each
-/// entry knows its payload's) and the entries.
-async fn insert(
-    tx: &Transaction<'_>,
-    needed: &[&NewMessage],
-    rows: &[Row<'_>],
-    now_ms: i64,
-) -> Result<(), tokio_postgres::Error> {
-    let pids: Vec<i64> = query(
-        tx,
-        "SELECT nextval(pg_get_serial_sequence('inbox_payloads', 'pid'))
-             FROM generate_series(1, $1::bigint)",
-        &[&(needed.len() as i64)],
-    )
-    .await?
-    .iter()
-    .map(|r| r.get(0))
-    .collect();
-    let ids: Vec<&str> = needed.iter().map(|m| m.id.as_str()).collect();
-    let events: Vec<&str> = needed.iter().map(|m| m.event.as_str()).collect();
-    let payloads: Vec<&str> = needed.iter().map(|m| m.payload.as_str()).collect();
-    execute(
-        tx,
-        "INSERT INTO inbox_payloads (pid, id, event, payload, created_at)
-         SELECT p, i, e, b, $5 FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[])
-             AS n (p, i, e, b)",
-        &[&pids, &ids, &events, &payloads, &now_ms],
-    )
-    .await?;
-    let users: Vec<&str> = rows.iter().map(|r| r.user).collect();
-    let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
-    let entry_ids: Vec<&str> = rows.iter().map(|r| r.id).collect();
-    let refs: Vec<i64> = rows.iter().map(|r| pids[r.payload]).collect();
-    execute(
-        tx,
-        "INSERT INTO inbox_entries (user_id, seq, id, created_at, payload_ref)
-         SELECT u, s, i, $4, p FROM unnest($1::text[], $2::bigint[], $3::text[], $5::bigint[])
-             AS n (u, s, i, p)",
-        &[&users, &seqs, &entry_ids, &now_ms, &refs],
-    )
-    .await?;
-    Ok(())
-}
+/// The payloads (ids drawn from their sequence in the same statement, each
+/// entry joined to its payload by position) and the entries.
+const INSERT: &str = "WITH p AS (
+         SELECT nextval(pg_get_serial_sequence('inbox_payloads', 'pid')) AS pid, n.*
+         FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS n (i, e, b, k)
+     ), payloads AS (
+         INSERT INTO inbox_payloads (pid, id, event, payload, created_at)
+         SELECT pid, i, e, b, $4 FROM p
+     )
+     INSERT INTO inbox_entries (user_id, seq, id, created_at, payload_ref)
+     SELECT r.u, r.s, r.i, $4, p.pid
+     FROM unnest($5::text[], $6::bigint[], $7::text[], $8::bigint[]) AS r (u, s, i, k)
+     JOIN p ON p.k = r.k";
+
+const NEXT_SEQ: &str = "UPDATE inbox_users u SET next_seq = v.n
+     FROM unnest($1::text[], $2::bigint[]) AS v (user_id, n) WHERE u.user_id = v.user_id";
 
 /// Drops the touched users' oldest entries past `max_per_user`,
 /// remembering the highest dropped seq for `gap`.
-async fn trim(
+const TRIM: &str = "WITH cut AS (
+         SELECT u.user_id, (SELECT seq FROM inbox_entries e WHERE e.user_id = u.user_id
+                            ORDER BY seq DESC LIMIT 1 OFFSET $2) AS seq
+         FROM unnest($1::text[]) AS u (user_id)
+     ), gone AS (
+         DELETE FROM inbox_entries e USING cut
+         WHERE cut.seq IS NOT NULL AND e.user_id = cut.user_id AND e.seq <= cut.seq
+     )
+     UPDATE inbox_users u SET dropped_through = GREATEST(u.dropped_through, cut.seq)
+     FROM cut WHERE cut.seq IS NOT NULL AND u.user_id = cut.user_id";
+
+/// Inserts, moves `next_seq` on and applies retention: three statements
+/// pipelined, run by the server in that order (retention sees the new
+/// entries).
+async fn write(
     tx: &Transaction<'_>,
+    needed: &[&NewMessage],
     rows: &[Row<'_>],
+    next: &HashMap<String, i64>,
+    now_ms: i64,
     max_per_user: usize,
 ) -> Result<(), tokio_postgres::Error> {
-    let mut users: Vec<&str> = rows.iter().map(|r| r.user).collect();
-    users.sort_unstable();
-    users.dedup();
-    execute(
-        tx,
-        "WITH cut AS (
-             SELECT u.user_id, (SELECT seq FROM inbox_entries e WHERE e.user_id = u.user_id
-                                ORDER BY seq DESC LIMIT 1 OFFSET $2) AS seq
-             FROM unnest($1::text[]) AS u (user_id)
-         ), gone AS (
-             DELETE FROM inbox_entries e USING cut
-             WHERE cut.seq IS NOT NULL AND e.user_id = cut.user_id AND e.seq <= cut.seq
-         )
-         UPDATE inbox_users u SET dropped_through = GREATEST(u.dropped_through, cut.seq)
-         FROM cut WHERE cut.seq IS NOT NULL AND u.user_id = cut.user_id",
-        &[&users, &(max_per_user as i64)],
-    )
-    .await?;
+    let ids: Vec<&str> = needed.iter().map(|m| m.id.as_str()).collect();
+    let events: Vec<&str> = needed.iter().map(|m| m.event.as_str()).collect();
+    let payloads: Vec<&str> = needed.iter().map(|m| m.payload.as_str()).collect();
+    let users: Vec<&str> = rows.iter().map(|r| r.user).collect();
+    let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
+    let entry_ids: Vec<&str> = rows.iter().map(|r| r.id).collect();
+    let refs: Vec<i64> = rows.iter().map(|r| r.payload as i64 + 1).collect();
+    let (names, nexts): (Vec<&str>, Vec<i64>) = next.iter().map(|(u, n)| (u.as_str(), *n)).unzip();
+    let mut touched = users.clone();
+    touched.sort_unstable();
+    touched.dedup();
+    let insert = tx.prepare_cached(INSERT).await?;
+    let next_seq = tx.prepare_cached(NEXT_SEQ).await?;
+    let trim = tx.prepare_cached(TRIM).await?;
+    let max = max_per_user as i64;
+    let insert_params: [&(dyn ToSql + Sync); 8] = [
+        &ids, &events, &payloads, &now_ms, &users, &seqs, &entry_ids, &refs,
+    ];
+    let next_params: [&(dyn ToSql + Sync); 2] = [&names, &nexts];
+    let trim_params: [&(dyn ToSql + Sync); 2] = [&touched, &max];
+    futures_util::try_join!(
+        tx.execute(&insert, &insert_params),
+        tx.execute(&next_seq, &next_params),
+        tx.execute(&trim, &trim_params),
+    )?;
     Ok(())
 }
 
