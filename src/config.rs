@@ -501,23 +501,6 @@ impl Config {
             "inbox.ttl",
             "must be longer than 0s",
         );
-        if self.inbox.store == InboxStoreKind::Postgres {
-            match &self.inbox.postgres_url {
-                None => check(
-                    false,
-                    "inbox.postgres_url",
-                    "is required when inbox.store = \"postgres\"",
-                ),
-                Some(url) => {
-                    let parsed = url.parse::<tokio_postgres::Config>();
-                    let detail = match &parsed {
-                        Ok(_) => String::new(),
-                        Err(e) => format!("is not a PostgreSQL connection string ({e})"),
-                    };
-                    check(parsed.is_ok(), "inbox.postgres_url", &detail);
-                }
-            }
-        }
         check(
             !self.auth.user_claim.is_empty(),
             "auth.user_claim",
@@ -542,6 +525,24 @@ impl Config {
                 self.log.level,
                 source_of(figment, "log.level")
             ));
+        }
+        if self.inbox.store == InboxStoreKind::Postgres {
+            // Missing, the key has no source of its own: name the one that
+            // asked for it.
+            let problem = match &self.inbox.postgres_url {
+                None => Some(format!(
+                    "inbox.postgres_url: is required when inbox.store = \"postgres\" \
+                     (inbox.store from {})",
+                    source_of(figment, "inbox.store")
+                )),
+                Some(url) => url.parse::<tokio_postgres::Config>().err().map(|e| {
+                    format!(
+                        "inbox.postgres_url: is not a PostgreSQL connection string ({e}) (from {})",
+                        source_of(figment, "inbox.postgres_url")
+                    )
+                }),
+            };
+            problems.extend(problem);
         }
         if problems.is_empty() {
             Ok(())
@@ -874,6 +875,11 @@ mod tests {
             .expect_err("store = postgres needs a URL");
         assert!(
             missing.to_string().contains("inbox.postgres_url"),
+            "{missing}"
+        );
+        // A missing key has no source: the message names inbox.store's.
+        assert!(
+            missing.to_string().contains("inbox.store from"),
             "{missing}"
         );
         let bad = load_toml(&format!(

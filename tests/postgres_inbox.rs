@@ -202,3 +202,27 @@ async fn http_list_and_patch_on_postgres() {
     );
     bridge.stop().await;
 }
+
+/// The real binary: an unreachable database exits 2 (a configuration
+/// error), naming the key and not the password.
+#[tokio::test]
+async fn the_binary_exits_2_when_the_database_cannot_be_reached() {
+    let dir = common::daemon::TempDir::new();
+    let mut command = common::daemon::bridge_command(dir.path());
+    let url = format!("postgres://nb:hunter2@127.0.0.1:{}/nb", free_port());
+    command
+        .env("NOTIFY_BRIDGE_AUTH__JWT_SECRET", SECRET)
+        .env("NOTIFY_BRIDGE_WEBSOCKET__LISTEN", "127.0.0.1:0")
+        .env("NOTIFY_BRIDGE_HTTP__LISTEN", "127.0.0.1:0")
+        .env("NOTIFY_BRIDGE_INBOX__ENABLED", "true")
+        .env("NOTIFY_BRIDGE_INBOX__STORE", "postgres")
+        .env("NOTIFY_BRIDGE_INBOX__POSTGRES_URL", url);
+    let output = tokio::time::timeout(Duration::from_secs(30), command.output())
+        .await
+        .expect("the binary ends in time")
+        .expect("the binary runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("inbox.postgres_url"), "{stderr}");
+    assert!(!stderr.contains("hunter2"), "{stderr}");
+}
