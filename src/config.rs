@@ -643,13 +643,47 @@ fn mask_pg_password(conn: &str) -> String {
             _ => masked,
         };
     }
-    conn.split_whitespace()
-        .map(|word| match word.split_once('=') {
-            Some((key, _)) if key.trim() == "password" => format!("password={MASK}"),
-            _ => word.to_string(),
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
+    mask_kv_password(conn)
+}
+
+/// The `key=value` form read as libpq does (spaces around `=`, values in
+/// single quotes with backslash escapes), the `password` value replaced.
+fn mask_kv_password(conn: &str) -> String {
+    let mut out = String::with_capacity(conn.len());
+    let mut chars = conn.chars().peekable();
+    loop {
+        while let Some(c) = chars.next_if(|c| c.is_whitespace()) {
+            out.push(c);
+        }
+        let mut key = String::new();
+        while let Some(c) = chars.next_if(|c| *c != '=' && !c.is_whitespace()) {
+            key.push(c);
+        }
+        out.push_str(&key);
+        while let Some(c) = chars.next_if(|c| c.is_whitespace() || *c == '=') {
+            out.push(c);
+        }
+        let mut value = String::new();
+        if chars.next_if_eq(&'\'').is_some() {
+            value.push('\'');
+            while let Some(c) = chars.next() {
+                value.push(c);
+                match c {
+                    '\\' => value.extend(chars.next()),
+                    '\'' => break,
+                    _ => {}
+                }
+            }
+        } else {
+            while let Some(c) = chars.next_if(|c| !c.is_whitespace()) {
+                value.push(c);
+            }
+        }
+        out.push_str(if key == "password" { MASK } else { &value });
+        if chars.peek().is_none() {
+            return out;
+        }
+    }
 }
 
 /// The conservative mask of [`mask_url_password`]:
@@ -906,6 +940,16 @@ mod tests {
         .unwrap();
         let shown = kv.to_masked_toml();
         assert!(!shown.contains("s3cret"), "{shown}");
+        for (input, shown) in [
+            (
+                "host=db password = 'a b\\' c' user=nb",
+                "host=db password = ******** user=nb",
+            ),
+            ("password=x", "password=********"),
+            ("user=nb", "user=nb"),
+        ] {
+            assert_eq!(mask_pg_password(input), shown, "masking {input:?}");
+        }
     }
 
     #[test]
