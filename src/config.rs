@@ -117,10 +117,27 @@ pub struct HttpConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct InboxConfig {
     pub enabled: bool,
+    /// Which store keeps the inbox: one SQLite file (one instance, no
+    /// server to run) or a PostgreSQL database (shared by instances).
+    pub store: InboxStoreKind,
     pub path: PathBuf,
+    /// The PostgreSQL connection string (URL or `key=value` form) when
+    /// `store = "postgres"`; it may hold a password, so check-config masks it.
+    #[serde(deserialize_with = "optional_text")]
+    pub postgres_url: Option<String>,
     pub max_per_user: usize,
     #[serde(with = "duration_text")]
     pub ttl: Duration,
+}
+
+/// The inbox's storage engine: SQLite stays the default so that one
+/// instance still needs no database server.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum InboxStoreKind {
+    #[default]
+    Sqlite,
+    Postgres,
 }
 
 /// How WebSocket clients prove who they are.
@@ -243,7 +260,9 @@ impl Default for InboxConfig {
     fn default() -> Self {
         Self {
             enabled: false,
+            store: InboxStoreKind::Sqlite,
             path: PathBuf::from("data/inbox.db"),
+            postgres_url: None,
             max_per_user: 1000,
             ttl: Duration::from_secs(30 * 24 * 3600),
         }
@@ -529,6 +548,24 @@ impl Config {
                 source_of(figment, "log.level")
             ));
         }
+        if self.inbox.store == InboxStoreKind::Postgres {
+            // Missing, the key has no source of its own: name the one that
+            // asked for it.
+            let problem = match &self.inbox.postgres_url {
+                None => Some(format!(
+                    "inbox.postgres_url: is required when inbox.store = \"postgres\" \
+                     (inbox.store from {})",
+                    source_of(figment, "inbox.store")
+                )),
+                Some(url) => url.parse::<tokio_postgres::Config>().err().map(|e| {
+                    format!(
+                        "inbox.postgres_url: is not a PostgreSQL connection string ({e}) (from {})",
+                        source_of(figment, "inbox.postgres_url")
+                    )
+                }),
+            };
+            problems.extend(problem);
+        }
         if problems.is_empty() {
             Ok(())
         } else {
@@ -552,6 +589,7 @@ impl Config {
             *key = MASK.into();
         }
         shown.amqp.url = mask_url_password(&shown.amqp.url);
+        shown.inbox.postgres_url = shown.inbox.postgres_url.as_deref().map(mask_pg_password);
         if shown.amqp.queue.is_empty() {
             shown.amqp.queue = shown.amqp.queue_name();
         }
@@ -599,6 +637,74 @@ fn mask_url_password(url: &str) -> String {
             mask_through_last_at(url)
         }
         _ => mask_through_last_at(url),
+    }
+}
+
+/// `inbox.postgres_url` with its password masked: the URL form as
+/// [`mask_url_password`] does (plus a `password=` query parameter), the
+/// `key=value` form by its `password` value.
+fn mask_pg_password(conn: &str) -> String {
+    if conn.contains("://") {
+        let masked = mask_url_password(conn);
+        return match url::Url::parse(&masked) {
+            Ok(mut parsed) if parsed.query_pairs().any(|(k, _)| k == "password") => {
+                let pairs: Vec<(String, String)> = parsed
+                    .query_pairs()
+                    .map(|(k, v)| {
+                        let v = if k == "password" {
+                            MASK.into()
+                        } else {
+                            v.into()
+                        };
+                        (k.into_owned(), v)
+                    })
+                    .collect();
+                parsed.query_pairs_mut().clear().extend_pairs(pairs);
+                parsed.to_string()
+            }
+            _ => masked,
+        };
+    }
+    mask_kv_password(conn)
+}
+
+/// The `key=value` form read as libpq does (spaces around `=`, values in
+/// single quotes with backslash escapes), the `password` value replaced.
+fn mask_kv_password(conn: &str) -> String {
+    let mut out = String::with_capacity(conn.len());
+    let mut chars = conn.chars().peekable();
+    loop {
+        while let Some(c) = chars.next_if(|c| c.is_whitespace()) {
+            out.push(c);
+        }
+        let mut key = String::new();
+        while let Some(c) = chars.next_if(|c| *c != '=' && !c.is_whitespace()) {
+            key.push(c);
+        }
+        out.push_str(&key);
+        while let Some(c) = chars.next_if(|c| c.is_whitespace() || *c == '=') {
+            out.push(c);
+        }
+        let mut value = String::new();
+        if chars.next_if_eq(&'\'').is_some() {
+            value.push('\'');
+            while let Some(c) = chars.next() {
+                value.push(c);
+                match c {
+                    '\\' => value.extend(chars.next()),
+                    '\'' => break,
+                    _ => {}
+                }
+            }
+        } else {
+            while let Some(c) = chars.next_if(|c| !c.is_whitespace()) {
+                value.push(c);
+            }
+        }
+        out.push_str(if key == "password" { MASK } else { &value });
+        if chars.peek().is_none() {
+            return out;
+        }
     }
 }
 
@@ -824,6 +930,60 @@ mod tests {
         // The masked output is itself a loadable config.
         let again: Config = toml::from_str(&shown).unwrap();
         assert_eq!(again.websocket, c.websocket);
+    }
+
+    #[test]
+    fn the_postgres_store_needs_a_valid_url_and_check_config_masks_it() {
+        let c = load_toml(SECRET).unwrap();
+        assert_eq!(
+            (c.inbox.store, c.inbox.postgres_url.as_deref()),
+            (InboxStoreKind::Sqlite, None)
+        );
+        let missing = load_toml(&format!("{SECRET}[inbox]\nstore = \"postgres\"\n"))
+            .expect_err("store = postgres needs a URL");
+        assert!(
+            missing.to_string().contains("inbox.postgres_url"),
+            "{missing}"
+        );
+        // A missing key has no source: the message names inbox.store's.
+        assert!(
+            missing.to_string().contains("inbox.store from"),
+            "{missing}"
+        );
+        let bad = load_toml(&format!(
+            "{SECRET}[inbox]\nstore = \"postgres\"\npostgres_url = \"postgres://h:notaport/db\"\n"
+        ))
+        .expect_err("a URL tokio-postgres cannot read is refused");
+        assert!(bad.to_string().contains("inbox.postgres_url"), "{bad}");
+        let unknown = load_toml(&format!("{SECRET}[inbox]\nstore = \"mysql\"\n"));
+        assert!(unknown.is_err());
+        let c = load_toml(&format!(
+            "{SECRET}[inbox]\nstore = \"postgres\"\npostgres_url = \"postgres://nb:s3cret@db:5432/nb\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.inbox.store, InboxStoreKind::Postgres);
+        let shown = c.to_masked_toml();
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(
+            shown.contains("postgres://nb:********@db:5432/nb"),
+            "{shown}"
+        );
+        let kv = load_toml(&format!(
+            "{SECRET}[inbox]\nstore = \"postgres\"\npostgres_url = \"host=db user=nb password=s3cret dbname=nb\"\n"
+        ))
+        .unwrap();
+        let shown = kv.to_masked_toml();
+        assert!(!shown.contains("s3cret"), "{shown}");
+        for (input, shown) in [
+            (
+                "host=db password = 'a b\\' c' user=nb",
+                "host=db password = ******** user=nb",
+            ),
+            ("password=x", "password=********"),
+            ("user=nb", "user=nb"),
+        ] {
+            assert_eq!(mask_pg_password(input), shown, "masking {input:?}");
+        }
     }
 
     #[test]

@@ -97,7 +97,7 @@ impl Running {
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<Running> {
     let auth = Arc::new(Authenticator::from_config(&config.auth)?);
     let inbox = if config.inbox.enabled {
-        Some(Inbox::open(&config.inbox)?)
+        Some(Inbox::open(&config.inbox).await?)
     } else {
         None
     };

@@ -5,6 +5,9 @@
 //! - [`store`]: the storage interface (writes and reads).
 //! - [`sqlite`], [`sqlite_read`], [`schema`]: its SQLite implementation,
 //!   writer, readers and versioned schema.
+//! - [`postgres`], [`postgres_read`], [`postgres_schema`]: the PostgreSQL
+//!   store (`inbox.store = "postgres"`), async on a connection pool, shared
+//!   by several instances.
 //! - [`readers`]: the pool of readers used beside the store thread.
 //! - [`stage`]: the ordered commit step between the consumer and the router:
 //!   a delivery is acked only after its entries are committed, and frames
@@ -13,6 +16,9 @@
 //!   reads on a few reader connections from `spawn_blocking`, so the runtime
 //!   never blocks on disk and a replay never delays a commit.
 
+pub mod postgres;
+pub mod postgres_read;
+pub mod postgres_schema;
 pub mod readers;
 pub mod schema;
 pub mod sqlite;
@@ -28,7 +34,8 @@ use std::{
 use tokio::sync::oneshot;
 use tracing::{error, info};
 
-use crate::config::{ConfigError, InboxConfig};
+use crate::config::{ConfigError, InboxConfig, InboxStoreKind};
+pub use postgres::PgStore;
 use readers::Readers;
 pub use sqlite::SqliteStore;
 pub use store::{
@@ -45,11 +52,27 @@ enum Command {
     Change(String, Change, Reply<(bool, Counts)>),
 }
 
-/// A cloneable handle to the store thread and the readers.
+/// A cloneable handle to the configured store: callers (the stage, the
+/// sessions, the HTTP routes) use its async methods whichever store it is.
 #[derive(Clone)]
 pub struct Inbox {
-    commands: std_mpsc::Sender<Command>,
-    readers: Arc<Readers>,
+    backend: Backend,
+}
+
+/// An enum rather than a trait object: there are two stores, known here,
+/// and each keeps its own natural shape (SQLite's blocking calls on its
+/// thread and reader pool, PostgreSQL's async calls on a connection pool)
+/// with no boxed future per call (docs/inbox.md).
+#[derive(Clone)]
+enum Backend {
+    Thread {
+        commands: std_mpsc::Sender<Command>,
+        readers: Arc<Readers>,
+    },
+    Postgres {
+        store: Arc<PgStore>,
+        max_per_user: usize,
+    },
 }
 
 impl std::fmt::Debug for Inbox {
@@ -59,9 +82,17 @@ impl std::fmt::Debug for Inbox {
 }
 
 impl Inbox {
-    /// Opens the configured store and starts its thread. A store that
-    /// cannot be opened is a configuration error naming `inbox.path`.
-    pub fn open(config: &InboxConfig) -> Result<Self, ConfigError> {
+    /// Opens the configured store and starts it. A store that cannot be
+    /// opened (or reached and migrated) is a configuration error naming
+    /// `inbox.path` (or `inbox.postgres_url`).
+    pub async fn open(config: &InboxConfig) -> Result<Self, ConfigError> {
+        match config.store {
+            InboxStoreKind::Sqlite => Self::open_sqlite(config),
+            InboxStoreKind::Postgres => Self::open_postgres(config).await,
+        }
+    }
+
+    fn open_sqlite(config: &InboxConfig) -> Result<Self, ConfigError> {
         let unusable = |e: anyhow::Error| {
             ConfigError::key(
                 "inbox.path",
@@ -77,6 +108,18 @@ impl Inbox {
         Ok(inbox)
     }
 
+    async fn open_postgres(config: &InboxConfig) -> Result<Self, ConfigError> {
+        let url = config.postgres_url.as_deref().unwrap_or_default();
+        let store = PgStore::connect(url).await.map_err(|e| {
+            ConfigError::key(
+                "inbox.postgres_url",
+                format!("cannot use the PostgreSQL inbox store: {e:#}"),
+            )
+        })?;
+        info!("inbox store open (PostgreSQL)");
+        Ok(Self::start_postgres(store, config.max_per_user, config.ttl))
+    }
+
     /// Opens the readers and runs `store` on a dedicated thread.
     pub fn start(
         store: impl InboxStore,
@@ -90,36 +133,68 @@ impl Inbox {
             .spawn(move || serve(store, rx, max_per_user, ttl))
             .expect("spawn the inbox store thread");
         Ok(Self {
-            commands: tx,
-            readers,
+            backend: Backend::Thread {
+                commands: tx,
+                readers,
+            },
         })
     }
 
-    async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> anyhow::Result<T> {
+    /// Uses a connected PostgreSQL store, and expires its entries past
+    /// `ttl` every minute for as long as a handle to it is alive.
+    pub fn start_postgres(store: PgStore, max_per_user: usize, ttl: Duration) -> Self {
+        let store = Arc::new(store);
+        tokio::spawn(expire_postgres(Arc::downgrade(&store), ttl));
+        Self {
+            backend: Backend::Postgres {
+                store,
+                max_per_user,
+            },
+        }
+    }
+
+    async fn ask<T>(
+        commands: &std_mpsc::Sender<Command>,
+        make: impl FnOnce(Reply<T>) -> Command,
+    ) -> anyhow::Result<T> {
         let (tx, rx) = oneshot::channel();
-        self.commands
+        commands
             .send(make(tx))
             .map_err(|_| anyhow::anyhow!("the inbox store has stopped"))?;
         rx.await
             .map_err(|_| anyhow::anyhow!("the inbox store has stopped"))?
     }
 
-    /// Commits a batch on the store thread; per message, per user, the
-    /// new seq or `None` for a redelivery.
+    /// Commits a batch (on the store thread, or in one PostgreSQL
+    /// transaction); per message, per user, the new seq or `None` for a
+    /// redelivery.
     pub async fn append(
         &self,
         batch: Arc<Vec<NewMessage>>,
     ) -> anyhow::Result<Vec<Vec<Option<u64>>>> {
-        self.ask(|r| Command::Append(batch, r)).await
+        match &self.backend {
+            Backend::Thread { commands, .. } => {
+                Self::ask(commands, |r| Command::Append(batch, r)).await
+            }
+            Backend::Postgres {
+                store,
+                max_per_user,
+            } => store.append(&batch, now_ms(), *max_per_user).await,
+        }
     }
 
     /// The start of a replay (counts, gap, `through`, first page), read
     /// beside the commits.
     pub async fn replay(&self, user: &str, since: Option<u64>) -> anyhow::Result<Replay> {
-        let user = user.to_string();
-        self.readers
-            .read(move |r| r.replay(&user, since, PageBound::DEFAULT))
-            .await
+        match &self.backend {
+            Backend::Thread { readers, .. } => {
+                let user = user.to_string();
+                readers
+                    .read(move |r| r.replay(&user, since, PageBound::DEFAULT))
+                    .await
+            }
+            Backend::Postgres { store, .. } => store.replay(user, since, PageBound::DEFAULT).await,
+        }
     }
 
     /// The next page of a replay: `after < seq <= through`.
@@ -129,32 +204,75 @@ impl Inbox {
         after: u64,
         through: u64,
     ) -> anyhow::Result<Vec<Entry>> {
-        let user = user.to_string();
-        self.readers
-            .read(move |r| r.replay_page(&user, after, through, PageBound::DEFAULT))
-            .await
+        match &self.backend {
+            Backend::Thread { readers, .. } => {
+                let user = user.to_string();
+                readers
+                    .read(move |r| r.replay_page(&user, after, through, PageBound::DEFAULT))
+                    .await
+            }
+            Backend::Postgres { store, .. } => {
+                store
+                    .replay_page(user, after, through, PageBound::DEFAULT)
+                    .await
+            }
+        }
     }
 
     /// Counts and the first page of a listing.
     pub async fn list(&self, user: &str, query: ListQuery) -> anyhow::Result<(Counts, Vec<Entry>)> {
-        let user = user.to_string();
-        self.readers
-            .read(move |r| r.list(&user, query, PageBound::DEFAULT))
-            .await
+        match &self.backend {
+            Backend::Thread { readers, .. } => {
+                let user = user.to_string();
+                readers
+                    .read(move |r| r.list(&user, query, PageBound::DEFAULT))
+                    .await
+            }
+            Backend::Postgres { store, .. } => store.list(user, query, PageBound::DEFAULT).await,
+        }
     }
 
     /// A later page of a listing (see [`InboxReader::list_page`]).
     pub async fn list_page(&self, user: &str, query: ListQuery) -> anyhow::Result<Vec<Entry>> {
-        let user = user.to_string();
-        self.readers
-            .read(move |r| r.list_page(&user, query, PageBound::DEFAULT))
-            .await
+        match &self.backend {
+            Backend::Thread { readers, .. } => {
+                let user = user.to_string();
+                readers
+                    .read(move |r| r.list_page(&user, query, PageBound::DEFAULT))
+                    .await
+            }
+            Backend::Postgres { store, .. } => {
+                store.list_page(user, query, PageBound::DEFAULT).await
+            }
+        }
     }
 
-    /// Applies a read-state change on the store thread.
+    /// Applies a read-state change (on the store thread, or in one
+    /// PostgreSQL transaction).
     pub async fn change(&self, user: &str, change: Change) -> anyhow::Result<(bool, Counts)> {
-        self.ask(|r| Command::Change(user.to_string(), change, r))
-            .await
+        match &self.backend {
+            Backend::Thread { commands, .. } => {
+                Self::ask(commands, |r| Command::Change(user.to_string(), change, r)).await
+            }
+            Backend::Postgres { store, .. } => store.change(user, &change).await,
+        }
+    }
+}
+
+/// Drops PostgreSQL entries past `ttl` now and every [`EXPIRY_INTERVAL`],
+/// until the store is dropped. Several instances may expire at once: each
+/// locks the users' rows in order, so they take turns.
+async fn expire_postgres(store: std::sync::Weak<PgStore>, ttl: Duration) {
+    let mut tick = tokio::time::interval(EXPIRY_INTERVAL);
+    loop {
+        tick.tick().await;
+        let Some(store) = store.upgrade() else { return };
+        let cutoff = now_ms() - ttl.as_millis().min(i64::MAX as u128) as i64;
+        match store.expire(cutoff).await {
+            Ok(0) => {}
+            Ok(n) => info!(dropped = n, "inbox entries past inbox.ttl dropped"),
+            Err(e) => error!(error = %e, "inbox expiry failed"),
+        }
     }
 }
 

@@ -1,0 +1,377 @@
+//! The PostgreSQL store (`inbox.store = "postgres"`): one database that
+//! several instances share, written and read through a pool of async
+//! connections (tokio-postgres with deadpool-postgres).
+//!
+//! Seqs stay dense and unique under concurrent writers because a batch
+//! first locks the `inbox_users` row of every user it writes for, in
+//! sorted order (an upsert, so a new user's row is created and locked the
+//! same way): a second writer for one of those users waits for the commit
+//! and then reads the `next_seq` the first one left, and sorted order means
+//! two batches never wait on each other in a circle. Read-state changes and
+//! ttl expiry lock the same rows first, in the same order.
+
+use std::collections::{HashMap, HashSet};
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Transaction};
+use tokio_postgres::{error::SqlState, types::ToSql, NoTls};
+
+use super::{
+    postgres_schema,
+    store::{Change, Counts, NewMessage},
+};
+
+/// Connections in the pool: the commit path and a few concurrent reads.
+const POOL_SIZE: usize = 8;
+/// How long a connection may take to open, and a caller to wait for one.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Tries of a transaction PostgreSQL aborted for a deadlock or a
+/// serialization failure (both are safe to run again).
+const TRIES: usize = 3;
+
+/// The PostgreSQL store; cheap to share (`Arc`), every call takes a pooled
+/// connection.
+pub struct PgStore {
+    pub(super) pool: Pool,
+}
+
+impl PgStore {
+    /// Connects to `url` and runs the migrations. Any failure (unreachable,
+    /// refused, a newer schema) is an error.
+    pub async fn connect(url: &str) -> anyhow::Result<Self> {
+        let config: tokio_postgres::Config = url.parse()?;
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(POOL_SIZE)
+            .runtime(Runtime::Tokio1)
+            .create_timeout(Some(CONNECT_TIMEOUT))
+            .wait_timeout(Some(CONNECT_TIMEOUT))
+            .build()?;
+        let mut client = pool.get().await?;
+        postgres_schema::migrate(&mut client).await?;
+        drop(client);
+        Ok(Self { pool })
+    }
+
+    /// Stores a batch atomically (see [`super::InboxStore::append`]).
+    pub async fn append(
+        &self,
+        batch: &[NewMessage],
+        now_ms: i64,
+        max_per_user: usize,
+    ) -> anyhow::Result<Vec<Vec<Option<u64>>>> {
+        let mut tries = 0;
+        loop {
+            let mut client = self.pool.get().await?;
+            let tx = client.transaction().await?;
+            match append_in(&tx, batch, now_ms, max_per_user).await {
+                Ok(seqs) => match tx.commit().await {
+                    Ok(()) => return Ok(seqs),
+                    Err(e) if retryable(&e) && tries + 1 < TRIES => {}
+                    Err(e) => return Err(e.into()),
+                },
+                Err(e) if retryable(&e) && tries + 1 < TRIES => {}
+                Err(e) => return Err(e.into()),
+            }
+            tries += 1;
+            tracing::warn!(
+                tries,
+                "inbox commit hit a deadlock or conflict; trying again"
+            );
+        }
+    }
+
+    /// Applies a read-state change; `true` when anything changed.
+    pub async fn change(&self, user: &str, change: &Change) -> anyhow::Result<(bool, Counts)> {
+        let mut tries = 0;
+        loop {
+            let mut client = self.pool.get().await?;
+            let tx = client.transaction().await?;
+            let result = match change_in(&tx, user, change).await {
+                Ok(result) => tx.commit().await.map(|()| result),
+                Err(e) => Err(e),
+            };
+            match result {
+                Err(e) if retryable(&e) && tries + 1 < TRIES => tries += 1,
+                other => return Ok(other?),
+            }
+        }
+    }
+
+    /// Drops entries created before `cutoff_ms`; returns how many.
+    pub async fn expire(&self, cutoff_ms: i64) -> anyhow::Result<usize> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        // The users' rows first, in order, as writers take them.
+        execute(
+            &tx,
+            "SELECT 1 FROM inbox_users WHERE user_id IN
+                 (SELECT DISTINCT user_id FROM inbox_entries WHERE created_at < $1)
+             ORDER BY user_id FOR UPDATE",
+            &[&cutoff_ms],
+        )
+        .await?;
+        let row = query_one(
+            &tx,
+            "WITH gone AS (
+                     DELETE FROM inbox_entries WHERE created_at < $1 RETURNING user_id, seq
+                 ), top AS (
+                     SELECT user_id, MAX(seq) AS seq FROM gone GROUP BY user_id
+                 ), marked AS (
+                     UPDATE inbox_users u SET dropped_through = GREATEST(u.dropped_through, top.seq)
+                     FROM top WHERE u.user_id = top.user_id RETURNING 1
+                 )
+                 SELECT (SELECT COUNT(*) FROM gone), (SELECT COUNT(*) FROM marked)",
+            &[&cutoff_ms],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(row.get::<_, i64>(0) as usize)
+    }
+}
+
+/// Statements are prepared once per pooled connection and reused: one
+/// round trip per statement instead of two on the commit path.
+async fn execute(
+    tx: &Transaction<'_>,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<u64, tokio_postgres::Error> {
+    let stmt = tx.prepare_cached(sql).await?;
+    tx.execute(&stmt, params).await
+}
+
+async fn query_one(
+    tx: &Transaction<'_>,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<tokio_postgres::Row, tokio_postgres::Error> {
+    let stmt = tx.prepare_cached(sql).await?;
+    tx.query_one(&stmt, params).await
+}
+
+fn retryable(e: &tokio_postgres::Error) -> bool {
+    matches!(
+        e.code(),
+        Some(&SqlState::T_R_DEADLOCK_DETECTED) | Some(&SqlState::T_R_SERIALIZATION_FAILURE)
+    )
+}
+
+const LOCK_USERS: &str = "INSERT INTO inbox_users (user_id, next_seq)
+     SELECT u, 1 FROM unnest($1::text[]) AS u ORDER BY u
+     ON CONFLICT (user_id) DO UPDATE SET next_seq = inbox_users.next_seq
+     RETURNING user_id, next_seq";
+
+const HELD: &str = "SELECT e.user_id, e.id FROM inbox_entries e
+     JOIN unnest($1::text[], $2::text[]) AS b (user_id, id)
+       ON e.user_id = b.user_id AND e.id = b.id";
+
+/// Locks the users' rows in sorted order (creating missing ones), then
+/// finds the batch's (user, id) pairs already stored: each user's next seq
+/// and those pairs. The two statements are pipelined (sent together, run
+/// by the server in that order, so the lookup sees what the lock waited for).
+async fn lock_and_find(
+    tx: &Transaction<'_>,
+    users: &[&str],
+    batch: &[NewMessage],
+) -> Result<(HashMap<String, i64>, HashSet<(String, String)>), tokio_postgres::Error> {
+    let (pair_users, ids): (Vec<&str>, Vec<&str>) = batch
+        .iter()
+        .flat_map(|m| m.users.iter().map(move |u| (u.as_str(), m.id.as_str())))
+        .unzip();
+    let lock = tx.prepare_cached(LOCK_USERS).await?;
+    let find = tx.prepare_cached(HELD).await?;
+    let lock_params: [&(dyn ToSql + Sync); 1] = [&users];
+    let find_params: [&(dyn ToSql + Sync); 2] = [&pair_users, &ids];
+    let (locked, held) =
+        futures_util::try_join!(tx.query(&lock, &lock_params), tx.query(&find, &find_params))?;
+    Ok((
+        locked.iter().map(|r| (r.get(0), r.get(1))).collect(),
+        held.iter().map(|r| (r.get(0), r.get(1))).collect(),
+    ))
+}
+
+/// One entry to insert.
+struct Row<'a> {
+    user: &'a str,
+    seq: i64,
+    id: &'a str,
+    payload: usize,
+}
+
+async fn append_in(
+    tx: &Transaction<'_>,
+    batch: &[NewMessage],
+    now_ms: i64,
+    max_per_user: usize,
+) -> Result<Vec<Vec<Option<u64>>>, tokio_postgres::Error> {
+    let mut users: Vec<&str> = batch
+        .iter()
+        .flat_map(|m| m.users.iter().map(String::as_str))
+        .collect();
+    users.sort_unstable();
+    users.dedup();
+    let (mut next, mut seen) = lock_and_find(tx, &users, batch).await?;
+    let mut rows = Vec::new();
+    let mut needed: Vec<&NewMessage> = Vec::new();
+    let mut seqs = Vec::with_capacity(batch.len());
+    for m in batch {
+        let mut for_message = Vec::with_capacity(m.users.len());
+        for user in &m.users {
+            if !seen.insert((user.clone(), m.id.clone())) {
+                for_message.push(None);
+                continue;
+            }
+            // Written when the first user needs it, once per message.
+            if needed.last().is_none_or(|last| !std::ptr::eq(*last, m)) {
+                needed.push(m);
+            }
+            let seq = next.get_mut(user.as_str()).expect("every user was locked");
+            rows.push(Row {
+                user,
+                seq: *seq,
+                id: &m.id,
+                payload: needed.len() - 1,
+            });
+            for_message.push(Some(*seq as u64));
+            *seq += 1;
+        }
+        seqs.push(for_message);
+    }
+    if rows.is_empty() {
+        return Ok(seqs);
+    }
+    write(tx, &needed, &rows, &next, now_ms, max_per_user).await?;
+    Ok(seqs)
+}
+
+/// The payloads (ids drawn from their sequence in the same statement, each
+/// entry joined to its payload by position) and the entries.
+const INSERT: &str = "WITH p AS (
+         SELECT nextval(pg_get_serial_sequence('inbox_payloads', 'pid')) AS pid, n.*
+         FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS n (i, e, b, k)
+     ), payloads AS (
+         INSERT INTO inbox_payloads (pid, id, event, payload, created_at)
+         SELECT pid, i, e, b, $4 FROM p
+     )
+     INSERT INTO inbox_entries (user_id, seq, id, created_at, payload_ref)
+     SELECT r.u, r.s, r.i, $4, p.pid
+     FROM unnest($5::text[], $6::bigint[], $7::text[], $8::bigint[]) AS r (u, s, i, k)
+     JOIN p ON p.k = r.k";
+
+const NEXT_SEQ: &str = "UPDATE inbox_users u SET next_seq = v.n
+     FROM unnest($1::text[], $2::bigint[]) AS v (user_id, n) WHERE u.user_id = v.user_id";
+
+/// Drops the touched users' oldest entries past `max_per_user`,
+/// remembering the highest dropped seq for `gap`.
+const TRIM: &str = "WITH cut AS (
+         SELECT u.user_id, (SELECT seq FROM inbox_entries e WHERE e.user_id = u.user_id
+                            ORDER BY seq DESC LIMIT 1 OFFSET $2) AS seq
+         FROM unnest($1::text[]) AS u (user_id)
+     ), gone AS (
+         DELETE FROM inbox_entries e USING cut
+         WHERE cut.seq IS NOT NULL AND e.user_id = cut.user_id AND e.seq <= cut.seq
+     )
+     UPDATE inbox_users u SET dropped_through = GREATEST(u.dropped_through, cut.seq)
+     FROM cut WHERE cut.seq IS NOT NULL AND u.user_id = cut.user_id";
+
+/// Inserts, moves `next_seq` on and applies retention: three statements
+/// pipelined, run by the server in that order (retention sees the new
+/// entries).
+async fn write(
+    tx: &Transaction<'_>,
+    needed: &[&NewMessage],
+    rows: &[Row<'_>],
+    next: &HashMap<String, i64>,
+    now_ms: i64,
+    max_per_user: usize,
+) -> Result<(), tokio_postgres::Error> {
+    let ids: Vec<&str> = needed.iter().map(|m| m.id.as_str()).collect();
+    let events: Vec<&str> = needed.iter().map(|m| m.event.as_str()).collect();
+    let payloads: Vec<&str> = needed.iter().map(|m| m.payload.as_str()).collect();
+    let users: Vec<&str> = rows.iter().map(|r| r.user).collect();
+    let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
+    let entry_ids: Vec<&str> = rows.iter().map(|r| r.id).collect();
+    let refs: Vec<i64> = rows.iter().map(|r| r.payload as i64 + 1).collect();
+    let (names, nexts): (Vec<&str>, Vec<i64>) = next.iter().map(|(u, n)| (u.as_str(), *n)).unzip();
+    let mut touched = users.clone();
+    touched.sort_unstable();
+    touched.dedup();
+    let insert = tx.prepare_cached(INSERT).await?;
+    let next_seq = tx.prepare_cached(NEXT_SEQ).await?;
+    let trim = tx.prepare_cached(TRIM).await?;
+    let max = max_per_user as i64;
+    let insert_params: [&(dyn ToSql + Sync); 8] = [
+        &ids, &events, &payloads, &now_ms, &users, &seqs, &entry_ids, &refs,
+    ];
+    let next_params: [&(dyn ToSql + Sync); 2] = [&names, &nexts];
+    let trim_params: [&(dyn ToSql + Sync); 2] = [&touched, &max];
+    futures_util::try_join!(
+        tx.execute(&insert, &insert_params),
+        tx.execute(&next_seq, &next_params),
+        tx.execute(&trim, &trim_params),
+    )?;
+    Ok(())
+}
+
+async fn change_in(
+    tx: &Transaction<'_>,
+    user: &str,
+    change: &Change,
+) -> Result<(bool, Counts), tokio_postgres::Error> {
+    // The user's row first, as writers take it (no row: nothing to lock).
+    execute(
+        tx,
+        "SELECT 1 FROM inbox_users WHERE user_id = $1 FOR UPDATE",
+        &[&user],
+    )
+    .await?;
+    let changed = match change {
+        Change::MarkRead(ids) if ids.is_empty() => 0,
+        Change::MarkRead(ids) => {
+            execute(
+                tx,
+                "UPDATE inbox_entries SET read = true
+                 WHERE user_id = $1 AND NOT read AND id = ANY($2)",
+                &[&user, ids],
+            )
+            .await?
+        }
+        Change::MarkReadUpTo(seq) => {
+            let seq = (*seq).min(i64::MAX as u64) as i64;
+            execute(
+                tx,
+                "UPDATE inbox_entries SET read = true WHERE user_id = $1 AND NOT read AND seq <= $2",
+                &[&user, &seq],
+            )
+            .await?
+        }
+        Change::MarkAllRead => {
+            execute(
+                tx,
+                "UPDATE inbox_entries SET read = true WHERE user_id = $1 AND NOT read",
+                &[&user],
+            )
+            .await?
+        }
+        Change::Remove(ids) if ids.is_empty() => 0,
+        Change::Remove(ids) => {
+            execute(
+                tx,
+                "DELETE FROM inbox_entries WHERE user_id = $1 AND id = ANY($2)",
+                &[&user, ids],
+            )
+            .await?
+        }
+        Change::RemoveAll => {
+            execute(tx, "DELETE FROM inbox_entries WHERE user_id = $1", &[&user]).await?
+        }
+    };
+    let counts = super::postgres_read::counts(tx, user).await?;
+    Ok((changed > 0, counts))
+}
