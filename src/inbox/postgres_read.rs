@@ -110,6 +110,19 @@ async fn list_page(
     .await
 }
 
+/// A read-only transaction on one REPEATABLE READ snapshot, so counts, gap
+/// and the first page of a replay or listing agree with each other.
+async fn snapshot(
+    client: &mut deadpool_postgres::Object,
+) -> Result<deadpool_postgres::Transaction<'_>, tokio_postgres::Error> {
+    client
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await
+}
+
 impl PgStore {
     /// Counts, gap, `through` and the first page after `since`, of one
     /// snapshot.
@@ -120,12 +133,7 @@ impl PgStore {
         page: PageBound,
     ) -> anyhow::Result<Replay> {
         let mut client = self.pool.get().await?;
-        let tx = client
-            .build_transaction()
-            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-            .read_only(true)
-            .start()
-            .await?;
+        let tx = snapshot(&mut client).await?;
         let counts = counts(&tx, user).await?;
         let (next_seq, dropped_through): (i64, i64) = tx
             .query_opt(
@@ -171,12 +179,7 @@ impl PgStore {
         page: PageBound,
     ) -> anyhow::Result<(Counts, Vec<Entry>)> {
         let mut client = self.pool.get().await?;
-        let tx = client
-            .build_transaction()
-            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-            .read_only(true)
-            .start()
-            .await?;
+        let tx = snapshot(&mut client).await?;
         let counts = counts(&tx, user).await?;
         let entries = list_page(&tx, user, query, page).await?;
         tx.commit().await?;
