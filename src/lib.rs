@@ -34,6 +34,7 @@ pub mod auth;
 pub mod config;
 pub mod http;
 pub mod inbox;
+pub mod log_limit;
 pub mod memory;
 pub mod message;
 pub mod metrics;

@@ -106,6 +106,9 @@ pub struct Metrics {
     pub inbox_commit_seconds: Histogram,
     /// Hostile-input limits hit, one counter per limit (see [`Limit`]).
     pub limit_refusals: [Counter; Limit::ALL.len()],
+    /// One rate-limited WARN line per limit, so a client repeating a
+    /// refused request cannot flood the log.
+    limit_logs: [crate::log_limit::LogLimit; Limit::ALL.len()],
 }
 
 /// A limit on hostile input (CONTRACT.md, "Limits on hostile input"), as
@@ -153,6 +156,14 @@ impl Metrics {
     /// Counts one refusal by `limit`.
     pub fn refused(&self, limit: Limit) {
         self.limit_refusals[limit as usize].inc();
+    }
+
+    /// Counts one refusal by `limit`; `Some(n)` when it should be logged
+    /// now (`n`: refusals since the last line that were not logged), at
+    /// most one line per limit every [`crate::log_limit::LOG_INTERVAL`].
+    pub fn refused_to_log(&self, limit: Limit) -> Option<u64> {
+        self.refused(limit);
+        self.limit_logs[limit as usize].event()
     }
 
     pub fn refusals(&self, limit: Limit) -> u64 {
@@ -330,5 +341,20 @@ mod tests {
         assert!(text.contains("notify_bridge_delivery_seconds_bucket{le=\"10\"} 2\n"));
         assert!(text.contains("notify_bridge_delivery_seconds_bucket{le=\"+Inf\"} 3\n"));
         assert!(text.contains("notify_bridge_delivery_seconds_count 3\n"));
+    }
+
+    #[test]
+    fn every_refusal_is_counted_but_logged_at_most_once_an_interval() {
+        let metrics = Metrics::default();
+        assert_eq!(metrics.refused_to_log(Limit::MaxChannels), Some(0));
+        for _ in 0..4871 {
+            assert_eq!(metrics.refused_to_log(Limit::MaxChannels), None);
+        }
+        // Another limit has a line of its own.
+        assert_eq!(metrics.refused_to_log(Limit::ChannelName), Some(0));
+        assert_eq!(metrics.refusals(Limit::MaxChannels), 4872);
+        assert!(metrics
+            .render()
+            .contains("notify_bridge_limit_refusals_total{limit=\"websocket.max_channels_per_connection\"} 4872"));
     }
 }

@@ -95,8 +95,9 @@ impl SessionHandle {
             Err(PushError::Closed) => false,
             Err(full) => {
                 if full == PushError::BytesFull {
-                    metrics.refused(Limit::SendQueueBytes);
-                    tracing::warn!(connection = %self.id, user = %self.user, "send queue over websocket.send_queue_bytes; closing 1013");
+                    if let Some(unlogged) = metrics.refused_to_log(Limit::SendQueueBytes) {
+                        tracing::warn!(connection = %self.id, user = %self.user, refused_since_last_log = unlogged, "send queue over websocket.send_queue_bytes; closing 1013");
+                    }
                 }
                 self.control.close(1013, "client reads too slowly");
                 metrics.slow_client_closes.inc();

@@ -30,11 +30,11 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
 use tracing::warn;
 
-use super::{
+use super::ApiError;
+use crate::{
     log_limit::{LogLimit, LOG_INTERVAL},
-    ApiError,
+    metrics::{Limit, Metrics},
 };
-use crate::metrics::{Limit, Metrics};
 
 /// The time a body may take, and where a miss is counted and logged.
 pub struct BodyDeadline {

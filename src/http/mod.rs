@@ -13,7 +13,6 @@ mod error;
 mod health;
 mod inbox;
 mod keys;
-mod log_limit;
 mod openapi;
 mod send;
 mod side_port;

@@ -51,8 +51,9 @@ pub async fn send(
         message::decode(&bytes, Some(&fallback_id), &state.limits).map_err(|e| match e {
             DecodeError::TooLarge { size, .. } => too_large(Some(size)),
             DecodeError::TooManyRecipients { .. } => {
-                state.metrics.refused(Limit::MaxRecipients);
-                tracing::warn!(reason = %e, "send refused");
+                if let Some(unlogged) = state.metrics.refused_to_log(Limit::MaxRecipients) {
+                    tracing::warn!(reason = %e, refused_since_last_log = unlogged, "send refused");
+                }
                 ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.to_string())
             }
             DecodeError::Invalid(reason) => {

@@ -33,10 +33,10 @@ use tracing::{debug, warn};
 use super::{
     activity::{Activity, Watched},
     deadline::BodyDeadline,
-    log_limit::{LogLimit, LOG_INTERVAL},
 };
 use crate::{
     config::HttpConfig,
+    log_limit::{LogLimit, LOG_INTERVAL},
     metrics::{Limit, Metrics},
 };
 

@@ -245,14 +245,16 @@ async fn upgrade(
         }
         Ok(Err(HeadError::Refused(refusal))) => {
             if let Some(limit) = refusal.limit {
-                ctx.metrics.refused(limit);
-                warn!(
-                    %remote_addr,
-                    status = refusal.status.as_u16(),
-                    limit = limit.label(),
-                    detail = %refusal.detail,
-                    "handshake refused: limit reached"
-                );
+                if let Some(unlogged) = ctx.metrics.refused_to_log(limit) {
+                    warn!(
+                        %remote_addr,
+                        status = refusal.status.as_u16(),
+                        limit = limit.label(),
+                        detail = %refusal.detail,
+                        refused_since_last_log = unlogged,
+                        "handshake refused: limit reached"
+                    );
+                }
             } else {
                 debug!(
                     %remote_addr,

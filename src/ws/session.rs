@@ -410,8 +410,9 @@ impl Session {
                     }
                     Err(refusal) => {
                         if let Some(limit) = refusal.limit {
-                            self.ctx.metrics.refused(limit);
-                            tracing::warn!(connection = %self.id, limit = limit.label(), detail = %refusal.detail, "subscribe refused: limit reached");
+                            if let Some(unlogged) = self.ctx.metrics.refused_to_log(limit) {
+                                tracing::warn!(connection = %self.id, limit = limit.label(), detail = %refusal.detail, refused_since_last_log = unlogged, "subscribe refused: limit reached");
+                            }
                         }
                         frames::error(refusal.code, &refusal.detail)
                     }

@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-/// How often one kind of side-port refusal may be logged.
+/// How often one kind of refusal may be logged.
 pub const LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// The state of one rate-limited log line, shared by the tasks that report
@@ -23,6 +23,13 @@ pub struct LogLimit {
 struct State {
     last_logged: Option<Instant>,
     unlogged: u64,
+}
+
+impl Default for LogLimit {
+    /// One line per [`LOG_INTERVAL`].
+    fn default() -> Self {
+        Self::new(LOG_INTERVAL)
+    }
 }
 
 impl LogLimit {
