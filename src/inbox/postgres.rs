@@ -343,7 +343,7 @@ async fn change_in(
             .await?
         }
         Change::MarkReadUpTo(seq) => {
-            let seq = (*seq).min(i64::MAX as u64) as i64;
+            let seq = super::store::clamp_seq(*seq);
             execute(
                 tx,
                 "UPDATE inbox_entries SET read = true WHERE user_id = $1 AND NOT read AND seq <= $2",

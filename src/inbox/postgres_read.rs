@@ -9,14 +9,8 @@ use tokio_postgres::types::ToSql;
 
 use super::{
     postgres::PgStore,
-    store::{Counts, Entry, ListQuery, PageBound, Replay},
+    store::{clamp_seq, Counts, Entry, ListQuery, PageBound, Replay},
 };
-
-/// A seq from outside (u64) as PostgreSQL's BIGINT holds it: seqs never
-/// pass `i64::MAX`, so clamping keeps every comparison true to the u64.
-fn clamp(seq: u64) -> i64 {
-    seq.min(i64::MAX as u64) as i64
-}
 
 const COLUMNS: &str = "SELECT e.seq, e.id, p.event, p.payload, e.created_at, e.read
      FROM inbox_entries e JOIN inbox_payloads p ON p.pid = e.payload_ref";
@@ -81,7 +75,7 @@ async fn replay_page(
         "{COLUMNS} WHERE e.user_id = $1 AND e.seq > $2 AND e.seq <= $3 ORDER BY e.seq LIMIT $4"
     );
     let limit = page.entries.max(1) as i64;
-    let (after, through) = (clamp(after), clamp(through));
+    let (after, through) = (clamp_seq(after), clamp_seq(through));
     page_of(db, &sql, &[&user, &after, &through, &limit], page).await
 }
 
@@ -95,12 +89,7 @@ async fn list_page(
         "{COLUMNS} WHERE e.user_id = $1 AND e.seq < $2 AND (NOT $3 OR NOT e.read)
          ORDER BY e.seq DESC LIMIT $4"
     );
-    let before = query.before.map_or(i64::MAX, clamp);
-    let limit = query.limit.min(page.entries.max(1)) as i64;
-    let page = PageBound {
-        entries: limit as usize,
-        ..page
-    };
+    let (before, limit, page) = query.page_bounds(page);
     page_of(
         db,
         &sql,

@@ -166,7 +166,7 @@ impl InboxStore for SqliteStore {
             )?,
             Change::MarkReadUpTo(seq) => tx.execute(
                 "UPDATE inbox_entries SET read = 1 WHERE user_id = ?1 AND read = 0 AND seq <= ?2",
-                params![user, (*seq).min(i64::MAX as u64) as i64],
+                params![user, super::store::clamp_seq(*seq)],
             )?,
             Change::MarkAllRead => tx.execute(
                 "UPDATE inbox_entries SET read = 1 WHERE user_id = ?1 AND read = 0",

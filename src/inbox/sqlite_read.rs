@@ -6,7 +6,7 @@ use std::path::Path;
 
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Statement};
 
-use super::store::{Counts, Entry, InboxReader, ListQuery, PageBound, Replay};
+use super::store::{clamp_seq, Counts, Entry, InboxReader, ListQuery, PageBound, Replay};
 
 /// A read-only connection to the store.
 pub struct SqliteReader {
@@ -39,12 +39,6 @@ pub fn counts(db: &Connection, user: &str) -> rusqlite::Result<Counts> {
             })
         },
     )
-}
-
-/// A seq from outside (u64) as SQLite holds it: seqs never pass
-/// `i64::MAX`, so clamping keeps every comparison true to the u64.
-fn clamp(seq: u64) -> i64 {
-    seq.min(i64::MAX as u64) as i64
 }
 
 const COLUMNS: &str = "SELECT e.seq, e.id, p.event, p.payload, e.created_at, e.read
@@ -92,7 +86,7 @@ fn replay_page(
     let limit = page.entries.max(1) as i64;
     page_of(
         &mut stmt,
-        params![user, clamp(after), clamp(through), limit],
+        params![user, clamp_seq(after), clamp_seq(through), limit],
         page,
     )
 }
@@ -107,12 +101,7 @@ fn list_page(
         "{COLUMNS} WHERE e.user_id = ?1 AND e.seq < ?2 AND (?3 = 0 OR e.read = 0)
          ORDER BY e.seq DESC LIMIT ?4"
     ))?;
-    let before = query.before.map_or(i64::MAX, clamp);
-    let limit = query.limit.min(page.entries.max(1)) as i64;
-    let page = PageBound {
-        entries: limit as usize,
-        ..page
-    };
+    let (before, limit, page) = query.page_bounds(page);
     page_of(
         &mut stmt,
         params![user, before, query.unread_only as i64, limit],

@@ -60,6 +60,28 @@ impl PageBound {
     };
 }
 
+/// A seq from outside (a u64, up to 2^64-1) as both stores hold it (a
+/// signed 64-bit integer): seqs never pass `i64::MAX`, so clamping keeps
+/// every comparison true to the u64.
+pub fn clamp_seq(seq: u64) -> i64 {
+    seq.min(i64::MAX as u64) as i64
+}
+
+impl ListQuery {
+    /// The bounds of one page of this listing, as both stores query it:
+    /// `seq < before` (clamped), at most `limit` rows and never more than
+    /// `page` allows, and the page bound with that row count.
+    pub fn page_bounds(&self, page: PageBound) -> (i64, i64, PageBound) {
+        let before = self.before.map_or(i64::MAX, clamp_seq);
+        let limit = self.limit.min(page.entries.max(1));
+        let page = PageBound {
+            entries: limit,
+            ..page
+        };
+        (before, limit as i64, page)
+    }
+}
+
 /// The start of what a reconnecting client with `?since=N` gets; the rest
 /// comes in pages of entries with `after < seq <= through`.
 #[derive(Debug, Clone, PartialEq, Eq)]
