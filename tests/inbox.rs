@@ -24,16 +24,8 @@ fn with_inbox(path: PathBuf) -> impl FnOnce(&mut Config) {
 }
 
 async fn connect_since(bridge: &Bridge, user: &str, since: Option<u64>) -> (Client, Value) {
-    let token = token(user, &[]);
-    let mut url = bridge.ws_url(&format!("/ws?token={token}"));
-    if let Some(since) = since {
-        url.push_str(&format!("&since={since}"));
-    }
-    let (mut client, _) = tokio_tungstenite::connect_async(url).await.unwrap();
-    assert_eq!(next_json(&mut client).await["type"], "welcome");
-    let counts = next_json(&mut client).await;
-    assert_eq!(counts["type"], "inbox", "{counts}");
-    (client, counts)
+    let since = since.map(|s| s.to_string());
+    common::inbox::connect_since(bridge, user, since.as_deref()).await
 }
 
 /// Publishes messages `range` to `user`, ids `{user}-{i}`.
@@ -91,56 +83,7 @@ async fn offline_messages_arrive_on_connect_in_order() {
 #[tokio::test]
 async fn reconnecting_with_since_during_a_stream_loses_and_duplicates_nothing() {
     let bridge = Bridge::start_with(with_inbox(store_path())).await;
-    let publisher = Publisher::connect().await;
-    let total = 1000u64;
-    let producer = {
-        let exchange = bridge.config.amqp.exchange.clone();
-        tokio::spawn(async move {
-            let publisher = Publisher::connect().await;
-            // In slices of 50 with a pause, so the reconnects land mid-stream.
-            for start in (0..total).step_by(50) {
-                let bodies = (start..(start + 50).min(total))
-                    .map(|i| format!(r#"{{"user_id":"stream","id":"s-{i}","payload":{i}}}"#));
-                publisher.publish_all(&exchange, bodies).await;
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        })
-    };
-    let mut seen: Vec<u64> = Vec::new();
-    let mut last = 0u64;
-    let mut reconnects = 0;
-    while last < total {
-        let (mut client, _) = connect_since(&bridge, "stream", Some(last)).await;
-        // Read a few frames (or until quiet), then drop the connection.
-        let budget = if reconnects < 6 { 120 } else { usize::MAX };
-        let mut read = 0;
-        while read < budget {
-            let Some(frame) = next_json_within(&mut client, Duration::from_secs(5)).await else {
-                break;
-            };
-            if frame["type"] == "gap" {
-                panic!("unexpected gap {frame}");
-            }
-            if frame["type"] != "notification" {
-                continue;
-            }
-            let seq = frame["seq"].as_u64().unwrap();
-            seen.push(seq);
-            last = seq;
-            read += 1;
-        }
-        reconnects += 1;
-        drop(client);
-        assert!(reconnects < 50, "stuck at {last}");
-    }
-    producer.await.unwrap();
-    assert!(reconnects >= 6, "{reconnects}");
-    let expected: Vec<u64> = (1..=total).collect();
-    assert_eq!(
-        seen, expected,
-        "frames across reconnects must be exactly 1..={total}"
-    );
-    drop(publisher);
+    common::inbox::since_reconnects_during_a_stream_lose_and_duplicate_nothing(&bridge).await;
     bridge.stop().await;
 }
 
@@ -359,14 +302,8 @@ async fn http_list_and_patch() {
         (list["total"].as_u64(), list["unread"].as_u64()),
         (Some(6), Some(6))
     );
+    assert_eq!(listed_seqs(&list), vec![6, 5]);
     let items = list["notifications"].as_array().unwrap();
-    assert_eq!(
-        items
-            .iter()
-            .map(|n| n["seq"].as_u64().unwrap())
-            .collect::<Vec<_>>(),
-        vec![6, 5]
-    );
     assert_eq!(items[0]["id"], "h-5");
     assert_eq!(items[0]["payload"], json!({"n": 5}));
     assert_eq!(items[0]["read"], false);

@@ -23,12 +23,7 @@ fn with_inbox(path: PathBuf) -> impl FnOnce(&mut Config) {
 }
 
 async fn connect_since(bridge: &Bridge, user: &str, since: &str) -> (Client, Value) {
-    let url = bridge.ws_url(&format!("/ws?token={}&since={since}", token(user, &[])));
-    let (mut client, _) = tokio_tungstenite::connect_async(url).await.unwrap();
-    assert_eq!(next_json(&mut client).await["type"], "welcome");
-    let counts = next_json(&mut client).await;
-    assert_eq!(counts["type"], "inbox", "{counts}");
-    (client, counts)
+    common::inbox::connect_since(bridge, user, Some(since)).await
 }
 
 async fn wait_for_stored(bridge: &Bridge, at_least: u64) {
@@ -360,13 +355,7 @@ async fn long_listings_and_replays_come_whole_and_in_order_across_pages() {
         (listing["total"].as_u64(), listing["unread"].as_u64()),
         (Some(300), Some(300))
     );
-    let seqs: Vec<u64> = listing["notifications"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| n["seq"].as_u64().unwrap())
-        .collect();
-    assert_eq!(seqs, (1..290).rev().collect::<Vec<_>>());
+    assert_eq!(listed_seqs(&listing), (1..290).rev().collect::<Vec<_>>());
 
     let (mut client, _) = connect_since(&bridge, "pages", "7").await;
     for seq in 8..=300u64 {

@@ -21,13 +21,7 @@ fn with_postgres(url: String) -> impl FnOnce(&mut Config) {
 }
 
 async fn connect_since(bridge: &Bridge, user: &str, since: u64) -> (Client, Value) {
-    let token = token(user, &[]);
-    let url = bridge.ws_url(&format!("/ws?token={token}&since={since}"));
-    let (mut client, _) = tokio_tungstenite::connect_async(url).await.unwrap();
-    assert_eq!(next_json(&mut client).await["type"], "welcome");
-    let counts = next_json(&mut client).await;
-    assert_eq!(counts["type"], "inbox", "{counts}");
-    (client, counts)
+    common::inbox::connect_since(bridge, user, Some(&since.to_string())).await
 }
 
 async fn wait_for_stored(bridge: &Bridge, at_least: u64) {
@@ -121,41 +115,7 @@ async fn reconnecting_with_since_during_a_stream_loses_and_duplicates_nothing() 
         return;
     };
     let bridge = Bridge::start_with(with_postgres(db)).await;
-    let total = 1000u64;
-    let producer = {
-        let exchange = bridge.config.amqp.exchange.clone();
-        tokio::spawn(async move {
-            let publisher = Publisher::connect().await;
-            for start in (0..total).step_by(50) {
-                let bodies = (start..(start + 50).min(total))
-                    .map(|i| format!(r#"{{"user_id":"stream","id":"s-{i}","payload":{i}}}"#));
-                publisher.publish_all(&exchange, bodies).await;
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        })
-    };
-    let (mut seen, mut last, mut reconnects) = (Vec::new(), 0u64, 0);
-    while last < total {
-        let (mut client, _) = connect_since(&bridge, "stream", last).await;
-        let budget = if reconnects < 6 { 120 } else { usize::MAX };
-        let mut read = 0;
-        while read < budget {
-            let Some(frame) = next_json_within(&mut client, Duration::from_secs(5)).await else {
-                break;
-            };
-            assert_ne!(frame["type"], "gap", "unexpected {frame}");
-            if frame["type"] == "notification" {
-                last = frame["seq"].as_u64().unwrap();
-                seen.push(last);
-                read += 1;
-            }
-        }
-        reconnects += 1;
-        assert!(reconnects < 50, "stuck at {last}");
-    }
-    producer.await.unwrap();
-    assert!(reconnects >= 6, "{reconnects}");
-    assert_eq!(seen, (1..=total).collect::<Vec<_>>());
+    common::inbox::since_reconnects_during_a_stream_lose_and_duplicate_nothing(&bridge).await;
     bridge.stop().await;
 }
 
@@ -185,13 +145,7 @@ async fn http_list_and_patch_on_postgres() {
         (list["total"].as_u64(), list["unread"].as_u64()),
         (Some(6), Some(6))
     );
-    let seqs: Vec<u64> = list["notifications"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| n["seq"].as_u64().unwrap())
-        .collect();
-    assert_eq!(seqs, vec![5, 4]);
+    assert_eq!(listed_seqs(&list), vec![5, 4]);
     let body = r#"{"action":"mark_read","ids":["h-0","h-1","nope"]}"#;
     let patched = http_request(addr, "PATCH", "/api/me/notifications", &auth, body).await;
     assert_eq!(patched.status, 200, "{}", patched.body);

@@ -10,6 +10,7 @@
 use std::time::Duration;
 
 pub mod daemon;
+pub mod inbox;
 
 use futures_util::{SinkExt, StreamExt};
 use lapin::{
@@ -164,6 +165,17 @@ impl Bridge {
             let _ = conn.close(200, "test done".into()).await;
         }
     }
+}
+
+/// The `seq` of every entry of an inbox listing (`GET …/notifications`),
+/// in the order listed.
+pub fn listed_seqs(listing: &Value) -> Vec<u64> {
+    listing["notifications"]
+        .as_array()
+        .expect("a notifications array")
+        .iter()
+        .map(|n| n["seq"].as_u64().expect("a seq"))
+        .collect()
 }
 
 /// A fresh inbox path in a folder of its own that does not exist yet (the
