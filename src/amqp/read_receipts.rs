@@ -4,7 +4,7 @@
 //! waits for the broker and the consumer is never disturbed.
 //!
 //! Unlike delivery receipts there is no delivery to hold back: a receipt
-//! whose publish keeps failing (three tries over about 7 s) is dropped
+//! whose publish keeps failing (three tries over about 6 s) is dropped
 //! with a WARN. A `read_all` on a large inbox publishes its receipts in
 //! batches of [`CHUNK`], each batch's confirms awaited together.
 
