@@ -135,8 +135,10 @@ async fn consume_once(ctx: &ConsumerContext, connected_before: &mut bool) -> Res
             .await
     };
     let receipts_failed = CancellationToken::new();
+    let receipts_name = format!("notify-bridge receipts {queue}");
     let receipts = DeliveryReceipts::open(
-        &connection,
+        &config.url,
+        &receipts_name,
         Destination {
             exchange: config.exchange.clone(),
             routing_key: ctx.receipts_routing_key.clone(),

@@ -1,11 +1,12 @@
 //! Publishing delivery receipts before their message is acked.
 //!
-//! One [`DeliveryReceipts`] task per consumer connection, on a confirm-mode
-//! channel of that connection: the router hands it a message's receipts
-//! (after the frames went to the sockets) together with a oneshot that the
-//! settler waits on before it acks that delivery. The task publishes
-//! whatever gathered while the previous batch was being confirmed (many
-//! publishes in flight), awaits the confirms, then answers each message in
+//! One [`DeliveryReceipts`] per consumer connection, publishing on a
+//! connection of its own in confirm mode: the router hands it a message's
+//! receipts (after the frames went to the sockets) together with a oneshot
+//! that the settler waits on before it acks that delivery. One task
+//! publishes whatever gathered (many publishes in flight, the next batch
+//! going out while earlier ones are confirmed); a second awaits each
+//! batch's confirms in publishing order and answers each message in
 //! order. A failed publish answers `false`: the settler acks nothing from
 //! then on and the consumer reconnects, so the message comes back (at least
 //! once; a redelivered message may repeat receipts).
@@ -26,8 +27,8 @@ use crate::{
     receipts::{Outcome, Receipt, Receipts, RECEIPT_TYPE},
 };
 
-/// The most messages whose receipts are published before their confirms
-/// are awaited together.
+/// The most messages whose receipts are published as one batch (their
+/// confirms are awaited together).
 const BATCH: usize = 256;
 /// How long one batch's publishes and confirms may take.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
@@ -48,57 +49,73 @@ pub async fn publish_confirmed(
     receipts: &[&Receipt],
 ) -> Result<(), String> {
     let work = async {
-        let mut confirms: Vec<PublisherConfirm> = Vec::with_capacity(receipts.len());
-        for receipt in receipts {
-            let properties = BasicProperties::default()
-                .with_content_type("application/json".into())
-                .with_delivery_mode(2)
-                .with_type(RECEIPT_TYPE.into());
-            let body = receipt.body.as_bytes();
-            confirms.push(
-                channel
-                    .basic_publish(
-                        to.exchange.as_str().into(),
-                        to.routing_key.as_str().into(),
-                        BasicPublishOptions::default(),
-                        body,
-                        properties.clone(),
-                    )
-                    .await?,
-            );
-            if let Some(queue) = &receipt.reply_to {
-                let properties = match &receipt.correlation_id {
-                    Some(id) => properties.with_correlation_id(id.as_str().into()),
-                    None => properties,
-                };
-                confirms.push(
-                    channel
-                        .basic_publish(
-                            "".into(),
-                            queue.as_ref().into(),
-                            BasicPublishOptions::default(),
-                            body,
-                            properties,
-                        )
-                        .await?,
-                );
-            }
-        }
-        let mut nacked = 0;
-        for confirm in confirms {
-            if !confirm.await?.is_ack() {
-                nacked += 1;
-            }
-        }
-        Ok::<_, lapin::Error>(nacked)
+        let confirms = publish(channel, to, receipts.iter().copied()).await?;
+        confirm(confirms).await
     };
     match tokio::time::timeout(CONFIRM_TIMEOUT, work).await {
-        Ok(Ok(0)) => Ok(()),
-        Ok(Ok(nacked)) => Err(format!("the broker refused {nacked} receipts (nack)")),
-        Ok(Err(e)) => Err(format!("publishing receipts failed: {e}")),
-        Err(_) => Err(format!(
-            "the broker did not confirm receipts within {CONFIRM_TIMEOUT:?}"
-        )),
+        Ok(result) => result,
+        Err(_) => Err(timed_out()),
+    }
+}
+
+fn timed_out() -> String {
+    format!("the broker did not confirm receipts within {CONFIRM_TIMEOUT:?}")
+}
+
+/// Publishes each receipt to `to` (and to its `reply_to` queue); the
+/// confirms to wait for.
+async fn publish<'a>(
+    channel: &Channel,
+    to: &Destination,
+    receipts: impl Iterator<Item = &'a Receipt>,
+) -> Result<Vec<PublisherConfirm>, String> {
+    let failed = |e: lapin::Error| format!("publishing receipts failed: {e}");
+    let mut confirms = Vec::new();
+    for receipt in receipts {
+        let properties = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2)
+            .with_type(RECEIPT_TYPE.into());
+        let body = receipt.body.as_bytes();
+        let options = BasicPublishOptions::default();
+        let exchange = to.exchange.as_str().into();
+        let key = to.routing_key.as_str().into();
+        confirms.push(
+            channel
+                .basic_publish(exchange, key, options, body, properties.clone())
+                .await
+                .map_err(failed)?,
+        );
+        if let Some(queue) = &receipt.reply_to {
+            let properties = match &receipt.correlation_id {
+                Some(id) => properties.with_correlation_id(id.as_str().into()),
+                None => properties,
+            };
+            confirms.push(
+                channel
+                    .basic_publish("".into(), queue.as_ref().into(), options, body, properties)
+                    .await
+                    .map_err(failed)?,
+            );
+        }
+    }
+    Ok(confirms)
+}
+
+/// Waits for every confirm; a nack is an error too.
+async fn confirm(confirms: Vec<PublisherConfirm>) -> Result<(), String> {
+    let mut nacked = 0;
+    for confirm in confirms {
+        let confirmation = confirm
+            .await
+            .map_err(|e| format!("publishing receipts failed: {e}"))?;
+        if !confirmation.is_ack() {
+            nacked += 1;
+        }
+    }
+    match nacked {
+        0 => Ok(()),
+        n => Err(format!("the broker refused {n} receipts (nack)")),
     }
 }
 
@@ -124,37 +141,30 @@ impl std::fmt::Debug for DeliveryReceipts {
 }
 
 impl DeliveryReceipts {
-    /// Starts the task on `channel` (in confirm mode). `failed` is
-    /// cancelled on the first publish that fails, so the consumer
-    /// reconnects.
-    pub fn spawn(
-        channel: Channel,
-        to: Destination,
-        receipts: Arc<Receipts>,
-        metrics: Arc<Metrics>,
-        failed: CancellationToken,
-    ) -> Self {
-        let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run(rx, channel, to, metrics, failed));
-        Self { receipts, jobs: tx }
-    }
-
-    /// Opens a confirm-mode channel on the consumer's `connection` and
-    /// starts the task on it: receipts share the connection's fate, so a
-    /// lost connection fails its unconfirmed receipts and unacked messages
-    /// together.
+    /// Opens a connection of its own (named after the consumer's) with a
+    /// confirm channel and starts the task on it. Its own connection, not a
+    /// channel of the consumer's: the broker's flow control on a busy
+    /// publishing connection would hold back the consumer's acks too.
     pub async fn open(
-        connection: &Connection,
+        url: &str,
+        name: &str,
         to: Destination,
         receipts: Arc<Receipts>,
         metrics: Arc<Metrics>,
         failed: CancellationToken,
     ) -> Result<Self, lapin::Error> {
+        let properties = lapin::ConnectionProperties::default().with_connection_name(name.into());
+        let connection = Connection::connect(url, properties).await?;
         let channel = connection.create_channel().await?;
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
-        Ok(Self::spawn(channel, to, receipts, metrics, failed))
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            run(rx, channel, to, metrics, failed).await;
+            let _ = connection.close(200, "consumer gone".into()).await;
+        });
+        Ok(Self { receipts, jobs: tx })
     }
 
     /// The `invalid` receipt of a delivery about to be dead-lettered, queued;
@@ -215,6 +225,9 @@ pub fn reply_to(delivery: &lapin::message::Delivery) -> Option<Arc<str>> {
         .map(Arc::from)
 }
 
+/// Publishes batches as they gather and hands their confirms to
+/// [`confirm_in_order`]: the next batch goes out while the previous one is
+/// still being confirmed (many in flight).
 async fn run(
     mut rx: mpsc::UnboundedReceiver<Job>,
     channel: Channel,
@@ -222,26 +235,64 @@ async fn run(
     metrics: Arc<Metrics>,
     failed: CancellationToken,
 ) {
+    let (confirming, confirms) = mpsc::unbounded_channel();
+    let confirmer = tokio::spawn(confirm_in_order(confirms, metrics, failed.clone()));
     let mut batch: Vec<Job> = Vec::with_capacity(BATCH);
     while rx.recv_many(&mut batch, BATCH).await > 0 {
-        let ok = !failed.is_cancelled()
-            && {
-                let all: Vec<&Receipt> = batch.iter().flat_map(|job| &job.receipts).collect();
-                match publish_confirmed(&channel, &to, &all).await {
-                    Ok(()) => {
-                        for receipt in &all {
-                            metrics.receipt_sent(receipt.status);
-                        }
-                        true
-                    }
-                    Err(reason) => {
-                        warn!(%reason, "receipts not confirmed: their messages stay unacked and come back after a reconnect");
-                        failed.cancel();
-                        false
-                    }
+        let published = if failed.is_cancelled() {
+            Err("an earlier receipt failed".to_string())
+        } else {
+            let all = batch.iter().flat_map(|job| &job.receipts);
+            publish(&channel, &to, all).await
+        };
+        let jobs = std::mem::take(&mut batch);
+        let _ = confirming.send((jobs, published, tokio::time::Instant::now()));
+    }
+    drop(confirming);
+    let _ = confirmer.await;
+}
+
+type Published = (
+    Vec<Job>,
+    Result<Vec<PublisherConfirm>, String>,
+    tokio::time::Instant,
+);
+
+/// Awaits each published batch's confirms in publishing order and answers
+/// its jobs; after a failure every later job is answered `false`.
+async fn confirm_in_order(
+    mut batches: mpsc::UnboundedReceiver<Published>,
+    metrics: Arc<Metrics>,
+    failed: CancellationToken,
+) {
+    while let Some((jobs, published, at)) = batches.recv().await {
+        let result = match published {
+            Err(reason) => Err(reason),
+            Ok(_) if failed.is_cancelled() => Err("an earlier receipt failed".to_string()),
+            Ok(confirms) => {
+                let deadline = at + CONFIRM_TIMEOUT;
+                match tokio::time::timeout_at(deadline, confirm(confirms)).await {
+                    Ok(result) => result,
+                    Err(_) => Err(timed_out()),
                 }
-            };
-        for job in batch.drain(..) {
+            }
+        };
+        let ok = match result {
+            Ok(()) => {
+                for receipt in jobs.iter().flat_map(|job| &job.receipts) {
+                    metrics.receipt_sent(receipt.status);
+                }
+                true
+            }
+            Err(reason) => {
+                if !failed.is_cancelled() {
+                    warn!(%reason, "receipts not confirmed: their messages stay unacked and come back after a reconnect");
+                    failed.cancel();
+                }
+                false
+            }
+        };
+        for job in jobs {
             let _ = job.done.send(ok);
         }
     }

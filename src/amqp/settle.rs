@@ -129,7 +129,7 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Op>) {
             match op {
                 Op::Ack(acker) if !broken => pending = Some(acker),
                 Op::AckAfter(acker, confirmed) if !broken => {
-                    if confirmed.await.unwrap_or(false) {
+                    if confirmed_yet(confirmed, &mut pending).await {
                         pending = Some(acker);
                     } else {
                         broken = true;
@@ -137,7 +137,7 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Op>) {
                 }
                 Op::Reject { acker } if !broken => reject(&mut pending, acker).await,
                 Op::RejectAfter(acker, confirmed) if !broken => {
-                    if confirmed.await.unwrap_or(false) {
+                    if confirmed_yet(confirmed, &mut pending).await {
                         reject(&mut pending, acker).await;
                     } else {
                         broken = true;
@@ -151,6 +151,23 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Op>) {
             }
         }
         send_ack(pending.take()).await;
+    }
+}
+
+/// Whether a delivery's receipts were confirmed. While they are still on
+/// their way, the acks before it go out first: holding them would keep
+/// the prefetch window full and stall the deliveries behind.
+async fn confirmed_yet(
+    mut confirmed: oneshot::Receiver<bool>,
+    pending: &mut Option<Acker>,
+) -> bool {
+    match confirmed.try_recv() {
+        Ok(ok) => ok,
+        Err(oneshot::error::TryRecvError::Closed) => false,
+        Err(oneshot::error::TryRecvError::Empty) => {
+            send_ack(pending.take()).await;
+            confirmed.await.unwrap_or(false)
+        }
     }
 }
 
