@@ -63,43 +63,43 @@ fn timed_out() -> String {
 }
 
 /// Publishes each receipt to `to` (and to its `reply_to` queue); the
-/// confirms to wait for.
+/// confirms to wait for. The publishes are polled together: lapin queues a
+/// publish's frames (and numbers it) when first polled and then waits for
+/// its I/O loop to write them, so awaiting them one by one would cost one
+/// round trip through that loop per receipt.
 async fn publish<'a>(
     channel: &Channel,
     to: &Destination,
     receipts: impl Iterator<Item = &'a Receipt>,
 ) -> Result<Vec<PublisherConfirm>, String> {
-    let failed = |e: lapin::Error| format!("publishing receipts failed: {e}");
-    let mut confirms = Vec::new();
+    let properties = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2)
+        .with_type(RECEIPT_TYPE.into());
+    let options = BasicPublishOptions::default();
+    let mut publishes = Vec::new();
     for receipt in receipts {
-        let properties = BasicProperties::default()
-            .with_content_type("application/json".into())
-            .with_delivery_mode(2)
-            .with_type(RECEIPT_TYPE.into());
         let body = receipt.body.as_bytes();
-        let options = BasicPublishOptions::default();
         let exchange = to.exchange.as_str().into();
         let key = to.routing_key.as_str().into();
-        confirms.push(
-            channel
-                .basic_publish(exchange, key, options, body, properties.clone())
-                .await
-                .map_err(failed)?,
-        );
+        publishes.push(channel.basic_publish(exchange, key, options, body, properties.clone()));
         if let Some(queue) = &receipt.reply_to {
-            let properties = match &receipt.correlation_id {
-                Some(id) => properties.with_correlation_id(id.as_str().into()),
-                None => properties,
+            let reply = match &receipt.correlation_id {
+                Some(id) => properties.clone().with_correlation_id(id.as_str().into()),
+                None => properties.clone(),
             };
-            confirms.push(
-                channel
-                    .basic_publish("".into(), queue.as_ref().into(), options, body, properties)
-                    .await
-                    .map_err(failed)?,
-            );
+            publishes.push(channel.basic_publish(
+                "".into(),
+                queue.as_ref().into(),
+                options,
+                body,
+                reply,
+            ));
         }
     }
-    Ok(confirms)
+    futures_util::future::try_join_all(publishes)
+        .await
+        .map_err(|e| format!("publishing receipts failed: {e}"))
 }
 
 /// Waits for every confirm; a nack is an error too.
