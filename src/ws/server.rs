@@ -66,6 +66,8 @@ pub struct WsContext {
     pub sessions: TaskTracker,
     /// The inbox, when `inbox.enabled`.
     pub inbox: Option<Inbox>,
+    /// Cluster mode: presence, channel bindings, counts across instances.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 impl WsContext {
