@@ -321,3 +321,69 @@ async fn two_clusters_on_one_broker_never_mix() {
     delete_topology(&format!("{y_name}.ingest"), &format!("{y_name}.live")).await;
     x.stop().await;
 }
+
+/// Binds or unbinds `instance`'s live queue from its own routing key, as a
+/// broker losing the live hop would.
+async fn live_hop(cluster: &TestCluster, instance: &str, up: bool) {
+    use lapin::{options::QueueBindOptions, types::FieldTable};
+    let connection = lapin::Connection::connect(&amqp_url(), Default::default())
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let (queue, exchange, key) = (
+        format!("{}.live.{instance}", cluster.name),
+        format!("{}.live", cluster.name),
+        format!("i.{instance}"),
+    );
+    if up {
+        channel
+            .queue_bind(
+                queue.as_str().into(),
+                exchange.as_str().into(),
+                key.as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+    } else {
+        channel
+            .queue_unbind(
+                queue.as_str().into(),
+                exchange.as_str().into(),
+                key.as_str().into(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+    }
+    let _ = connection.close(200, "done".into()).await;
+}
+
+#[tokio::test]
+async fn a_lost_live_message_is_repaired_from_the_store_before_the_next_frame() {
+    let Some(cluster) = TestCluster::start(1).await else {
+        return;
+    };
+    let a = &cluster.bridges[0];
+    let (mut tab, _) = common::inbox::connect_since(a, "gappy", None).await;
+    cluster.publish_all(stored("gappy", 0..3)).await;
+    assert_eq!(seqs(&mut tab, 3).await, [1, 2, 3]);
+    // Seqs 4 and 5 are stored, but their live messages go nowhere.
+    live_hop(&cluster, "i0", false).await;
+    cluster.publish_all(stored("gappy", 3..5)).await;
+    eventually(Duration::from_secs(10), "4 and 5 stored", || {
+        a.running().metrics.inbox_stored.get() >= 5
+    })
+    .await;
+    assert_silent(&mut tab, Duration::from_millis(300)).await;
+    live_hop(&cluster, "i0", true).await;
+    cluster.publish_all(stored("gappy", 5..6)).await;
+    assert_eq!(
+        seqs(&mut tab, 3).await,
+        [4, 5, 6],
+        "the jump from 3 to 6 is filled first"
+    );
+    assert_eq!(a.running().metrics.inbox_gap_repairs.get(), 1);
+    cluster.stop().await;
+}
