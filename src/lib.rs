@@ -129,6 +129,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 
     let metrics = Arc::new(Metrics::default());
     let readiness = Arc::new(Readiness::default());
+    if let Some(store) = inbox.as_ref().and_then(Inbox::postgres) {
+        watch_database(store, readiness.clone(), shutdown.clone());
+    }
     let instance = config
         .cluster
         .enabled
@@ -323,4 +326,38 @@ fn wire_consumer(
         usize::from(config.amqp.prefetch),
     );
     (Downstream::Inbox(stage), queue)
+}
+
+/// A PostgreSQL inbox that did not answer at startup: `/readyz` is 503
+/// until it does (and is migrated), retried with the broker's backoff.
+fn watch_database(
+    store: Arc<inbox::PgStore>,
+    readiness: Arc<Readiness>,
+    shutdown: CancellationToken,
+) {
+    if store.is_migrated() {
+        return;
+    }
+    readiness.set_store_failing("the inbox database does not answer yet");
+    tokio::spawn(async move {
+        let mut backoff = std::time::Duration::from_millis(200);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            match store.client().await {
+                Ok(_) => {
+                    info!("inbox store open (PostgreSQL)");
+                    readiness.set_store_ok();
+                    return;
+                }
+                Err(e) => {
+                    readiness
+                        .set_store_failing(format!("the inbox database does not answer: {e:#}"));
+                    backoff = (backoff * 2).min(std::time::Duration::from_secs(10));
+                }
+            }
+        }
+    });
 }

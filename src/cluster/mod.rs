@@ -101,14 +101,15 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// Registers the instance (heartbeat, stale presence of a previous
-    /// life removed) and starts its live link and heartbeat tasks.
+    /// Starts the instance's live link and heartbeat tasks (the heartbeat
+    /// registers it, and removes the presence a previous life left, once
+    /// the database answers).
     #[allow(clippy::too_many_arguments)]
     pub async fn start(
         config: &ClusterConfig,
         amqp: &AmqpConfig,
         ticket_ttl: std::time::Duration,
-        store: &PgStore,
+        store: &Arc<PgStore>,
         router: Router,
         metrics: Arc<Metrics>,
         readiness: Arc<Readiness>,
@@ -118,10 +119,10 @@ impl Cluster {
             cluster: config.name.clone(),
             instance: router.names().instance().unwrap_or_default().to_string(),
         };
-        let presence = Presence::start(store.pool().clone(), &names).await?;
+        let presence = Presence::new(store.clone(), &names);
         tokio::spawn(presence.clone().run(readiness.clone(), shutdown.clone()));
         let tickets = Arc::new(SharedTickets::new(
-            store.pool().clone(),
+            store.clone(),
             names.cluster.clone(),
             ticket_ttl,
         ));

@@ -5,13 +5,13 @@
 
 use std::{
     collections::HashSet,
+    sync::Arc,
     time::{Duration, UNIX_EPOCH},
 };
 
-use deadpool_postgres::Pool;
-
 use crate::{
     auth::{ChannelGrant, Identity},
+    inbox::PgStore,
     message::UserId,
     tickets::{TicketError, MAX_OUTSTANDING},
     ws::handshake::{parse_query, query_value},
@@ -19,14 +19,18 @@ use crate::{
 
 /// The cluster's tickets.
 pub struct SharedTickets {
-    pool: Pool,
+    store: Arc<PgStore>,
     cluster: String,
     ttl: Duration,
 }
 
 impl SharedTickets {
-    pub fn new(pool: Pool, cluster: String, ttl: Duration) -> Self {
-        Self { pool, cluster, ttl }
+    pub fn new(store: Arc<PgStore>, cluster: String, ttl: Duration) -> Self {
+        Self {
+            store,
+            cluster,
+            ttl,
+        }
     }
 
     /// How long a ticket stays valid (`auth.ticket_ttl`).
@@ -46,7 +50,7 @@ impl SharedTickets {
             at.duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs().min(i64::MAX as u64) as i64)
         });
-        let db = self.pool.get().await?;
+        let db = self.store.client().await?;
         let inserted = db
             .execute(
                 "INSERT INTO cluster_tickets
@@ -89,7 +93,7 @@ impl SharedTickets {
     }
 
     async fn redeem(&self, ticket: &str) -> anyhow::Result<Option<Identity>> {
-        let db = self.pool.get().await?;
+        let db = self.store.client().await?;
         let row = db
             .query_opt(
                 "DELETE FROM cluster_tickets
@@ -114,7 +118,7 @@ impl SharedTickets {
 
     /// Drops expired tickets (the heartbeat calls it).
     pub async fn sweep(&self) -> anyhow::Result<()> {
-        let db = self.pool.get().await?;
+        let db = self.store.client().await?;
         db.execute("DELETE FROM cluster_tickets WHERE expires_at < now()", &[])
             .await?;
         Ok(())
