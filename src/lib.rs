@@ -105,6 +105,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         None
     };
     let tls = tls::ListenersTls::from_config(&config)?;
+    amqp::connect::check(&config.amqp)?;
     tls::reload_on_sighup(tls.certs(), shutdown.clone());
     if config.auth.mode == AuthMode::None {
         warn!("auth.mode = \"none\": ANY client can connect as ANY user. Local development only!");

@@ -1,7 +1,9 @@
 //! TLS (CONTRACT.md, "TLS"): wss on the WebSocket listener, https on the
 //! side port, certificate rotation on SIGHUP without dropping open
-//! connections, exit 2 for unusable files. Certificates come from
-//! throwaway CAs made in the test (rcgen).
+//! connections, exit 2 for unusable files, and consuming from a broker over
+//! amqps:// with `amqp.tls_ca_file`. Certificates come from throwaway CAs
+//! made in the test (rcgen); the broker's TLS listener is the one
+//! `scripts/rabbitmq` sets up (its own throwaway CA, made with openssl).
 
 mod common;
 
@@ -331,6 +333,16 @@ async fn unusable_tls_files_stop_startup_with_exit_2_naming_the_key() {
             "http.tls_key_file",
             vec![("NOTIFY_BRIDGE_HTTP__TLS_CERT_FILE", path(&cert))],
         ),
+        (
+            "amqp.tls_ca_file",
+            vec![
+                (
+                    "NOTIFY_BRIDGE_AMQP__URL",
+                    "amqps://guest:guest@127.0.0.1:5671/%2f".into(),
+                ),
+                ("NOTIFY_BRIDGE_AMQP__TLS_CA_FILE", path(&missing)),
+            ],
+        ),
     ];
     for (key_named, env) in cases {
         let mut command = bridge_command(dir.path());
@@ -351,4 +363,96 @@ async fn unusable_tls_files_stop_startup_with_exit_2_naming_the_key() {
         );
         assert!(!stderr.contains("listening"), "{stderr}");
     }
+}
+
+/// The broker's amqps URL and CA file, or `None` (the test skips) when no
+/// broker answers TLS here; under CI=true a missing TLS listener fails.
+fn broker_tls() -> Option<(String, PathBuf)> {
+    let url = std::env::var("NOTIFY_BRIDGE_TEST_AMQPS_URL")
+        .unwrap_or_else(|_| "amqps://guest:guest@127.0.0.1:5671/%2f".into());
+    let ca = std::env::var_os("NOTIFY_BRIDGE_TEST_AMQP_CA_FILE")
+        .map(PathBuf::from)
+        .or_else(|| {
+            let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/rabbitmq");
+            let out = std::process::Command::new("bash")
+                .args([script, "tls-ca"])
+                .output()
+                .ok()?;
+            let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            (out.status.success() && !path.is_empty()).then(|| PathBuf::from(path))
+        });
+    let port_answers = url::Url::parse(&url)
+        .ok()
+        .and_then(|u| Some(format!("{}:{}", u.host_str()?, u.port().unwrap_or(5671))))
+        .is_some_and(|addr| std::net::TcpStream::connect(addr).is_ok());
+    match ca {
+        Some(ca) if port_answers => Some((url, ca)),
+        _ => {
+            let why = format!(
+                "no broker TLS listener at {url} with a CA file (NOTIFY_BRIDGE_TEST_AMQP_CA_FILE, \
+                 or `scripts/rabbitmq tls-ca`); restart the broker with scripts/rabbitmq \
+                 (stop, then start) to add one"
+            );
+            assert!(std::env::var("CI").as_deref() != Ok("true"), "{why}");
+            eprintln!("SKIPPED: {why}");
+            None
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_bridge_consumes_and_publishes_over_amqps_with_tls_ca_file() {
+    let Some((url, ca_file)) = broker_tls() else {
+        return;
+    };
+    let bridge = Bridge::start_with(|config| {
+        config.amqp.url = url.clone();
+        config.amqp.tls_ca_file = Some(ca_file.clone());
+        config.http.api_keys = vec!["tls-key".into()];
+    })
+    .await;
+    let mut client = bridge.connect("dave").await;
+    let publisher = Publisher::connect().await;
+    bridge
+        .publish(&publisher, &notification("dave", "via-amqps"))
+        .await;
+    assert_eq!(next_notification(&mut client).await["id"], "via-amqps");
+    // The side port's publisher opens its connection the same way.
+    let sent = http_request(
+        bridge.running().http_addr,
+        "POST",
+        "/api/notifications/send",
+        &[
+            ("authorization", "Bearer tls-key"),
+            ("content-type", "application/json"),
+        ],
+        &notification("dave", "sent-over-amqps"),
+    )
+    .await;
+    assert_eq!(sent.status, 202, "{}", sent.body);
+    assert_eq!(
+        next_notification(&mut client).await["id"],
+        "sent-over-amqps"
+    );
+    bridge.stop().await;
+
+    // With a CA that did not sign the broker's certificate, the bridge
+    // does not connect, and says why.
+    let (stranger, dir) = (TestCa::new("not the broker's CA"), TempDir::new());
+    let wrong_ca = dir.write("ca.pem", stranger.pem());
+    let mut config = test_config();
+    config.amqp.url = url;
+    config.amqp.tls_ca_file = Some(wrong_ca);
+    let bridge = Bridge::start_unready(config).await;
+    let deadline = Instant::now() + WAIT;
+    let reason = loop {
+        match bridge.running().readiness.get() {
+            Err(reason) if reason.contains("cannot connect") => break reason,
+            Ok(()) => panic!("connected to a broker its CA did not sign"),
+            _ if Instant::now() > deadline => panic!("no connect failure reported"),
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
+    assert!(reason.to_lowercase().contains("certificate"), "{reason}");
+    bridge.stop().await;
 }
