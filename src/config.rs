@@ -34,6 +34,7 @@ pub struct Config {
     pub inbox: InboxConfig,
     pub auth: AuthConfig,
     pub log: LogConfig,
+    pub cluster: ClusterConfig,
     /// How long a SIGTERM may take from "stop accepting" to exit.
     #[serde(with = "duration_text")]
     pub shutdown_timeout: Duration,
@@ -164,6 +165,49 @@ pub struct InboxConfig {
     pub ttl: Duration,
 }
 
+/// Cluster mode: several instances share one broker and one PostgreSQL
+/// inbox, each message stored once and delivered live only to the
+/// instances that hold its recipients (docs/cluster.md).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    pub enabled: bool,
+    /// Prefixes everything the cluster declares on the broker and keys its
+    /// rows in the database: two clusters on one broker never mix.
+    pub name: String,
+    /// Empty: the hostname plus a random suffix per start (see
+    /// [`ClusterConfig::resolved_instance_id`]).
+    pub instance_id: String,
+}
+
+impl ClusterConfig {
+    /// This start's instance id: the configured one, or the hostname plus
+    /// a random suffix, so a restarted process never inherits the presence
+    /// rows or live queue of its previous life by accident.
+    pub fn resolved_instance_id(&self) -> String {
+        if !self.instance_id.is_empty() {
+            return self.instance_id.clone();
+        }
+        let host: String = hostname()
+            .chars()
+            .map(|c| if is_name_char(c) { c } else { '_' })
+            .take(40)
+            .collect();
+        let suffix = uuid::Uuid::new_v4().simple().to_string();
+        format!("{host}-{}", &suffix[..8])
+    }
+}
+
+/// What a cluster name or instance id may hold: they become queue names,
+/// routing keys and parts of connection ids.
+fn is_name_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')
+}
+
+fn valid_name(text: &str, max: usize) -> bool {
+    !text.is_empty() && text.len() <= max && text.chars().all(is_name_char)
+}
+
 /// The inbox's storage engine: SQLite stays the default so that one
 /// instance still needs no database server.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
@@ -236,6 +280,11 @@ impl Default for Config {
             inbox: InboxConfig::default(),
             auth: AuthConfig::default(),
             log: LogConfig::default(),
+            cluster: ClusterConfig {
+                enabled: false,
+                name: "notify-bridge".into(),
+                instance_id: String::new(),
+            },
             shutdown_timeout: Duration::from_secs(10),
         }
     }
@@ -621,11 +670,43 @@ impl Config {
             };
             problems.extend(problem);
         }
+        problems.extend(self.cluster_problems(figment));
         if problems.is_empty() {
             Ok(())
         } else {
             Err(ConfigError { problems })
         }
+    }
+
+    /// Cluster mode needs the shared store, and names that can become
+    /// queue names, routing keys and connection ids.
+    fn cluster_problems(&self, figment: &Figment) -> Vec<String> {
+        let c = &self.cluster;
+        let mut problems = Vec::new();
+        let mut check = |ok: bool, key: &str, detail: &str| {
+            if !ok {
+                problems.push(format!(
+                    "{key}: {detail} (from {})",
+                    source_of(figment, key)
+                ));
+            }
+        };
+        check(
+            valid_name(&c.name, 100),
+            "cluster.name",
+            "must be 1-100 characters of A-Z a-z 0-9 _ . -",
+        );
+        check(
+            c.instance_id.is_empty() || valid_name(&c.instance_id, 64),
+            "cluster.instance_id",
+            "must be empty or 1-64 characters of A-Z a-z 0-9 _ . -",
+        );
+        check(
+            !c.enabled || (self.inbox.enabled && self.inbox.store == InboxStoreKind::Postgres),
+            "cluster.enabled",
+            "needs the shared inbox: inbox.enabled = true and inbox.store = \"postgres\"",
+        );
+        problems
     }
 
     /// The effective configuration as TOML, secrets masked, for `check-config`.
@@ -654,13 +735,14 @@ impl Config {
 
 /// The sections a `NOTIFY_BRIDGE_*` variable may address; other variables
 /// with the prefix (a test harness's, say) are not configuration.
-const TOP_LEVEL_KEYS: [&str; 7] = [
+const TOP_LEVEL_KEYS: [&str; 8] = [
     "amqp",
     "websocket",
     "http",
     "inbox",
     "auth",
     "log",
+    "cluster",
     "shutdown_timeout",
 ];
 

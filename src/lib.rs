@@ -32,7 +32,9 @@
 
 pub mod amqp;
 pub mod auth;
+pub mod cluster;
 pub mod config;
+pub mod connection_id;
 pub mod http;
 pub mod inbox;
 pub mod log_limit;
@@ -62,11 +64,17 @@ use crate::{
     amqp::{
         consumer::{self, ConsumerContext, Downstream},
         publisher::Publisher,
+        topology::IngestQueue,
     },
     auth::Authenticator,
+    cluster::{fanout::Fanout, Cluster},
     config::{AuthMode, Config},
+    connection_id::ConnectionNames,
     http::{demo::DemoSettings, ApiKeys, HttpState},
-    inbox::{stage::InboxStage, Inbox},
+    inbox::{
+        stage::{Committed, InboxStage},
+        Inbox,
+    },
     metrics::Metrics,
     readiness::Readiness,
     router::Router,
@@ -126,21 +134,25 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 
     let metrics = Arc::new(Metrics::default());
     let readiness = Arc::new(Readiness::default());
-    let (router, router_task) = Router::spawn(metrics.clone());
-
-    let downstream = match &inbox {
-        Some(inbox) => Downstream::Inbox(InboxStage::spawn(
-            inbox.clone(),
-            router.clone(),
-            metrics.clone(),
-            readiness.clone(),
-            shutdown.clone(),
-            usize::from(config.amqp.prefetch),
-        )),
-        None => Downstream::Router(router.clone()),
+    let instance = config
+        .cluster
+        .enabled
+        .then(|| config.cluster.resolved_instance_id());
+    let (router, router_task) =
+        Router::spawn_named(metrics.clone(), ConnectionNames::new(instance.as_deref()));
+    let cluster = match (&inbox, config.cluster.enabled) {
+        (Some(inbox), true) => {
+            Some(start_cluster(&config, inbox, &router, &metrics, &readiness, &shutdown).await?)
+        }
+        _ => None,
     };
+
+    let (downstream, queue) = wire_consumer(
+        &config, &inbox, &cluster, &router, &metrics, &readiness, &shutdown,
+    );
     let consumer_task = tokio::spawn(consumer::run(ConsumerContext {
         config: Arc::new(config.amqp.clone()),
+        queue: Arc::new(queue),
         downstream,
         router: router.clone(),
         metrics: metrics.clone(),
@@ -162,6 +174,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         shutdown: shutdown.clone(),
         sessions: sessions.clone(),
         inbox: inbox.clone(),
+        cluster: cluster.clone(),
         tls: tls.websocket.clone(),
     });
     let ws_task = tokio::spawn(ws::serve(ws_listener, ws_ctx));
@@ -205,6 +218,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         },
         auth,
         inbox,
+        cluster,
     });
     let http_task = tokio::spawn(http::serve(
         http_listener,
@@ -246,4 +260,74 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         router,
         done,
     })
+}
+
+/// Joins the cluster: the instance's heartbeat and presence, its live link.
+async fn start_cluster(
+    config: &Config,
+    inbox: &Inbox,
+    router: &Router,
+    metrics: &Arc<Metrics>,
+    readiness: &Arc<Readiness>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Arc<Cluster>> {
+    let store = inbox
+        .postgres()
+        .context("cluster mode needs inbox.store = \"postgres\"")?;
+    let cluster = Cluster::start(
+        &config.cluster,
+        &config.amqp,
+        &store,
+        router.clone(),
+        metrics.clone(),
+        readiness.clone(),
+        shutdown.clone(),
+    )
+    .await
+    .context("cannot join the cluster")?;
+    info!(cluster = %cluster.names.cluster, instance = %cluster.names.instance, "cluster mode");
+    Ok(cluster)
+}
+
+/// Where the consumer reads (this instance's queue, or the cluster's
+/// shared one) and where its deliveries go (the router, the commit stage,
+/// or the commit stage and then the cluster's fanout).
+fn wire_consumer(
+    config: &Config,
+    inbox: &Option<Inbox>,
+    cluster: &Option<Arc<Cluster>>,
+    router: &Router,
+    metrics: &Arc<Metrics>,
+    readiness: &Arc<Readiness>,
+    shutdown: &CancellationToken,
+) -> (Downstream, IngestQueue) {
+    let Some(inbox) = inbox else {
+        return (
+            Downstream::Router(router.clone()),
+            IngestQueue::own(&config.amqp),
+        );
+    };
+    let (next, queue) = match cluster {
+        Some(cluster) => (
+            Committed::Cluster(Arc::new(Fanout {
+                link: cluster.link.clone(),
+                presence: cluster.presence.clone(),
+                store: inbox.postgres().expect("cluster mode runs on PostgreSQL"),
+            })),
+            IngestQueue::shared(cluster.names.ingest_queue()),
+        ),
+        None => (
+            Committed::Router(router.clone()),
+            IngestQueue::own(&config.amqp),
+        ),
+    };
+    let stage = InboxStage::spawn(
+        inbox.clone(),
+        next,
+        metrics.clone(),
+        readiness.clone(),
+        shutdown.clone(),
+        usize::from(config.amqp.prefetch),
+    );
+    (Downstream::Inbox(stage), queue)
 }

@@ -268,16 +268,13 @@ pub fn decode(
         Some(_) => return Err(invalid("`store` must be true or false")),
     };
 
-    let payload: Box<RawValue> = payload.to_owned();
-    let frame = notification_frame(None, &id, &event, Some(&target), payload.get());
-    Ok(Notification {
+    Ok(Notification::new(
         id,
         event,
         target,
         store,
-        payload,
-        frame,
-    })
+        payload.to_owned(),
+    ))
 }
 
 fn parse_user(raw: &RawValue, field: &str) -> Result<UserId, DecodeError> {
@@ -318,6 +315,26 @@ fn parse_users(raw: &RawValue, max_recipients: usize) -> Result<Vec<UserId>, Dec
 }
 
 impl Notification {
+    /// A notification from its decoded parts (the broker's body, or a live
+    /// message from another instance of the cluster), its frame built once.
+    pub fn new(
+        id: String,
+        event: String,
+        target: Target,
+        store: bool,
+        payload: Box<RawValue>,
+    ) -> Self {
+        let frame = notification_frame(None, &id, &event, Some(&target), payload.get());
+        Self {
+            id,
+            event,
+            target,
+            store,
+            payload,
+            frame,
+        }
+    }
+
     /// The frame for one user's stored copy: the shared frame plus its
     /// per-user inbox position.
     pub fn frame_with_seq(&self, seq: u64) -> Utf8Bytes {

@@ -53,6 +53,8 @@ pub struct HttpState {
     /// Verifies users' own tokens for the inbox routes.
     pub auth: Arc<Authenticator>,
     pub inbox: Option<Inbox>,
+    /// In cluster mode: admin routes and counts act on every instance.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 /// The route table of the side port.

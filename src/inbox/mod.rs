@@ -120,6 +120,14 @@ impl Inbox {
         Ok(Self::start_postgres(store, config.max_per_user, config.ttl))
     }
 
+    /// The PostgreSQL store, which cluster mode shares for presence.
+    pub fn postgres(&self) -> Option<Arc<PgStore>> {
+        match &self.backend {
+            Backend::Postgres { store, .. } => Some(store.clone()),
+            Backend::Thread { .. } => None,
+        }
+    }
+
     /// Opens the readers and runs `store` on a dedicated thread.
     pub fn start(
         store: impl InboxStore,

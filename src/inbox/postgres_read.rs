@@ -19,14 +19,16 @@ const COLUMNS: &str = "SELECT e.seq, e.id, p.event, p.payload, e.created_at, e.r
 pub async fn counts(db: &impl GenericClient, user: &str) -> Result<Counts, tokio_postgres::Error> {
     let row = db
         .query_one(
-            "SELECT COUNT(*), COUNT(*) FILTER (WHERE NOT read) FROM inbox_entries
-             WHERE user_id = $1",
+            "SELECT COUNT(*), COUNT(*) FILTER (WHERE NOT read),
+                    (SELECT counts_version FROM inbox_users WHERE user_id = $1)
+             FROM inbox_entries WHERE user_id = $1",
             &[&user],
         )
         .await?;
     Ok(Counts {
         total: row.get::<_, i64>(0) as u64,
         unread: row.get::<_, i64>(1) as u64,
+        version: row.get::<_, Option<i64>>(2).unwrap_or(0) as u64,
     })
 }
 

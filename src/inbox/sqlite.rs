@@ -275,7 +275,8 @@ mod tests {
             (
                 Counts {
                     total: 3,
-                    unread: 3
+                    unread: 3,
+                    ..Default::default()
                 },
                 3
             )
@@ -438,7 +439,8 @@ mod tests {
                 false,
                 Counts {
                     total: 1,
-                    unread: 1
+                    unread: 1,
+                    ..Default::default()
                 }
             )
         );
@@ -448,7 +450,8 @@ mod tests {
                 true,
                 Counts {
                     total: 3,
-                    unread: 2
+                    unread: 2,
+                    ..Default::default()
                 }
             )
         );

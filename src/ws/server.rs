@@ -68,6 +68,8 @@ pub struct WsContext {
     pub sessions: TaskTracker,
     /// The inbox, when `inbox.enabled`.
     pub inbox: Option<Inbox>,
+    /// Cluster mode: presence, channel bindings, counts across instances.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
     /// The listener speaks wss when set (`websocket.tls_cert_file`).
     pub tls: Option<Arc<ListenerTls>>,
 }
