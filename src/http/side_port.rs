@@ -163,7 +163,7 @@ impl SidePort {
         let (tls, shutdown) = (self.tls.clone(), self.shutdown.clone());
         let timeout = self.limits.request_timeout;
         tokio::spawn(async move {
-            let secured = secure(tcp, tls.as_deref(), timeout, &shutdown).await;
+            let secured = secure(tcp, remote_addr, tls.as_deref(), timeout, &shutdown).await;
             let stream = match secured {
                 Secured::Ready(stream) => stream,
                 Secured::TimedOut => return timed_out(remote_addr, timeout, &metrics, &logs),
@@ -205,6 +205,7 @@ enum Secured {
 /// otherwise), in the connection's own task.
 async fn secure(
     tcp: TcpStream,
+    remote_addr: SocketAddr,
     tls: Option<&ListenerTls>,
     timeout: Duration,
     shutdown: &CancellationToken,
@@ -212,13 +213,12 @@ async fn secure(
     let Some(tls) = tls else {
         return Secured::Ready(ServerStream::Plain(tcp));
     };
-    let remote_addr = tcp.peer_addr().ok();
     tokio::select! {
         _ = shutdown.cancelled() => Secured::Failed,
         accepted = tokio::time::timeout(timeout, tls.accept(tcp)) => match accepted {
             Ok(Ok(stream)) => Secured::Ready(stream),
             Ok(Err(e)) => {
-                debug!(?remote_addr, error = %e, "side port: TLS handshake failed");
+                debug!(%remote_addr, error = %e, "side port: TLS handshake failed");
                 Secured::Failed
             }
             Err(_) => Secured::TimedOut,
