@@ -25,6 +25,7 @@
 //! - [`metrics`], [`readiness`]: shared state operators read.
 //! - [`memory`]: hands freed heap pages back after a crowd disconnects.
 //! - [`shutdown`]: the signal every task watches.
+//! - [`tls`]: wss and https, certificates re-read on SIGHUP.
 //!
 //! [`run`] starts it all and returns the bound addresses, so tests can bind
 //! port 0.
@@ -46,6 +47,7 @@ pub mod rfc3339;
 pub mod router;
 pub mod shutdown;
 pub mod tickets;
+pub mod tls;
 pub mod ws;
 
 use std::{
@@ -110,6 +112,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     } else {
         None
     };
+    let tls = tls::ListenersTls::from_config(&config)?;
+    amqp::connect::check(&config.amqp)?;
+    tls::reload_on_sighup(tls.certs(), shutdown.clone());
     if config.auth.mode == AuthMode::None {
         warn!("auth.mode = \"none\": ANY client can connect as ANY user. Local development only!");
     }
@@ -173,6 +178,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         sessions: sessions.clone(),
         inbox: inbox.clone(),
         cluster: cluster.clone(),
+        tls: tls.websocket.clone(),
     });
     let ws_task = tokio::spawn(ws::serve(ws_listener, ws_ctx));
     tokio::spawn(memory::reclaim_after_disconnects(
@@ -221,10 +227,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         http_listener,
         http_state,
         (&config.http).into(),
+        tls.http.clone(),
         shutdown.clone(),
     ));
 
-    info!(%ws_addr, path = %config.websocket.path, %http_addr, "notify-bridge listening");
+    info!(%ws_addr, path = %config.websocket.path, %http_addr,
+        wss = tls.websocket.is_some(), https = tls.http.is_some(), "notify-bridge listening");
 
     let shutdown_timeout = config.shutdown_timeout;
     let drain_router = router.clone();
