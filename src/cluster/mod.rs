@@ -127,7 +127,7 @@ impl Cluster {
             ticket_ttl,
         ));
         tokio::spawn(sweep_tickets(tickets.clone(), shutdown.clone()));
-        let link = LiveLink::new(names.clone(), amqp.url.clone());
+        let link = LiveLink::new(names.clone(), amqp.clone());
         tokio::spawn(link.clone().run(
             router,
             metrics,
