@@ -269,6 +269,7 @@ async fn start_cluster(
     let cluster = Cluster::start(
         &config.cluster,
         &config.amqp,
+        config.auth.ticket_ttl,
         &store,
         router.clone(),
         metrics.clone(),

@@ -14,7 +14,9 @@
 //!   from several instances can be ordered; `cluster_instances` (one row
 //!   per live instance, its heartbeat) and `cluster_presence` (which
 //!   instance holds a socket of which user; UNLOGGED: it is rebuilt by the
-//!   live instances, never worth a WAL write or a crash-safe copy).
+//!   live instances, never worth a WAL write or a crash-safe copy);
+//!   `cluster_tickets`, the one-time WebSocket tickets every instance can
+//!   redeem, once.
 
 use deadpool_postgres::Object;
 
@@ -85,6 +87,16 @@ CREATE UNLOGGED TABLE cluster_presence (
     PRIMARY KEY (cluster, user_id, instance_id)
 );
 CREATE INDEX cluster_presence_instance ON cluster_presence (cluster, instance_id);
+CREATE TABLE cluster_tickets (
+    ticket TEXT PRIMARY KEY,
+    cluster TEXT NOT NULL,
+    user_id TEXT NOT NULL,
+    -- NULL: every channel (auth.mode none never issues tickets); else the list
+    channels TEXT[],
+    token_expires_at BIGINT,
+    expires_at TIMESTAMPTZ NOT NULL
+);
+CREATE INDEX cluster_tickets_expiry ON cluster_tickets (expires_at);
 ";
 
 /// Brings the database to [`VERSION`]: creates the tables when empty,

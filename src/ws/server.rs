@@ -293,7 +293,13 @@ async fn upgrade(
 /// returned for the caller to write.
 async fn handshake(stream: &mut TcpStream, ctx: &WsContext) -> Result<Accepted, HeadError> {
     let head = request_head::read(stream).await?;
-    let (response, admission, permit) = decide(&head.request, ctx)?;
+    // In cluster mode a ticket is redeemed in the shared store (async), so
+    // before the (synchronous) decision.
+    let redeemed = match &ctx.cluster {
+        Some(cluster) => cluster.tickets.redeem_in(head.request.uri().query()).await,
+        None => None,
+    };
+    let (response, admission, permit) = decide(&head.request, ctx, redeemed)?;
     let mut out = Vec::with_capacity(256);
     write_response(&mut out, &response).map_err(|_| HeadError::Gone)?;
     stream.write_all(&out).await.map_err(|_| HeadError::Gone)?;
@@ -306,7 +312,11 @@ async fn handshake(stream: &mut TcpStream, ctx: &WsContext) -> Result<Accepted, 
 
 /// The upgrade's answer, who the client is, and its place under the
 /// connection limits; or why not.
-fn decide(request: &Request, ctx: &WsContext) -> Result<(Response, Admission, Permit), Refusal> {
+fn decide(
+    request: &Request,
+    ctx: &WsContext,
+    redeemed: Option<Result<crate::auth::Identity, crate::tickets::TicketError>>,
+) -> Result<(Response, Admission, Permit), Refusal> {
     if ctx.shutdown.is_cancelled() {
         return Err(Refusal::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -321,7 +331,9 @@ fn decide(request: &Request, ctx: &WsContext) -> Result<(Response, Admission, Pe
             format!("not a WebSocket upgrade: {e}"),
         )
     })?;
-    let admission = ctx.policy().admit(request.uri(), request.headers())?;
+    let admission = ctx
+        .policy()
+        .admit_redeemed(request.uri(), request.headers(), redeemed)?;
     let permit = ctx
         .limits
         .acquire(&admission.user)
