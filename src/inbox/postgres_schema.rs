@@ -13,8 +13,10 @@
 //!   every read-state change under the user's row lock, so counts frames
 //!   from several instances can be ordered; `cluster_instances` (one row
 //!   per live instance, its heartbeat) and `cluster_presence` (which
-//!   instance holds a socket of which user; UNLOGGED: it is rebuilt by the
-//!   live instances, never worth a WAL write or a crash-safe copy);
+//!   instance holds a socket of which user), both UNLOGGED: rebuilt by the
+//!   live instances, never worth a WAL write; a crash restart empties both
+//!   together, so an instance's next heartbeat finds its row gone and it
+//!   writes its users' presence again;
 //!   `cluster_tickets`, the one-time WebSocket tickets every instance can
 //!   redeem, once.
 
@@ -74,7 +76,9 @@ CREATE TRIGGER inbox_entries_free_payload AFTER DELETE ON inbox_entries
 
 const V2: &str = "
 ALTER TABLE inbox_users ADD COLUMN counts_version BIGINT NOT NULL DEFAULT 0;
-CREATE TABLE cluster_instances (
+-- Unlogged like the presence table: a crash restart empties both at once,
+-- so every instance finds itself forgotten and writes its presence again.
+CREATE UNLOGGED TABLE cluster_instances (
     cluster TEXT NOT NULL,
     instance_id TEXT NOT NULL,
     heartbeat_at TIMESTAMPTZ NOT NULL,
