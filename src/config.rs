@@ -35,6 +35,7 @@ pub struct Config {
     pub auth: AuthConfig,
     pub log: LogConfig,
     pub receipts: ReceiptsConfig,
+    pub cluster: ClusterConfig,
     /// How long a SIGTERM may take from "stop accepting" to exit.
     #[serde(with = "duration_text")]
     pub shutdown_timeout: Duration,
@@ -58,6 +59,13 @@ pub struct AmqpConfig {
     pub max_recipients: usize,
     #[serde(with = "duration_text")]
     pub reconnect_max_backoff: Duration,
+    /// The CA (PEM) an `amqps://` broker must be signed by; unset, the
+    /// system roots are trusted. For brokers behind a private CA.
+    #[serde(
+        deserialize_with = "optional_path",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 /// The browser-facing WebSocket listener.
@@ -87,6 +95,20 @@ pub struct WebSocketConfig {
     /// A client that has not finished its HTTP upgrade by then is dropped.
     #[serde(with = "duration_text")]
     pub handshake_timeout: Duration,
+    /// The certificate chain (PEM) the listener presents; with
+    /// `tls_key_file` it speaks wss, for platforms that want the service
+    /// itself to terminate TLS. Re-read on SIGHUP.
+    #[serde(
+        deserialize_with = "optional_path",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub tls_cert_file: Option<PathBuf>,
+    /// The private key (PEM) of `tls_cert_file`.
+    #[serde(
+        deserialize_with = "optional_path",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub tls_key_file: Option<PathBuf>,
 }
 
 /// The HTTP side port.
@@ -111,6 +133,19 @@ pub struct HttpConfig {
     /// ones are refused at accept, so it cannot take the file descriptors
     /// the WebSocket listener needs.
     pub max_connections: usize,
+    /// The certificate chain (PEM) of the side port; with `tls_key_file` it
+    /// speaks https (API keys and tokens cross it). Re-read on SIGHUP.
+    #[serde(
+        deserialize_with = "optional_path",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub tls_cert_file: Option<PathBuf>,
+    /// The private key (PEM) of `tls_cert_file`.
+    #[serde(
+        deserialize_with = "optional_path",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub tls_key_file: Option<PathBuf>,
 }
 
 /// The per-user inbox (stored notifications).
@@ -149,6 +184,49 @@ impl Default for ReceiptsConfig {
             routing_key: "notifications.result".into(),
         }
     }
+}
+
+/// Cluster mode: several instances share one broker and one PostgreSQL
+/// inbox, each message stored once and delivered live only to the
+/// instances that hold its recipients (docs/cluster.md).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    pub enabled: bool,
+    /// Prefixes everything the cluster declares on the broker and keys its
+    /// rows in the database: two clusters on one broker never mix.
+    pub name: String,
+    /// Empty: the hostname plus a random suffix per start (see
+    /// [`ClusterConfig::resolved_instance_id`]).
+    pub instance_id: String,
+}
+
+impl ClusterConfig {
+    /// This start's instance id: the configured one, or the hostname plus
+    /// a random suffix, so a restarted process never inherits the presence
+    /// rows or live queue of its previous life by accident.
+    pub fn resolved_instance_id(&self) -> String {
+        if !self.instance_id.is_empty() {
+            return self.instance_id.clone();
+        }
+        let host: String = hostname()
+            .chars()
+            .map(|c| if is_name_char(c) { c } else { '_' })
+            .take(40)
+            .collect();
+        let suffix = uuid::Uuid::new_v4().simple().to_string();
+        format!("{host}-{}", &suffix[..8])
+    }
+}
+
+/// What a cluster name or instance id may hold: they become queue names,
+/// routing keys and parts of connection ids.
+fn is_name_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')
+}
+
+fn valid_name(text: &str, max: usize) -> bool {
+    !text.is_empty() && text.len() <= max && text.chars().all(is_name_char)
 }
 
 /// The inbox's storage engine: SQLite stays the default so that one
@@ -224,6 +302,11 @@ impl Default for Config {
             auth: AuthConfig::default(),
             log: LogConfig::default(),
             receipts: ReceiptsConfig::default(),
+            cluster: ClusterConfig {
+                enabled: false,
+                name: "notify-bridge".into(),
+                instance_id: String::new(),
+            },
             shutdown_timeout: Duration::from_secs(10),
         }
     }
@@ -241,6 +324,7 @@ impl Default for AmqpConfig {
             max_message_bytes: 1_048_576,
             max_recipients: 100_000,
             reconnect_max_backoff: Duration::from_secs(30),
+            tls_ca_file: None,
         }
     }
 }
@@ -260,6 +344,8 @@ impl Default for WebSocketConfig {
             max_connections: 100_000,
             max_connections_per_user: 100,
             handshake_timeout: Duration::from_secs(10),
+            tls_cert_file: None,
+            tls_key_file: None,
         }
     }
 }
@@ -274,6 +360,8 @@ impl Default for HttpConfig {
             dev_tokens: false,
             request_timeout: Duration::from_secs(10),
             max_connections: 1024,
+            tls_cert_file: None,
+            tls_key_file: None,
         }
     }
 }
@@ -568,6 +656,22 @@ impl Config {
             "shutdown_timeout",
             "must be longer than 0s",
         );
+        for (cert, key, cert_key, key_key) in [
+            (
+                &w.tls_cert_file,
+                &w.tls_key_file,
+                "websocket.tls_cert_file",
+                "websocket.tls_key_file",
+            ),
+            (
+                &self.http.tls_cert_file,
+                &self.http.tls_key_file,
+                "http.tls_cert_file",
+                "http.tls_key_file",
+            ),
+        ] {
+            problems.extend(half_a_pair(figment, (cert, cert_key), (key, key_key)));
+        }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             problems.push(format!(
                 "log.level: {:?} is not a valid filter such as \"info\" or \"notify_bridge=debug\" (from {})",
@@ -593,11 +697,43 @@ impl Config {
             };
             problems.extend(problem);
         }
+        problems.extend(self.cluster_problems(figment));
         if problems.is_empty() {
             Ok(())
         } else {
             Err(ConfigError { problems })
         }
+    }
+
+    /// Cluster mode needs the shared store, and names that can become
+    /// queue names, routing keys and connection ids.
+    fn cluster_problems(&self, figment: &Figment) -> Vec<String> {
+        let c = &self.cluster;
+        let mut problems = Vec::new();
+        let mut check = |ok: bool, key: &str, detail: &str| {
+            if !ok {
+                problems.push(format!(
+                    "{key}: {detail} (from {})",
+                    source_of(figment, key)
+                ));
+            }
+        };
+        check(
+            valid_name(&c.name, 100),
+            "cluster.name",
+            "must be 1-100 characters of A-Z a-z 0-9 _ . -",
+        );
+        check(
+            c.instance_id.is_empty() || valid_name(&c.instance_id, 64),
+            "cluster.instance_id",
+            "must be empty or 1-64 characters of A-Z a-z 0-9 _ . -",
+        );
+        check(
+            !c.enabled || (self.inbox.enabled && self.inbox.store == InboxStoreKind::Postgres),
+            "cluster.enabled",
+            "needs the shared inbox: inbox.enabled = true and inbox.store = \"postgres\"",
+        );
+        problems
     }
 
     /// The effective configuration as TOML, secrets masked, for `check-config`.
@@ -626,7 +762,7 @@ impl Config {
 
 /// The sections a `NOTIFY_BRIDGE_*` variable may address; other variables
 /// with the prefix (a test harness's, say) are not configuration.
-const TOP_LEVEL_KEYS: [&str; 8] = [
+const TOP_LEVEL_KEYS: [&str; 9] = [
     "amqp",
     "websocket",
     "http",
@@ -634,6 +770,7 @@ const TOP_LEVEL_KEYS: [&str; 8] = [
     "auth",
     "log",
     "receipts",
+    "cluster",
     "shutdown_timeout",
 ];
 
@@ -643,6 +780,25 @@ fn env_provider() -> Env {
         let top = key.split('.').next().unwrap_or_default();
         TOP_LEVEL_KEYS.contains(&top)
     })
+}
+
+/// A certificate without its key, or a key without its certificate: the
+/// missing one is named, with the source of the one that is set.
+fn half_a_pair(
+    figment: &Figment,
+    (cert, cert_key): (&Option<PathBuf>, &str),
+    (key, key_key): (&Option<PathBuf>, &str),
+) -> Option<String> {
+    let (missing, set) = match (cert, key) {
+        (Some(_), None) => (key_key, cert_key),
+        (None, Some(_)) => (cert_key, key_key),
+        _ => return None,
+    };
+    Some(format!(
+        "{missing}: is required when {set} is set: TLS needs both the certificate and its key \
+         ({set} from {})",
+        source_of(figment, set)
+    ))
 }
 
 /// What `check-config` shows instead of a password.
@@ -870,6 +1026,12 @@ fn optional_text<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::E
     })
 }
 
+/// A file path where an empty string (an environment variable set to
+/// nothing, the example file's `""`) means unset.
+fn optional_path<'de, D: Deserializer<'de>>(d: D) -> Result<Option<PathBuf>, D::Error> {
+    Ok(optional_text(d)?.map(PathBuf::from))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -941,6 +1103,47 @@ mod tests {
             "{SECRET}auth.cookie_name = \"nb_token\"\n[websocket]\nallowed_origins = [\"https://app.example\"]\n"
         );
         assert_eq!(load_toml(&ok).unwrap().auth.cookie_name, "nb_token");
+    }
+
+    #[test]
+    fn tls_needs_both_files_of_a_pair() {
+        let c = load_toml(SECRET).unwrap();
+        assert_eq!(
+            (&c.websocket.tls_cert_file, &c.http.tls_key_file),
+            (&None, &None)
+        );
+        assert_eq!(c.amqp.tls_ca_file, None);
+        for (toml, missing) in [
+            (
+                "[websocket]\ntls_cert_file = \"c.pem\"\n",
+                "websocket.tls_key_file",
+            ),
+            (
+                "[websocket]\ntls_key_file = \"k.pem\"\n",
+                "websocket.tls_cert_file",
+            ),
+            ("[http]\ntls_cert_file = \"c.pem\"\n", "http.tls_key_file"),
+            ("[http]\ntls_key_file = \"k.pem\"\n", "http.tls_cert_file"),
+        ] {
+            let err = load_toml(&format!("{SECRET}{toml}")).unwrap_err();
+            assert!(
+                err.to_string()
+                    .starts_with(&format!("invalid configuration:\n  - {missing}:")),
+                "{err}"
+            );
+        }
+        // An empty value is unset, as an emptied environment variable is.
+        let c = load_toml(&format!(
+            "{SECRET}[websocket]\ntls_cert_file = \"\"\ntls_key_file = \"\"\n[amqp]\ntls_ca_file = \"\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.websocket.tls_cert_file, None);
+        assert_eq!(c.amqp.tls_ca_file, None);
+        let c = load_toml(&format!(
+            "{SECRET}[http]\ntls_cert_file = \"c.pem\"\ntls_key_file = \"k.pem\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.http.tls_key_file, Some(PathBuf::from("k.pem")));
     }
 
     #[test]

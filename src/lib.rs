@@ -27,13 +27,16 @@
 //! - [`metrics`], [`readiness`]: shared state operators read.
 //! - [`memory`]: hands freed heap pages back after a crowd disconnects.
 //! - [`shutdown`]: the signal every task watches.
+//! - [`tls`]: wss and https, certificates re-read on SIGHUP.
 //!
 //! [`run`] starts it all and returns the bound addresses, so tests can bind
 //! port 0.
 
 pub mod amqp;
 pub mod auth;
+pub mod cluster;
 pub mod config;
+pub mod connection_id;
 pub mod http;
 pub mod inbox;
 pub mod log_limit;
@@ -47,6 +50,7 @@ pub mod rfc3339;
 pub mod router;
 pub mod shutdown;
 pub mod tickets;
+pub mod tls;
 pub mod ws;
 
 use std::{
@@ -63,11 +67,17 @@ use crate::{
     amqp::{
         consumer::{self, ConsumerContext, Downstream},
         publisher::Publisher,
+        topology::IngestQueue,
     },
     auth::Authenticator,
+    cluster::{fanout::Fanout, Cluster},
     config::{AuthMode, Config},
+    connection_id::ConnectionNames,
     http::{demo::DemoSettings, ApiKeys, HttpState},
-    inbox::{stage::InboxStage, Inbox},
+    inbox::{
+        stage::{Committed, InboxStage},
+        Inbox,
+    },
     metrics::Metrics,
     readiness::Readiness,
     router::Router,
@@ -109,7 +119,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     };
     if let Some(inbox) = inbox.as_mut().filter(|_| receipts.reads_wanted()) {
         inbox.report_reads(amqp::read_receipts::spawn(
-            config.amqp.url.clone(),
+            config.amqp.clone(),
             amqp::receipt_publisher::Destination {
                 exchange: config.amqp.exchange.clone(),
                 routing_key: config.receipts.routing_key.clone(),
@@ -118,6 +128,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             metrics.clone(),
         ));
     }
+    let tls = tls::ListenersTls::from_config(&config)?;
+    amqp::connect::check(&config.amqp)?;
+    tls::reload_on_sighup(tls.certs(), shutdown.clone());
     if config.auth.mode == AuthMode::None {
         warn!("auth.mode = \"none\": ANY client can connect as ANY user. Local development only!");
     }
@@ -136,21 +149,28 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let http_addr = http_listener.local_addr()?;
 
     let readiness = Arc::new(Readiness::default());
-    let (router, router_task) = Router::spawn(metrics.clone());
-
-    let downstream = match &inbox {
-        Some(inbox) => Downstream::Inbox(InboxStage::spawn(
-            inbox.clone(),
-            router.clone(),
-            metrics.clone(),
-            readiness.clone(),
-            shutdown.clone(),
-            usize::from(config.amqp.prefetch),
-        )),
-        None => Downstream::Router(router.clone()),
+    if let Some(store) = inbox.as_ref().and_then(Inbox::postgres) {
+        watch_database(store, readiness.clone(), shutdown.clone());
+    }
+    let instance = config
+        .cluster
+        .enabled
+        .then(|| config.cluster.resolved_instance_id());
+    let (router, router_task) =
+        Router::spawn_named(metrics.clone(), ConnectionNames::new(instance.as_deref()));
+    let cluster = match (&inbox, config.cluster.enabled) {
+        (Some(inbox), true) => {
+            Some(start_cluster(&config, inbox, &router, &metrics, &readiness, &shutdown).await?)
+        }
+        _ => None,
     };
+
+    let (downstream, queue) = wire_consumer(
+        &config, &inbox, &cluster, &router, &metrics, &readiness, &shutdown,
+    );
     let consumer_task = tokio::spawn(consumer::run(ConsumerContext {
         config: Arc::new(config.amqp.clone()),
+        queue: Arc::new(queue),
         downstream,
         router: router.clone(),
         metrics: metrics.clone(),
@@ -174,6 +194,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         shutdown: shutdown.clone(),
         sessions: sessions.clone(),
         inbox: inbox.clone(),
+        cluster: cluster.clone(),
+        tls: tls.websocket.clone(),
     });
     let ws_task = tokio::spawn(ws::serve(ws_listener, ws_ctx));
     tokio::spawn(memory::reclaim_after_disconnects(
@@ -216,15 +238,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         },
         auth,
         inbox,
+        cluster,
     });
     let http_task = tokio::spawn(http::serve(
         http_listener,
         http_state,
         (&config.http).into(),
+        tls.http.clone(),
         shutdown.clone(),
     ));
 
-    info!(%ws_addr, path = %config.websocket.path, %http_addr, "notify-bridge listening");
+    info!(%ws_addr, path = %config.websocket.path, %http_addr,
+        wss = tls.websocket.is_some(), https = tls.http.is_some(), "notify-bridge listening");
 
     let shutdown_timeout = config.shutdown_timeout;
     let drain_router = router.clone();
@@ -255,4 +280,109 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         router,
         done,
     })
+}
+
+/// Joins the cluster: the instance's heartbeat and presence, its live link.
+async fn start_cluster(
+    config: &Config,
+    inbox: &Inbox,
+    router: &Router,
+    metrics: &Arc<Metrics>,
+    readiness: &Arc<Readiness>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Arc<Cluster>> {
+    let store = inbox
+        .postgres()
+        .context("cluster mode needs inbox.store = \"postgres\"")?;
+    let cluster = Cluster::start(
+        &config.cluster,
+        &config.amqp,
+        config.auth.ticket_ttl,
+        &store,
+        router.clone(),
+        metrics.clone(),
+        readiness.clone(),
+        shutdown.clone(),
+    )
+    .await
+    .context("cannot join the cluster")?;
+    info!(cluster = %cluster.names.cluster, instance = %cluster.names.instance, "cluster mode");
+    Ok(cluster)
+}
+
+/// Where the consumer reads (this instance's queue, or the cluster's
+/// shared one) and where its deliveries go (the router, the commit stage,
+/// or the commit stage and then the cluster's fanout).
+fn wire_consumer(
+    config: &Config,
+    inbox: &Option<Inbox>,
+    cluster: &Option<Arc<Cluster>>,
+    router: &Router,
+    metrics: &Arc<Metrics>,
+    readiness: &Arc<Readiness>,
+    shutdown: &CancellationToken,
+) -> (Downstream, IngestQueue) {
+    let Some(inbox) = inbox else {
+        return (
+            Downstream::Router(router.clone()),
+            IngestQueue::own(&config.amqp),
+        );
+    };
+    let (next, queue) = match cluster {
+        Some(cluster) => (
+            Committed::Cluster(Arc::new(Fanout {
+                link: cluster.link.clone(),
+                presence: cluster.presence.clone(),
+                store: inbox.postgres().expect("cluster mode runs on PostgreSQL"),
+            })),
+            IngestQueue::shared(cluster.names.ingest_queue()),
+        ),
+        None => (
+            Committed::Router(router.clone()),
+            IngestQueue::own(&config.amqp),
+        ),
+    };
+    let stage = InboxStage::spawn(
+        inbox.clone(),
+        next,
+        metrics.clone(),
+        readiness.clone(),
+        shutdown.clone(),
+        usize::from(config.amqp.prefetch),
+    );
+    (Downstream::Inbox(stage), queue)
+}
+
+/// A PostgreSQL inbox that did not answer at startup: `/readyz` is 503
+/// until it does (and is migrated), retried with the broker's backoff.
+fn watch_database(
+    store: Arc<inbox::PgStore>,
+    readiness: Arc<Readiness>,
+    shutdown: CancellationToken,
+) {
+    if store.is_migrated() {
+        return;
+    }
+    readiness.set_store_failing("the inbox database does not answer yet");
+    tokio::spawn(async move {
+        let mut backoff = std::time::Duration::from_millis(200);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            match store.client().await {
+                Ok(_) => {
+                    info!("inbox store open (PostgreSQL)");
+                    readiness.set_store_ok();
+                    return;
+                }
+                Err(e) => {
+                    readiness
+                        .set_store_failing(format!("the inbox database does not answer: {e:#}"));
+                    backoff = (backoff * 2).min(std::time::Duration::from_secs(10));
+                }
+            }
+        }
+    });
 }

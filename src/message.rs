@@ -280,18 +280,9 @@ pub fn decode(
         Some(_) => return Err(invalid("`receipt` must be true or false")),
     };
 
-    let payload: Box<RawValue> = payload.to_owned();
-    let frame = notification_frame(None, &id, &event, Some(&target), payload.get());
-    Ok(Notification {
-        id,
-        event,
-        target,
-        store,
-        payload,
-        frame,
-        receipt,
-        reply_to: None,
-    })
+    let mut notification = Notification::new(id, event, target, store, payload.to_owned());
+    notification.receipt = receipt;
+    Ok(notification)
 }
 
 /// What the `invalid` receipt of a refused body can say about it: its `id`
@@ -359,6 +350,28 @@ fn parse_users(raw: &RawValue, max_recipients: usize) -> Result<Vec<UserId>, Dec
 }
 
 impl Notification {
+    /// A notification from its decoded parts (the broker's body, or a live
+    /// message from another instance of the cluster), its frame built once.
+    pub fn new(
+        id: String,
+        event: String,
+        target: Target,
+        store: bool,
+        payload: Box<RawValue>,
+    ) -> Self {
+        let frame = notification_frame(None, &id, &event, Some(&target), payload.get());
+        Self {
+            id,
+            event,
+            target,
+            store,
+            payload,
+            frame,
+            receipt: true,
+            reply_to: None,
+        }
+    }
+
     /// The frame for one user's stored copy: the shared frame plus its
     /// per-user inbox position.
     pub fn frame_with_seq(&self, seq: u64) -> Utf8Bytes {

@@ -103,6 +103,10 @@ pub struct Metrics {
     pub inbox_stored: Counter,
     pub inbox_replayed: Counter,
     pub inbox_gaps: Counter,
+    /// Sessions that saw a seq jump and fetched the missing entries.
+    pub inbox_gap_repairs: Counter,
+    /// Cluster mode: live notifications this instance received.
+    pub cluster_live_received: Counter,
     pub inbox_commit_seconds: Histogram,
     /// Receipts confirmed by the broker, one counter per status (in the
     /// order of `receipts::Status::ALL`).
@@ -264,6 +268,18 @@ impl Metrics {
             "Gap frames sent: entries after a client's `since` were dropped by retention.",
             self.inbox_gaps.get(),
         );
+        counter(
+            &mut out,
+            "notify_bridge_inbox_gap_repairs_total",
+            "Seq jumps in a session's live frames repaired from the inbox before passing the frame on.",
+            self.inbox_gap_repairs.get(),
+        );
+        counter(
+            &mut out,
+            "notify_bridge_cluster_live_received_total",
+            "Cluster mode: live notifications this instance received from the cluster's writer.",
+            self.cluster_live_received.get(),
+        );
         histogram(
             &mut out,
             "notify_bridge_inbox_commit_seconds",
@@ -345,6 +361,8 @@ mod tests {
             "notify_bridge_inbox_stored_total 0",
             "notify_bridge_inbox_replayed_total 0",
             "notify_bridge_inbox_gaps_total 0",
+            "notify_bridge_inbox_gap_repairs_total 0",
+            "notify_bridge_cluster_live_received_total 0",
             "notify_bridge_inbox_commit_seconds_count 0",
             "notify_bridge_receipts_total{status=\"delivered\"} 0",
             "notify_bridge_receipts_total{status=\"offline\"} 0",

@@ -13,6 +13,8 @@ use std::sync::Mutex;
 pub struct Readiness {
     broker: Mutex<Result<(), String>>,
     store: Mutex<Result<(), String>>,
+    /// Cluster mode: this instance's live queue is consumed.
+    live: Mutex<Result<(), String>>,
 }
 
 impl Default for Readiness {
@@ -20,6 +22,7 @@ impl Default for Readiness {
         Self {
             broker: Mutex::new(Err("not connected to the broker yet".into())),
             store: Mutex::new(Ok(())),
+            live: Mutex::new(Ok(())),
         }
     }
 }
@@ -49,14 +52,25 @@ impl Readiness {
         set(&self.store, Err(reason.into()));
     }
 
-    /// `Ok` while consuming with a working store, else the first reason.
+    /// Cluster mode: the live queue is consumed again.
+    pub fn set_live_ok(&self) {
+        set(&self.live, Ok(()));
+    }
+
+    /// Cluster mode: this instance receives no live messages, for `reason`.
+    pub fn set_live_failing(&self, reason: impl Into<String>) {
+        set(&self.live, Err(reason.into()));
+    }
+
+    /// `Ok` while consuming with a working store (and, in cluster mode, a
+    /// consumed live queue), else the first reason.
     pub fn get(&self) -> Result<(), String> {
-        let broker = self
-            .broker
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        broker.and_then(|()| self.store.lock().unwrap_or_else(|e| e.into_inner()).clone())
+        let read = |slot: &Mutex<Result<(), String>>| {
+            slot.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        };
+        read(&self.broker)
+            .and_then(|()| read(&self.store))
+            .and_then(|()| read(&self.live))
     }
 }
 

@@ -28,26 +28,8 @@ use crate::{
     ws::frames,
 };
 
-/// Numeric connection id; shown to people as `c-<n>`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ConnectionId(pub u64);
-
-impl std::fmt::Display for ConnectionId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "c-{}", self.0)
-    }
-}
-
-impl std::str::FromStr for ConnectionId {
-    type Err = ();
-    fn from_str(s: &str) -> Result<Self, ()> {
-        s.strip_prefix("c-")
-            .and_then(|n| n.parse().ok())
-            .map(ConnectionId)
-            .ok_or(())
-    }
-}
-
+pub use crate::connection_id::ConnectionId;
+use crate::connection_id::ConnectionNames;
 pub use crate::outbound::Outbound;
 
 /// Why and how a session must close; the first reason given wins.
@@ -109,9 +91,12 @@ impl SessionHandle {
 }
 
 /// A connection as the admin API lists it.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ConnectionInfo {
     pub id: String,
+    /// The instance holding it, in cluster mode.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
     pub user_id: String,
     pub channels: Vec<String>,
     pub remote_addr: String,
@@ -161,37 +146,62 @@ enum Command {
         id: ConnectionId,
         reply: oneshot::Sender<bool>,
     },
-    /// A frame for every socket of one user (inbox counts).
-    ToUser(UserId, Utf8Bytes),
+    /// A frame for every socket of one user (inbox counts); with a
+    /// version, only if newer than the last one that user's sockets got.
+    ToUser(UserId, Utf8Bytes, Option<u64>),
     CloseAll {
         code: u16,
         reason: &'static str,
     },
     /// Answered once everything routed before it was handed over.
     Barrier(oneshot::Sender<()>),
+    /// Acked in order with the requests routed before it.
+    Settle(Settlement),
 }
 
 /// A cheap, cloneable handle to the router task.
 #[derive(Clone)]
 pub struct Router {
     commands: mpsc::Sender<Command>,
+    names: ConnectionNames,
 }
 
 /// How many commands may wait for the router before senders wait.
 const COMMAND_QUEUE: usize = 4096;
 
 impl Router {
-    /// Starts the router task.
+    /// Starts the router task of a single instance (`c-<n>` ids).
     pub fn spawn(metrics: Arc<Metrics>) -> (Self, tokio::task::JoinHandle<()>) {
+        Self::spawn_named(metrics, ConnectionNames::default())
+    }
+
+    /// Starts the router task, naming connections with `names`.
+    pub fn spawn_named(
+        metrics: Arc<Metrics>,
+        names: ConnectionNames,
+    ) -> (Self, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
         let task = RouterTask {
             metrics,
+            names: names.clone(),
             sessions: HashMap::new(),
             by_user: HashMap::new(),
             by_channel: HashMap::new(),
+            counts_versions: HashMap::new(),
         };
         let join = tokio::spawn(task.run(rx));
-        (Self { commands: tx }, join)
+        (
+            Self {
+                commands: tx,
+                names,
+            },
+            join,
+        )
+    }
+
+    /// How this instance's connections are named outside the process.
+    pub fn names(&self) -> &ConnectionNames {
+        &self.names
     }
 
     /// Registers a session; once this returns, every message routed after
@@ -240,7 +250,14 @@ impl Router {
 
     /// Sends a control frame to every socket of `user`.
     pub async fn to_user(&self, user: UserId, frame: Utf8Bytes) {
-        self.send(Command::ToUser(user, frame)).await
+        self.send(Command::ToUser(user, frame, None)).await
+    }
+
+    /// Like [`Router::to_user`], for counts that may arrive out of order
+    /// (from other instances): a version not newer than the last one this
+    /// user's sockets got is dropped, so every tab ends at the latest.
+    pub async fn to_user_versioned(&self, user: UserId, frame: Utf8Bytes, version: u64) {
+        self.send(Command::ToUser(user, frame, Some(version))).await
     }
 
     pub async fn close_all(&self, code: u16, reason: &'static str) {
@@ -253,6 +270,13 @@ impl Router {
         let (tx, rx) = oneshot::channel();
         self.send(Command::Barrier(tx)).await;
         let _ = rx.await;
+    }
+
+    /// Acks a delivery that carried no notification (a live control
+    /// message) in order with the ones routed before it, so the settler's
+    /// coalesced ack never covers a delivery still on its way.
+    pub async fn settle_after(&self, settlement: Settlement) {
+        self.send(Command::Settle(settlement)).await
     }
 
     async fn send(&self, command: Command) {
@@ -269,9 +293,12 @@ struct Entry {
 
 struct RouterTask {
     metrics: Arc<Metrics>,
+    names: ConnectionNames,
     sessions: HashMap<ConnectionId, Entry>,
     by_user: HashMap<UserId, Vec<ConnectionId>>,
     by_channel: HashMap<Arc<str>, HashSet<ConnectionId>>,
+    /// The last counts version each connected user's sockets got.
+    counts_versions: HashMap<UserId, u64>,
 }
 
 impl RouterTask {
@@ -341,7 +368,17 @@ impl RouterTask {
                 self.push(id, Outbound::control(frames::unsubscribed(&channel)));
             }
             Command::Route(request) => self.route(request),
-            Command::ToUser(user, frame) => {
+            Command::ToUser(user, frame, version) => {
+                if let Some(version) = version {
+                    if !self.by_user.contains_key(&user) {
+                        return;
+                    }
+                    let last = self.counts_versions.entry(user.clone()).or_default();
+                    if version <= *last {
+                        return;
+                    }
+                    *last = version;
+                }
                 let ids = self.by_user.get(&user).cloned().unwrap_or_default();
                 for id in ids {
                     self.push(id, Outbound::control(frame.clone()));
@@ -353,7 +390,8 @@ impl RouterTask {
                     .values()
                     .filter(|e| user.as_ref().is_none_or(|u| *u == e.handle.user))
                     .map(|e| ConnectionInfo {
-                        id: e.handle.id.to_string(),
+                        id: self.names.name(e.handle.id),
+                        instance: self.names.instance().map(str::to_string),
                         user_id: e.handle.user.to_string(),
                         channels: {
                             let mut c: Vec<String> =
@@ -391,6 +429,7 @@ impl RouterTask {
             Command::Barrier(done) => {
                 let _ = done.send(());
             }
+            Command::Settle(settlement) => settlement.ack(),
         }
     }
 
@@ -515,7 +554,7 @@ impl RouterTask {
             }
             Target::Connection(id) => {
                 // A malformed id is as unknown as a closed one.
-                if let Ok(id) = id.parse::<ConnectionId>() {
+                if let Some(id) = self.names.parse(id) {
                     offer(&id, frame, None);
                 }
             }
@@ -543,6 +582,7 @@ impl RouterTask {
             ids.retain(|other| *other != id);
             if ids.is_empty() {
                 self.by_user.remove(&entry.handle.user);
+                self.counts_versions.remove(&entry.handle.user);
             }
         }
         for channel in &entry.channels {
@@ -559,14 +599,6 @@ impl RouterTask {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn connection_ids_round_trip() {
-        let id = ConnectionId(42);
-        assert_eq!(id.to_string(), "c-42");
-        assert_eq!("c-42".parse::<ConnectionId>(), Ok(id));
-        assert!("42".parse::<ConnectionId>().is_err());
-    }
 
     fn session(
         id: u64,

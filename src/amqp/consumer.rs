@@ -12,7 +12,7 @@ use futures_util::StreamExt;
 use lapin::{
     options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions},
     types::FieldTable,
-    Connection, ConnectionProperties,
+    ConnectionProperties,
 };
 use tokio::time::{sleep, timeout, Instant};
 use tokio_util::sync::CancellationToken;
@@ -59,6 +59,8 @@ impl Downstream {
 #[derive(Clone)]
 pub struct ConsumerContext {
     pub config: Arc<AmqpConfig>,
+    /// This instance's queue, or the cluster's shared one.
+    pub queue: Arc<topology::IngestQueue>,
     pub downstream: Downstream,
     /// For the shutdown barrier: everything routed before it is settled.
     pub router: Router,
@@ -106,21 +108,26 @@ pub async fn run(ctx: ConsumerContext) {
 async fn consume_once(ctx: &ConsumerContext, connected_before: &mut bool) -> Result<(), String> {
     let config = &ctx.config;
     let properties = ConnectionProperties::default()
-        .with_connection_name(format!("notify-bridge {}", config.queue_name()).into());
+        .with_connection_name(format!("notify-bridge {}", ctx.queue.name).into());
     let connection = tokio::select! {
         _ = ctx.shutdown.cancelled() => return Ok(()),
-        c = timeout(CONNECT_TIMEOUT, Connection::connect(&config.url, properties)) => match c {
+        c = timeout(CONNECT_TIMEOUT, super::connect::connect(config, properties)) => match c {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => return Err(format!("cannot connect to the broker: {e}")),
             Err(_) => return Err("cannot connect to the broker: timed out".into()),
         },
     };
-    let channel = match timeout(CONNECT_TIMEOUT, topology::declare(&connection, config)).await {
+    let channel = match timeout(
+        CONNECT_TIMEOUT,
+        topology::declare(&connection, config, &ctx.queue),
+    )
+    .await
+    {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => return Err(format!("cannot declare the topology: {e}")),
         Err(_) => return Err("cannot declare the topology: timed out".into()),
     };
-    let queue = config.queue_name();
+    let queue = &ctx.queue.name;
     let setup = async {
         channel
             .basic_qos(config.prefetch, BasicQosOptions::default())
@@ -137,7 +144,7 @@ async fn consume_once(ctx: &ConsumerContext, connected_before: &mut bool) -> Res
     let receipts_failed = CancellationToken::new();
     let receipts_name = format!("notify-bridge receipts {queue}");
     let receipts = DeliveryReceipts::open(
-        &config.url,
+        config,
         &receipts_name,
         Destination {
             exchange: config.exchange.clone(),

@@ -16,6 +16,7 @@ use tracing::{debug, warn};
 
 use crate::{
     amqp::receipt_publisher::{publish_confirmed, Destination},
+    config::AmqpConfig,
     inbox::{ReadEntry, ReadSink},
     metrics::Metrics,
     receipts::Receipts,
@@ -35,13 +36,13 @@ type Read = (String, Vec<ReadEntry>);
 /// Starts the publishing task and returns the sink the inbox reports
 /// newly read entries to.
 pub fn spawn(
-    url: String,
+    amqp: AmqpConfig,
     to: Destination,
     receipts: Arc<Receipts>,
     metrics: Arc<Metrics>,
 ) -> ReadSink {
     let (tx, rx) = mpsc::channel::<Read>(QUEUE);
-    tokio::spawn(run(rx, url, to, receipts, metrics));
+    tokio::spawn(run(rx, amqp, to, receipts, metrics));
     Arc::new(move |user: &str, entries: Vec<ReadEntry>| {
         if let Err(e) = tx.try_send((user.to_string(), entries)) {
             warn!(user, error = %e, "read receipts dropped: too many waiting for the broker");
@@ -51,7 +52,7 @@ pub fn spawn(
 
 async fn run(
     mut rx: mpsc::Receiver<Read>,
-    url: String,
+    amqp: AmqpConfig,
     to: Destination,
     receipts: Arc<Receipts>,
     metrics: Arc<Metrics>,
@@ -63,7 +64,7 @@ async fn run(
             let all: Vec<_> = made.iter().collect();
             let mut tries = 0;
             loop {
-                let result = match usable(&mut open, &url).await {
+                let result = match usable(&mut open, &amqp).await {
                     Ok(channel) => publish_confirmed(&channel, &to, &all).await,
                     Err(e) => Err(e),
                 };
@@ -91,7 +92,10 @@ async fn run(
 }
 
 /// The open confirm channel, opening a connection if there is none.
-async fn usable(open: &mut Option<(Connection, Channel)>, url: &str) -> Result<Channel, String> {
+async fn usable(
+    open: &mut Option<(Connection, Channel)>,
+    amqp: &AmqpConfig,
+) -> Result<Channel, String> {
     if let Some((connection, channel)) = open.as_ref() {
         if connection.status().connected() && channel.status().connected() {
             return Ok(channel.clone());
@@ -100,7 +104,8 @@ async fn usable(open: &mut Option<(Connection, Channel)>, url: &str) -> Result<C
     let opened = tokio::time::timeout(CONNECT_TIMEOUT, async {
         let properties = ConnectionProperties::default()
             .with_connection_name("notify-bridge read receipts".into());
-        let connection = Connection::connect(url, properties).await?;
+        // Through amqp::connect, so amqps:// with amqp.tls_ca_file works here too.
+        let connection = super::connect::connect(amqp, properties).await?;
         let channel = connection.create_channel().await?;
         channel
             .confirm_select(ConfirmSelectOptions::default())

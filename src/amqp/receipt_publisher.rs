@@ -15,13 +15,14 @@ use std::{sync::Arc, time::Duration};
 
 use lapin::{
     options::{BasicPublishOptions, ConfirmSelectOptions},
-    BasicProperties, Channel, Connection, PublisherConfirm,
+    BasicProperties, Channel, PublisherConfirm,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use crate::{
+    config::AmqpConfig,
     message::{self, DecodeLimits, Notification},
     metrics::Metrics,
     receipts::{Outcome, Receipt, Receipts, RECEIPT_TYPE},
@@ -146,7 +147,7 @@ impl DeliveryReceipts {
     /// channel of the consumer's: the broker's flow control on a busy
     /// publishing connection would hold back the consumer's acks too.
     pub async fn open(
-        url: &str,
+        amqp: &AmqpConfig,
         name: &str,
         to: Destination,
         receipts: Arc<Receipts>,
@@ -154,7 +155,8 @@ impl DeliveryReceipts {
         failed: CancellationToken,
     ) -> Result<Self, lapin::Error> {
         let properties = lapin::ConnectionProperties::default().with_connection_name(name.into());
-        let connection = Connection::connect(url, properties).await?;
+        // Through amqp::connect, so amqps:// with amqp.tls_ca_file works here too.
+        let connection = super::connect::connect(amqp, properties).await?;
         let channel = connection.create_channel().await?;
         channel
             .confirm_select(ConfirmSelectOptions::default())

@@ -19,8 +19,47 @@ pub const DEAD_LETTER_EXCHANGE: &str = "notifications_dlx";
 /// Where rejected messages end up, with body, properties and routing key.
 pub const DEAD_LETTER_QUEUE: &str = "notifications.dead";
 
+/// The queue the consumer takes messages from: one per instance, or in
+/// cluster mode one shared by the cluster.
+#[derive(Debug, Clone)]
+pub struct IngestQueue {
+    pub name: String,
+    pub arguments: FieldTable,
+}
+
+impl IngestQueue {
+    /// One instance's own queue (`amqp.queue`): it sees every message.
+    pub fn own(config: &AmqpConfig) -> Self {
+        Self {
+            name: config.queue_name(),
+            arguments: queue_arguments(),
+        }
+    }
+
+    /// The cluster's `<cluster.name>.ingest`: a quorum queue (replicated
+    /// on a RabbitMQ cluster, survives a node) with single active
+    /// consumer, so one instance at a time stores and fans out, in order,
+    /// and the broker hands over to another when it dies.
+    pub fn shared(name: String) -> Self {
+        let mut arguments = queue_arguments();
+        arguments.insert(
+            ShortString::from("x-queue-type"),
+            AMQPValue::LongString("quorum".into()),
+        );
+        arguments.insert(
+            ShortString::from("x-single-active-consumer"),
+            AMQPValue::Boolean(true),
+        );
+        Self { name, arguments }
+    }
+}
+
 /// Declares the topology and returns a channel ready for consuming.
-pub async fn declare(connection: &Connection, config: &AmqpConfig) -> lapin::Result<Channel> {
+pub async fn declare(
+    connection: &Connection,
+    config: &AmqpConfig,
+    ingest: &IngestQueue,
+) -> lapin::Result<Channel> {
     let mut channel = connection.create_channel().await?;
     channel = ensure_exchange(
         connection,
@@ -55,7 +94,7 @@ pub async fn declare(connection: &Connection, config: &AmqpConfig) -> lapin::Res
             FieldTable::default(),
         )
         .await?;
-    let queue = config.queue_name();
+    let queue = &ingest.name;
     channel
         .queue_declare(
             queue.as_str().into(),
@@ -63,7 +102,7 @@ pub async fn declare(connection: &Connection, config: &AmqpConfig) -> lapin::Res
                 durable: true,
                 ..Default::default()
             },
-            queue_arguments(),
+            ingest.arguments.clone(),
         )
         .await?;
     channel

@@ -1,4 +1,5 @@
-//! Admin routes: list this instance's connections, and disconnect one.
+//! Admin routes: list the connections (of every instance, in cluster
+//! mode), and disconnect one wherever it is.
 
 use std::sync::Arc;
 
@@ -10,7 +11,7 @@ use axum::{
 use serde_json::{json, Value};
 
 use super::{ApiError, HttpState};
-use crate::{message::UserId, router::ConnectionId, ws::handshake::parse_query};
+use crate::{message::UserId, ws::handshake::parse_query};
 
 /// `GET /api/connections[?user_id=U]`.
 pub async fn list(
@@ -30,7 +31,12 @@ pub async fn list(
             )
         })?),
     };
-    let connections = state.router.list(user).await;
+    let connections = match &state.cluster {
+        None => state.router.list(user).await,
+        Some(cluster) => crate::cluster::admin::list(cluster, user.as_ref())
+            .await
+            .map_err(cluster_unavailable)?,
+    };
     Ok(Json(json!({ "connections": connections })))
 }
 
@@ -48,10 +54,27 @@ pub async fn disconnect(
             format!("no open connection {id}"),
         )
     };
-    let parsed: ConnectionId = id.parse().map_err(|_| not_found())?;
-    if state.router.disconnect(parsed).await {
+    let found = match &state.cluster {
+        Some(cluster) => crate::cluster::admin::disconnect(cluster, &id)
+            .await
+            .map_err(cluster_unavailable)?,
+        None => match state.router.names().parse(&id) {
+            Some(parsed) => state.router.disconnect(parsed).await,
+            None => false,
+        },
+    };
+    if found {
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(not_found())
     }
+}
+
+fn cluster_unavailable(e: anyhow::Error) -> ApiError {
+    tracing::warn!(error = %e, "admin call across the cluster failed");
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "unavailable",
+        "the cluster cannot be reached; try again",
+    )
 }

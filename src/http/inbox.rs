@@ -19,7 +19,7 @@ use crate::{
     config::AuthMode,
     inbox::{Change, Counts, Entry, Inbox, ListQuery},
     message::UserId,
-    ws::{frames, handshake::parse_query},
+    ws::handshake::parse_query,
 };
 
 /// The most entries one listing returns.
@@ -255,9 +255,7 @@ pub async fn change_mine(
         .await
         .map_err(unavailable)?;
     if changed {
-        state
-            .router
-            .to_user(user, frames::inbox_counts(counts))
+        crate::cluster::announce_counts(state.cluster.as_deref(), &state.router, &user, counts)
             .await;
     }
     Ok(Json(

@@ -28,16 +28,58 @@ const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// serialization failure (both are safe to run again).
 const TRIES: usize = 3;
 
+/// Runs `$work` (using the transaction `$tx`) and commits, again (up to
+/// [`TRIES`] times in all) when PostgreSQL aborted it for a deadlock or a
+/// serialization failure: every write goes through here. A macro, because
+/// a closure returning a future that borrows the transaction is not `Send`
+/// in today's Rust.
+macro_rules! transact {
+    ($store:expr, $tx:ident => $work:expr) => {{
+        let mut tries = 0;
+        loop {
+            let mut client = $store.client().await?;
+            let $tx = client.transaction().await?;
+            let result = match $work.await {
+                Ok(value) => $tx.commit().await.map(|()| value),
+                Err(e) => Err(e),
+            };
+            match result {
+                Err(e) if retryable(&e) && tries + 1 < TRIES => {
+                    tries += 1;
+                    tracing::warn!(
+                        tries,
+                        "inbox write hit a deadlock or conflict; trying again"
+                    );
+                }
+                other => break Ok(other?),
+            }
+        }
+    }};
+}
+
 /// The PostgreSQL store; cheap to share (`Arc`), every call takes a pooled
 /// connection.
 pub struct PgStore {
-    pub(super) pool: Pool,
+    pool: Pool,
+    /// Set once the migrations ran: a database unreachable at startup is
+    /// migrated by the first call that reaches it.
+    migrated: tokio::sync::OnceCell<usize>,
 }
 
 impl PgStore {
     /// Connects to `url` and runs the migrations. Any failure (unreachable,
     /// refused, a newer schema) is an error.
     pub async fn connect(url: &str) -> anyhow::Result<Self> {
+        let store = Self::open(url)?;
+        drop(store.client().await?);
+        Ok(store)
+    }
+
+    /// The store on a pool that connects when first used: an unreachable
+    /// database is not an error here (the bridge starts, `/readyz` is 503,
+    /// and the first call that reaches the database migrates it). Only a
+    /// connection string the pool cannot use is.
+    pub fn open(url: &str) -> anyhow::Result<Self> {
         let config: tokio_postgres::Config = url.parse()?;
         let manager = Manager::from_config(
             config,
@@ -52,10 +94,50 @@ impl PgStore {
             .create_timeout(Some(CONNECT_TIMEOUT))
             .wait_timeout(Some(CONNECT_TIMEOUT))
             .build()?;
-        let mut client = pool.get().await?;
-        postgres_schema::migrate(&mut client).await?;
-        drop(client);
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            migrated: tokio::sync::OnceCell::new(),
+        })
+    }
+
+    /// A pooled connection to a migrated database; every use of the
+    /// database (the cluster's tables too) goes through here.
+    pub async fn client(&self) -> anyhow::Result<deadpool_postgres::Object> {
+        let mut client = self.pool.get().await?;
+        self.migrated
+            .get_or_try_init(|| postgres_schema::migrate(&mut client))
+            .await?;
+        Ok(client)
+    }
+
+    /// Whether the migrations have run (the database was reached): how
+    /// many ran is kept for the log.
+    pub fn is_migrated(&self) -> bool {
+        self.migrated.initialized()
+    }
+
+    /// The seqs the users' inboxes already hold for these `(user, id)`
+    /// pairs: a redelivered message is sent live again with them (in
+    /// cluster mode, where the instance that committed it may have died
+    /// before sending it).
+    pub async fn seqs_of(
+        &self,
+        pairs: &[(&str, &str)],
+    ) -> anyhow::Result<HashMap<(String, String), u64>> {
+        let (users, ids): (Vec<&str>, Vec<&str>) = pairs.iter().copied().unzip();
+        let db = self.client().await?;
+        let rows = db
+            .query(
+                "SELECT e.user_id, e.id, e.seq FROM inbox_entries e
+                 JOIN unnest($1::text[], $2::text[]) AS b (user_id, id)
+                   ON e.user_id = b.user_id AND e.id = b.id",
+                &[&users, &ids],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| ((r.get(0), r.get(1)), r.get::<_, i64>(2) as u64))
+            .collect())
     }
 
     /// Stores a batch atomically (see [`super::InboxStore::append`]).
@@ -65,25 +147,7 @@ impl PgStore {
         now_ms: i64,
         max_per_user: usize,
     ) -> anyhow::Result<Vec<Vec<Option<u64>>>> {
-        let mut tries = 0;
-        loop {
-            let mut client = self.pool.get().await?;
-            let tx = client.transaction().await?;
-            match append_in(&tx, batch, now_ms, max_per_user).await {
-                Ok(seqs) => match tx.commit().await {
-                    Ok(()) => return Ok(seqs),
-                    Err(e) if retryable(&e) && tries + 1 < TRIES => {}
-                    Err(e) => return Err(e.into()),
-                },
-                Err(e) if retryable(&e) && tries + 1 < TRIES => {}
-                Err(e) => return Err(e.into()),
-            }
-            tries += 1;
-            tracing::warn!(
-                tries,
-                "inbox commit hit a deadlock or conflict; trying again"
-            );
-        }
+        transact!(self, tx => append_in(&tx, batch, now_ms, max_per_user))
     }
 
     /// Applies a read-state change; `true` when anything changed.
@@ -101,50 +165,12 @@ impl PgStore {
         change: &Change,
         report_reads: bool,
     ) -> anyhow::Result<Changed> {
-        let mut tries = 0;
-        loop {
-            let mut client = self.pool.get().await?;
-            let tx = client.transaction().await?;
-            let result = match change_in(&tx, user, change, report_reads).await {
-                Ok(result) => tx.commit().await.map(|()| result),
-                Err(e) => Err(e),
-            };
-            match result {
-                Err(e) if retryable(&e) && tries + 1 < TRIES => tries += 1,
-                other => return Ok(other?),
-            }
-        }
+        transact!(self, tx => change_in(&tx, user, change, report_reads))
     }
 
     /// Drops entries created before `cutoff_ms`; returns how many.
     pub async fn expire(&self, cutoff_ms: i64) -> anyhow::Result<usize> {
-        let mut client = self.pool.get().await?;
-        let tx = client.transaction().await?;
-        // The users' rows first, in order, as writers take them.
-        execute(
-            &tx,
-            "SELECT 1 FROM inbox_users WHERE user_id IN
-                 (SELECT DISTINCT user_id FROM inbox_entries WHERE created_at < $1)
-             ORDER BY user_id FOR UPDATE",
-            &[&cutoff_ms],
-        )
-        .await?;
-        let row = query_one(
-            &tx,
-            "WITH gone AS (
-                     DELETE FROM inbox_entries WHERE created_at < $1 RETURNING user_id, seq
-                 ), top AS (
-                     SELECT user_id, MAX(seq) AS seq FROM gone GROUP BY user_id
-                 ), marked AS (
-                     UPDATE inbox_users u SET dropped_through = GREATEST(u.dropped_through, top.seq)
-                     FROM top WHERE u.user_id = top.user_id RETURNING 1
-                 )
-                 SELECT (SELECT COUNT(*) FROM gone), (SELECT COUNT(*) FROM marked)",
-            &[&cutoff_ms],
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(row.get::<_, i64>(0) as usize)
+        transact!(self, tx => expire_in(&tx, cutoff_ms))
     }
 }
 
@@ -338,10 +364,12 @@ async fn change_in(
     change: &Change,
     report_reads: bool,
 ) -> Result<Changed, tokio_postgres::Error> {
-    // The user's row first, as writers take it (no row: nothing to lock).
+    // The user's row first, as writers take it (no row: nothing to lock),
+    // moving the counts' version on: changes of one user are serialized by
+    // this lock, so versions order them as they committed.
     execute(
         tx,
-        "SELECT 1 FROM inbox_users WHERE user_id = $1 FOR UPDATE",
+        "UPDATE inbox_users SET counts_version = counts_version + 1 WHERE user_id = $1",
         &[&user],
     )
     .await?;
@@ -421,4 +449,31 @@ async fn mark_read(
         });
     }
     Ok(out.len() as u64)
+}
+
+async fn expire_in(tx: &Transaction<'_>, cutoff_ms: i64) -> Result<usize, tokio_postgres::Error> {
+    // The users' rows first, in order, as writers take them.
+    execute(
+        tx,
+        "SELECT 1 FROM inbox_users WHERE user_id IN
+             (SELECT DISTINCT user_id FROM inbox_entries WHERE created_at < $1)
+         ORDER BY user_id FOR UPDATE",
+        &[&cutoff_ms],
+    )
+    .await?;
+    let row = query_one(
+        tx,
+        "WITH gone AS (
+                 DELETE FROM inbox_entries WHERE created_at < $1 RETURNING user_id, seq
+             ), top AS (
+                 SELECT user_id, MAX(seq) AS seq FROM gone GROUP BY user_id
+             ), marked AS (
+                 UPDATE inbox_users u SET dropped_through = GREATEST(u.dropped_through, top.seq)
+                 FROM top WHERE u.user_id = top.user_id RETURNING 1
+             )
+             SELECT (SELECT COUNT(*) FROM gone), (SELECT COUNT(*) FROM marked)",
+        &[&cutoff_ms],
+    )
+    .await?;
+    Ok(row.get::<_, i64>(0) as usize)
 }

@@ -19,14 +19,16 @@ const COLUMNS: &str = "SELECT e.seq, e.id, p.event, p.payload, e.created_at, e.r
 pub async fn counts(db: &impl GenericClient, user: &str) -> Result<Counts, tokio_postgres::Error> {
     let row = db
         .query_one(
-            "SELECT COUNT(*), COUNT(*) FILTER (WHERE NOT read) FROM inbox_entries
-             WHERE user_id = $1",
+            "SELECT COUNT(*), COUNT(*) FILTER (WHERE NOT read),
+                    (SELECT counts_version FROM inbox_users WHERE user_id = $1)
+             FROM inbox_entries WHERE user_id = $1",
             &[&user],
         )
         .await?;
     Ok(Counts {
         total: row.get::<_, i64>(0) as u64,
         unread: row.get::<_, i64>(1) as u64,
+        version: row.get::<_, Option<i64>>(2).unwrap_or(0) as u64,
     })
 }
 
@@ -121,7 +123,7 @@ impl PgStore {
         since: Option<u64>,
         page: PageBound,
     ) -> anyhow::Result<Replay> {
-        let mut client = self.pool.get().await?;
+        let mut client = self.client().await?;
         let tx = snapshot(&mut client).await?;
         let counts = counts(&tx, user).await?;
         let (next_seq, dropped_through): (i64, i64) = tx
@@ -156,7 +158,7 @@ impl PgStore {
         through: u64,
         page: PageBound,
     ) -> anyhow::Result<Vec<Entry>> {
-        let client = self.pool.get().await?;
+        let client = self.client().await?;
         Ok(replay_page(&client, user, after, through, page).await?)
     }
 
@@ -167,7 +169,7 @@ impl PgStore {
         query: ListQuery,
         page: PageBound,
     ) -> anyhow::Result<(Counts, Vec<Entry>)> {
-        let mut client = self.pool.get().await?;
+        let mut client = self.client().await?;
         let tx = snapshot(&mut client).await?;
         let counts = counts(&tx, user).await?;
         let entries = list_page(&tx, user, query, page).await?;
@@ -182,7 +184,7 @@ impl PgStore {
         query: ListQuery,
         page: PageBound,
     ) -> anyhow::Result<Vec<Entry>> {
-        let client = self.pool.get().await?;
+        let client = self.client().await?;
         Ok(list_page(&client, user, query, page).await?)
     }
 }

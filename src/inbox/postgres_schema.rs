@@ -9,18 +9,28 @@
 //!   per user referring to it, a trigger freeing a payload with its last
 //!   entry, and `inbox_users` holding each user's next seq (its row is the
 //!   lock that keeps seqs dense) and `dropped_through` (for `gap`).
+//! - version 2: cluster mode. `inbox_users.counts_version`, moved on by
+//!   every read-state change under the user's row lock, so counts frames
+//!   from several instances can be ordered; `cluster_instances` (one row
+//!   per live instance, its heartbeat) and `cluster_presence` (which
+//!   instance holds a socket of which user), both UNLOGGED: rebuilt by the
+//!   live instances, never worth a WAL write; a crash restart empties both
+//!   together, so an instance's next heartbeat finds its row gone and it
+//!   writes its users' presence again;
+//!   `cluster_tickets`, the one-time WebSocket tickets every instance can
+//!   redeem, once.
 
 use deadpool_postgres::Object;
 
 /// The schema this code reads and writes.
-pub const VERSION: i32 = 1;
+pub const VERSION: i32 = 2;
 
 /// An arbitrary constant: the advisory lock every instance's migration
 /// takes (`pg_advisory_xact_lock`), released at commit or rollback.
 const MIGRATION_LOCK: i64 = 0x6e62_5f69_6e62_6f78; // "nb_inbox"
 
 /// The migrations, index `i` bringing the schema from `i` to `i + 1`.
-const MIGRATIONS: [&str; VERSION as usize] = [V1];
+const MIGRATIONS: [&str; VERSION as usize] = [V1, V2];
 
 const V1: &str = "
 CREATE TABLE inbox_users (
@@ -62,6 +72,35 @@ BEGIN
 END $$;
 CREATE TRIGGER inbox_entries_free_payload AFTER DELETE ON inbox_entries
     FOR EACH ROW EXECUTE FUNCTION inbox_free_payload();
+";
+
+const V2: &str = "
+ALTER TABLE inbox_users ADD COLUMN counts_version BIGINT NOT NULL DEFAULT 0;
+-- Unlogged like the presence table: a crash restart empties both at once,
+-- so every instance finds itself forgotten and writes its presence again.
+CREATE UNLOGGED TABLE cluster_instances (
+    cluster TEXT NOT NULL,
+    instance_id TEXT NOT NULL,
+    heartbeat_at TIMESTAMPTZ NOT NULL,
+    PRIMARY KEY (cluster, instance_id)
+);
+CREATE UNLOGGED TABLE cluster_presence (
+    cluster TEXT NOT NULL,
+    user_id TEXT NOT NULL,
+    instance_id TEXT NOT NULL,
+    PRIMARY KEY (cluster, user_id, instance_id)
+);
+CREATE INDEX cluster_presence_instance ON cluster_presence (cluster, instance_id);
+CREATE TABLE cluster_tickets (
+    ticket TEXT PRIMARY KEY,
+    cluster TEXT NOT NULL,
+    user_id TEXT NOT NULL,
+    -- NULL: every channel (auth.mode none never issues tickets); else the list
+    channels TEXT[],
+    token_expires_at BIGINT,
+    expires_at TIMESTAMPTZ NOT NULL
+);
+CREATE INDEX cluster_tickets_expiry ON cluster_tickets (expires_at);
 ";
 
 /// Brings the database to [`VERSION`]: creates the tables when empty,

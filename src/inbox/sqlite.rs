@@ -316,7 +316,8 @@ mod tests {
             (
                 Counts {
                     total: 3,
-                    unread: 3
+                    unread: 3,
+                    ..Default::default()
                 },
                 3
             )
@@ -479,7 +480,8 @@ mod tests {
                 false,
                 Counts {
                     total: 1,
-                    unread: 1
+                    unread: 1,
+                    ..Default::default()
                 }
             )
         );
@@ -489,7 +491,8 @@ mod tests {
                 true,
                 Counts {
                     total: 3,
-                    unread: 2
+                    unread: 2,
+                    ..Default::default()
                 }
             )
         );

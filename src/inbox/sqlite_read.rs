@@ -36,6 +36,7 @@ pub fn counts(db: &Connection, user: &str) -> rusqlite::Result<Counts> {
             Ok(Counts {
                 total: r.get::<_, i64>(0)? as u64,
                 unread: r.get::<_, i64>(1)? as u64,
+                ..Default::default()
             })
         },
     )

@@ -22,6 +22,14 @@ use crate::{
 /// The most deliveries committed in one transaction.
 const BATCH: usize = 256;
 
+/// Where a committed batch goes: this instance's router, or in cluster
+/// mode the fanout to the instances holding its recipients.
+#[derive(Clone)]
+pub enum Committed {
+    Router(Router),
+    Cluster(Arc<crate::cluster::fanout::Fanout>),
+}
+
 /// Handle to the stage task.
 #[derive(Clone)]
 pub struct InboxStage {
@@ -32,14 +40,14 @@ impl InboxStage {
     /// Starts the stage; `capacity` bounds the deliveries waiting for it.
     pub fn spawn(
         inbox: Inbox,
-        router: Router,
+        next: Committed,
         metrics: Arc<Metrics>,
         readiness: Arc<Readiness>,
         shutdown: CancellationToken,
         capacity: usize,
     ) -> Self {
         let (tx, rx) = mpsc::channel(capacity.max(1));
-        tokio::spawn(run(rx, inbox, router, metrics, readiness, shutdown));
+        tokio::spawn(run(rx, inbox, next, metrics, readiness, shutdown));
         Self { requests: tx }
     }
 
@@ -66,7 +74,7 @@ fn storage_users(request: &RouteRequest) -> &[crate::message::UserId] {
 async fn run(
     mut rx: mpsc::Receiver<RouteRequest>,
     inbox: Inbox,
-    router: Router,
+    next: Committed,
     metrics: Arc<Metrics>,
     readiness: Arc<Readiness>,
     shutdown: CancellationToken,
@@ -102,7 +110,7 @@ async fn run(
             }
         }
         .into_iter();
-        for mut request in batch.drain(..) {
+        let filled = batch.drain(..).map(|mut request| {
             let users = storage_users(&request).to_vec();
             if !users.is_empty() {
                 let mut for_message = seqs.next().unwrap_or_default().into_iter();
@@ -111,7 +119,15 @@ async fn run(
                     .map(|user| (user, for_message.next().flatten()))
                     .collect();
             }
-            router.route(request).await;
+            request
+        });
+        match &next {
+            Committed::Router(router) => {
+                for request in filled {
+                    router.route(request).await;
+                }
+            }
+            Committed::Cluster(fanout) => fanout.send(filled.collect()).await,
         }
     }
 }

@@ -36,12 +36,26 @@ impl Entry {
     }
 }
 
-/// The whole inbox's counts, whatever filter a listing used.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+/// The whole inbox's counts, whatever filter a listing used. Equal counts
+/// are equal whatever their version: the version orders, it is not a value.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
 pub struct Counts {
     pub total: u64,
     pub unread: u64,
+    /// Moved on by every read-state change (PostgreSQL; 0 in SQLite, whose
+    /// one writer already orders them): counts frames from several
+    /// instances are ordered by it. Not part of any body.
+    #[serde(skip)]
+    pub version: u64,
 }
+
+impl PartialEq for Counts {
+    fn eq(&self, other: &Self) -> bool {
+        (self.total, self.unread) == (other.total, other.unread)
+    }
+}
+
+impl Eq for Counts {}
 
 /// How much one read may hold: a page ends at `entries` entries or before
 /// passing `bytes`, and always has at least one entry when any is left, so

@@ -9,7 +9,6 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 use crate::{
     inbox::{Change, Counts},
     message::UserId,
-    router::ConnectionId,
 };
 
 fn to_frame<T: Serialize>(value: &T) -> Utf8Bytes {
@@ -17,7 +16,7 @@ fn to_frame<T: Serialize>(value: &T) -> Utf8Bytes {
 }
 
 /// The first frame of every connection, sent once it is registered.
-pub fn welcome(id: ConnectionId, user: &UserId, channels: &[String]) -> Utf8Bytes {
+pub fn welcome(connection_id: String, user: &UserId, channels: &[String]) -> Utf8Bytes {
     #[derive(Serialize)]
     struct Welcome<'a> {
         r#type: &'static str,
@@ -27,7 +26,7 @@ pub fn welcome(id: ConnectionId, user: &UserId, channels: &[String]) -> Utf8Byte
     }
     to_frame(&Welcome {
         r#type: "welcome",
-        connection_id: id.to_string(),
+        connection_id,
         user_id: user.as_str(),
         channels,
     })
@@ -195,7 +194,7 @@ mod tests {
 
     #[test]
     fn server_frames_are_json() {
-        let w = welcome(ConnectionId(3), &UserId::new("1").unwrap(), &["g".into()]);
+        let w = welcome("c-3".into(), &UserId::new("1").unwrap(), &["g".into()]);
         let v: Value = serde_json::from_str(w.as_str()).unwrap();
         assert_eq!(
             v,
@@ -207,7 +206,8 @@ mod tests {
         assert_eq!(
             inbox_counts(Counts {
                 total: 2,
-                unread: 1
+                unread: 1,
+                ..Default::default()
             })
             .as_str(),
             r#"{"type":"inbox","total":2,"unread":1}"#

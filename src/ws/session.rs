@@ -9,7 +9,7 @@ use std::{
 };
 
 use futures_util::{SinkExt, StreamExt};
-use tokio::{net::TcpStream, time::Instant};
+use tokio::time::Instant;
 use tokio_tungstenite::{
     tungstenite::{
         error::{CapacityError, Error as WsError},
@@ -21,7 +21,7 @@ use tokio_tungstenite::{
 use tracing::debug;
 
 use crate::{
-    inbox::Entry,
+    inbox::{Entry, Inbox},
     metrics::Limit,
     outbound::{self, Outbound, OutboundReceiver, OutboundSender, PushError},
     router::{ConnectionId, SessionControl, SessionHandle},
@@ -32,6 +32,8 @@ use crate::{
         server::WsContext,
     },
 };
+// Plain or TLS (wss): the session is the same over both.
+use crate::tls::ServerStream;
 
 /// How long a close frame may take to be written before the TCP
 /// connection is simply dropped.
@@ -44,7 +46,7 @@ const OPENING_DEADLINE: Duration = Duration::from_secs(10);
 
 /// Runs one admitted connection to its end.
 pub async fn run(
-    ws: WebSocketStream<TcpStream>,
+    ws: WebSocketStream<ServerStream>,
     admission: Admission,
     permit: Permit,
     remote_addr: SocketAddr,
@@ -69,6 +71,21 @@ pub async fn run(
     {
         return;
     }
+    if let Err(e) = join_cluster(&ctx, &admission).await {
+        tracing::error!(error = %e, user = %admission.user, "cannot write presence; closing 1011");
+        ctx.router.unregister(id).await;
+        leave_cluster(&ctx, &admission.user, &admission.channels).await;
+        let mut ws = ws;
+        let _ = tokio::time::timeout(
+            CLOSE_DEADLINE,
+            ws.close(Some(CloseFrame {
+                code: CloseCode::from(1011),
+                reason: Utf8Bytes::from_static("inbox unavailable"),
+            })),
+        )
+        .await;
+        return;
+    }
     debug!(connection = %id, user = %admission.user, %remote_addr, "connected");
 
     let (mut sink, mut stream) = ws.split();
@@ -76,7 +93,7 @@ pub async fn run(
         id,
         admission,
         outbound,
-        skip_through: 0,
+        last_seq: 0,
         ctx: ctx.clone(),
     };
     // Boxed: the opening's state would otherwise enlarge every session's
@@ -97,6 +114,7 @@ pub async fn run(
     };
 
     ctx.router.unregister(id).await;
+    leave_cluster(&ctx, &session.admission.user, &session.admission.channels).await;
     match ending {
         Ending::Close(code, reason) => {
             let frame = CloseFrame {
@@ -126,6 +144,29 @@ pub async fn run(
     debug!(connection = %id, "disconnected");
 }
 
+/// Cluster mode: the user's presence row (before the replay is read, so
+/// whatever is committed later comes here live) and the channels' bindings
+/// (before the welcome, so a channel message published after it arrives).
+async fn join_cluster(ctx: &WsContext, admission: &Admission) -> anyhow::Result<()> {
+    let Some(cluster) = &ctx.cluster else {
+        return Ok(());
+    };
+    for channel in &admission.channels {
+        cluster.link.join_channel(channel).await;
+    }
+    cluster.presence.join(admission.user.as_str()).await
+}
+
+async fn leave_cluster(ctx: &WsContext, user: &crate::message::UserId, channels: &[String]) {
+    let Some(cluster) = &ctx.cluster else {
+        return;
+    };
+    cluster.presence.leave(user.as_str()).await;
+    for channel in channels {
+        cluster.link.leave_channel(channel).await;
+    }
+}
+
 enum Ending {
     /// Send a close frame with this code and reason.
     Close(u16, &'static str),
@@ -140,30 +181,90 @@ struct Session {
     admission: Admission,
     /// The session's own handle on its queue, for pongs and error frames.
     outbound: OutboundSender,
-    /// The highest inbox seq the client already has (from `since` and the
-    /// replay); live copies up to it are duplicates.
-    skip_through: u64,
+    /// The highest inbox seq the client has, or that the store had
+    /// assigned when the opening read it ("through"): stored frames up to
+    /// it are duplicates, and one past `last_seq + 1` is a gap to repair.
+    last_seq: u64,
     ctx: Arc<WsContext>,
 }
 
-type Sink = futures_util::stream::SplitSink<WebSocketStream<TcpStream>, Message>;
+type Sink = futures_util::stream::SplitSink<WebSocketStream<ServerStream>, Message>;
+
+/// Where the writer stands in its user's inbox, and where to fetch what a
+/// jump in seq skipped (frames lost on the way, in cluster mode).
+struct SeqCursor<'a> {
+    last: &'a mut u64,
+    repair: Option<(&'a Inbox, &'a str)>,
+    metrics: &'a crate::metrics::Metrics,
+}
+
+impl SeqCursor<'_> {
+    /// `true` when a stored frame with `seq` is new; feeds the entries
+    /// between the last one and it first, read from the store.
+    async fn admit(&mut self, sink: &mut Sink, seq: u64) -> Result<bool, WsError> {
+        if seq <= *self.last {
+            return Ok(false);
+        }
+        if seq > *self.last + 1 {
+            if let Some((inbox, user)) = self.repair {
+                self.metrics.inbox_gap_repairs.inc();
+                self.fill(sink, inbox, user, seq - 1).await?;
+            }
+        }
+        *self.last = seq;
+        Ok(true)
+    }
+
+    async fn fill(
+        &mut self,
+        sink: &mut Sink,
+        inbox: &Inbox,
+        user: &str,
+        through: u64,
+    ) -> Result<(), WsError> {
+        while *self.last < through {
+            let page = match inbox.replay_page(user, *self.last, through).await {
+                Ok(page) if !page.is_empty() => page,
+                Ok(_) => break,
+                Err(e) => {
+                    // The frame still passes; its seq shows the client the
+                    // jump, and `since` on reconnect fills it.
+                    tracing::error!(error = %e, "inbox read for a gap repair failed");
+                    break;
+                }
+            };
+            for entry in page {
+                *self.last = entry.seq;
+                let frame = crate::message::stored_frame(
+                    entry.seq,
+                    &entry.id,
+                    &entry.event,
+                    &entry.payload,
+                );
+                sink.feed(Message::Text(frame)).await?;
+            }
+        }
+        Ok(())
+    }
+}
 
 /// Feeds a batch of frames and flushes once; returns how many were written
 /// and leaves the broker-delivery times of notification frames in
-/// `latencies`.
-/// Stored notifications with `seq <= skip_through` are dropped: the replay
-/// already sent them.
+/// `latencies`. Stored notifications go through `seqs`: duplicates are
+/// dropped, gaps filled from the store first.
 async fn write_batch(
     sink: &mut Sink,
     batch: &mut Vec<Outbound>,
     latencies: &mut Vec<std::time::Instant>,
-    skip_through: u64,
+    seqs: &mut SeqCursor<'_>,
 ) -> Result<u64, WsError> {
     latencies.clear();
     let mut frames = 0;
     for out in batch.drain(..) {
-        if out.seq.is_some_and(|seq| seq <= skip_through) {
-            continue;
+        if let Some(seq) = out.seq {
+            if !seqs.admit(sink, seq).await? {
+                continue;
+            }
         }
         if let Some(at) = out.received_at {
             latencies.push(at);
@@ -174,14 +275,14 @@ async fn write_batch(
     sink.flush().await?;
     Ok(frames)
 }
-type Stream = futures_util::stream::SplitStream<WebSocketStream<TcpStream>>;
+type Stream = futures_util::stream::SplitStream<WebSocketStream<ServerStream>>;
 
 impl Session {
     /// `welcome`, then with the inbox: the counts, a `gap` if retention
     /// dropped entries after `since`, and the first page of the replay.
     /// Read after the session was registered, so whatever is committed
     /// later arrives live; what arrives live and was also replayed (or is
-    /// at most `since`) is dropped by seq. `skip_through` is the last seq
+    /// at most `since`) is dropped by seq. `last_seq` starts at the last seq
     /// the store had assigned at the read ("through"), never the client's
     /// `since`: beyond it nothing is replayed and every live frame counts.
     /// Returns the frames and, when the replay has more pages, the cursor
@@ -189,7 +290,7 @@ impl Session {
     async fn opening_frames(&mut self) -> Result<(Vec<Outbound>, Option<(u64, u64)>), Ending> {
         let user = &self.admission.user;
         let mut frames = vec![Outbound::control(frames::welcome(
-            self.id,
+            self.ctx.router.names().name(self.id),
             user,
             &self.admission.channels,
         ))];
@@ -205,6 +306,7 @@ impl Session {
             }
         };
         frames.push(Outbound::control(frames::inbox_counts(replay.counts)));
+        self.last_seq = replay.through;
         let Some(since) = since else {
             return Ok((frames, None));
         };
@@ -212,7 +314,6 @@ impl Session {
             frames.push(Outbound::control(frames::gap(since, oldest)));
             self.ctx.metrics.inbox_gaps.inc();
         }
-        self.skip_through = replay.through;
         let more = self.replayed(&mut frames, replay.entries);
         Ok((frames, more.map(|after| (after, replay.through))))
     }
@@ -241,7 +342,13 @@ impl Session {
         let mut latencies = Vec::new();
         let mut written = 0;
         loop {
-            let write = write_batch(sink, &mut frames, &mut latencies, 0);
+            let mut unchecked = 0;
+            let mut seqs = SeqCursor {
+                last: &mut unchecked,
+                repair: None,
+                metrics: &self.ctx.metrics,
+            };
+            let write = write_batch(sink, &mut frames, &mut latencies, &mut seqs);
             match tokio::time::timeout(OPENING_DEADLINE, write).await {
                 Ok(Ok(n)) => written += n,
                 _ => return Err(Ending::Drop),
@@ -314,6 +421,11 @@ impl Session {
                     if n == 0 {
                         return Ending::Close(1011, "internal error");
                     }
+                    let mut seqs = SeqCursor {
+                        last: &mut self.last_seq,
+                        repair: self.ctx.inbox.as_ref().map(|inbox| (inbox, self.admission.user.as_str())),
+                        metrics: &self.ctx.metrics,
+                    };
                     // A peer that stops reading blocks the write; the router
                     // then finds the queue full and asks us to close, which
                     // must win over the blocked write.
@@ -322,7 +434,7 @@ impl Session {
                         _ = control.closed() => {
                             return control.reason().map_or(Ending::Drop, |(c, r)| Ending::Close(c, r));
                         }
-                        written = write_batch(sink, &mut batch, &mut latencies, self.skip_through) => match written {
+                        written = write_batch(sink, &mut batch, &mut latencies, &mut seqs) => match written {
                             Ok(frames) => {
                                 let metrics = &self.ctx.metrics;
                                 metrics.frames_sent.add(frames);
@@ -401,6 +513,9 @@ impl Session {
                 {
                     Ok(()) => {
                         if !held.contains(&channel) {
+                            if let Some(cluster) = &self.ctx.cluster {
+                                cluster.link.join_channel(&channel).await;
+                            }
                             self.admission.channels.push(channel.clone());
                         }
                         // The router answers `subscribed`, in order with the
@@ -419,8 +534,13 @@ impl Session {
                 }
             }
             Ok(ClientFrame::Unsubscribe(channel)) => {
+                let held = self.admission.channels.len();
                 self.admission.channels.retain(|held| *held != channel);
-                self.ctx.router.unsubscribe(self.id, channel).await;
+                let left = held != self.admission.channels.len();
+                self.ctx.router.unsubscribe(self.id, channel.clone()).await;
+                if let (true, Some(cluster)) = (left, &self.ctx.cluster) {
+                    cluster.link.leave_channel(&channel).await;
+                }
                 return None;
             }
             Ok(ClientFrame::Inbox(change)) => match &self.ctx.inbox {
@@ -430,10 +550,13 @@ impl Session {
                     match inbox.change(user.as_str(), change).await {
                         Ok((true, counts)) => {
                             // Every tab of the user learns the new counts.
-                            self.ctx
-                                .router
-                                .to_user(user.clone(), frames::inbox_counts(counts))
-                                .await;
+                            crate::cluster::announce_counts(
+                                self.ctx.cluster.as_deref(),
+                                &self.ctx.router,
+                                user,
+                                counts,
+                            )
+                            .await;
                             return None;
                         }
                         Ok((false, _)) => return None,

@@ -466,7 +466,8 @@ impl Baseline {
             prefetch,
             ..Default::default()
         };
-        let channel = notify_bridge::amqp::topology::declare(&connection, &config)
+        let ingest = notify_bridge::amqp::topology::IngestQueue::own(&config);
+        let channel = notify_bridge::amqp::topology::declare(&connection, &config, &ingest)
             .await
             .context("cannot declare the baseline's exchange and queue")?;
         channel
