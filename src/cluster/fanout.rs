@@ -11,7 +11,7 @@ use std::{
 
 use serde::Serialize;
 use serde_json::value::RawValue;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use super::{
     channel_key, instance_key,
@@ -157,9 +157,9 @@ impl Fanout {
         }
     }
 
-    /// Who holds the batch's users; `None` when presence cannot be read
-    /// (then user messages go to every instance, which costs but loses
-    /// nothing).
+    /// Who holds the batch's users; `None` when presence cannot be read,
+    /// or may be incomplete after a database restart (then user messages go
+    /// to every instance, which costs but loses nothing).
     async fn holders(&self, recipients: &[Vec<Recipient>]) -> Option<HashMap<String, Vec<String>>> {
         let mut users: Vec<&str> = recipients
             .iter()
@@ -172,7 +172,11 @@ impl Fanout {
         users.sort_unstable();
         users.dedup();
         match self.presence.holders(&users).await {
-            Ok(rows) => {
+            Ok(None) => {
+                debug!("presence is being rebuilt after a database restart; sending user messages to every instance");
+                None
+            }
+            Ok(Some(rows)) => {
                 let mut by_user: HashMap<String, Vec<String>> = HashMap::new();
                 for (user, instance) in rows {
                     by_user.entry(user).or_default().push(instance);
