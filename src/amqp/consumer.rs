@@ -178,7 +178,7 @@ async fn consume_once(ctx: &ConsumerContext, connected_before: &mut bool) -> Res
         "consuming"
     );
 
-    let settler = Settler::spawn();
+    let settler = Settler::spawn(usize::from(config.prefetch) / 4);
     let limits = message::DecodeLimits::from_config(config);
     let mut health_check = tokio::time::interval(Duration::from_secs(1));
     let result = loop {

@@ -15,7 +15,12 @@ use lapin::{
     options::{BasicAckOptions, BasicRejectOptions},
     Acker,
 };
-use tokio::sync::{mpsc, oneshot};
+use std::time::Duration;
+
+use tokio::{
+    sync::{mpsc, oneshot},
+    time::Instant,
+};
 use tracing::debug;
 
 use crate::{amqp::receipt_publisher::DeliveryReceipts, message::Notification, receipts::Outcome};
@@ -79,12 +84,20 @@ pub struct Settler {
     queue: mpsc::UnboundedSender<Op>,
 }
 
+/// How long an ack may wait for later ones to join it (one
+/// `basic.ack(multiple)` for all): at a steady pace every delivery came
+/// alone and got an ack frame, a lapin task and an I/O write of its own
+/// (docs/performance.md, "Cost per notification").
+pub const ACK_DELAY: Duration = Duration::from_millis(25);
+
 impl Settler {
     /// Starts a settling task; it ends when the last handle and
-    /// settlement are gone.
-    pub fn spawn() -> Self {
+    /// settlement are gone. Acks wait up to [`ACK_DELAY`] to be coalesced,
+    /// or until `ack_every` deliveries are owed (a quarter of the prefetch
+    /// keeps the broker's window open).
+    pub fn spawn(ack_every: usize) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run(rx));
+        tokio::spawn(run(rx, ack_every.max(1)));
         Self { queue: tx }
     }
 
@@ -116,64 +129,107 @@ impl Settler {
     }
 }
 
-async fn run(mut rx: mpsc::UnboundedReceiver<Op>) {
+/// The ack owed: the newest delivery to ack (acking it with `multiple`
+/// covers the earlier ones), how many it covers, and since when.
+#[derive(Default)]
+struct Owed {
+    newest: Option<Acker>,
+    count: usize,
+    since: Option<Instant>,
+}
+
+impl Owed {
+    fn add(&mut self, acker: Acker) {
+        self.newest = Some(acker);
+        self.count += 1;
+        self.since.get_or_insert_with(Instant::now);
+    }
+
+    fn take(&mut self) -> Option<Acker> {
+        self.count = 0;
+        self.since = None;
+        self.newest.take()
+    }
+}
+
+/// Waits for the next operations; with an ack owed, no longer than until
+/// it is due. `None` once every sender is gone.
+async fn next_ops(
+    rx: &mut mpsc::UnboundedReceiver<Op>,
+    batch: &mut Vec<Op>,
+    owed: &Owed,
+) -> Option<usize> {
+    let due = owed.since.map(|since| since + ACK_DELAY);
+    match due {
+        None => Some(rx.recv_many(batch, 256).await).filter(|n| *n > 0),
+        Some(due) => tokio::select! {
+            n = rx.recv_many(batch, 256) => Some(n).filter(|n| *n > 0),
+            _ = tokio::time::sleep_until(due) => Some(0),
+        },
+    }
+}
+
+async fn run(mut rx: mpsc::UnboundedReceiver<Op>, ack_every: usize) {
     let mut batch = Vec::with_capacity(256);
-    // The newest ack not yet sent; acking it with `multiple` covers the
-    // earlier ones.
-    let mut pending: Option<Acker> = None;
+    let mut owed = Owed::default();
     // Set when receipts were not confirmed: from then on nothing is
     // settled on this connection (its deliveries come back).
     let mut broken = false;
-    while rx.recv_many(&mut batch, 256).await > 0 {
+    while let Some(received) = next_ops(&mut rx, &mut batch, &owed).await {
+        if received == 0 {
+            // The owed ack is due.
+            send_ack(owed.take()).await;
+            continue;
+        }
         for op in batch.drain(..) {
             match op {
-                Op::Ack(acker) if !broken => pending = Some(acker),
+                Op::Ack(acker) if !broken => owed.add(acker),
                 Op::AckAfter(acker, confirmed) if !broken => {
-                    if confirmed_yet(confirmed, &mut pending).await {
-                        pending = Some(acker);
+                    if confirmed_yet(confirmed, &mut owed).await {
+                        owed.add(acker);
                     } else {
                         broken = true;
                     }
                 }
-                Op::Reject { acker } if !broken => reject(&mut pending, acker).await,
+                Op::Reject { acker } if !broken => reject(&mut owed, acker).await,
                 Op::RejectAfter(acker, confirmed) if !broken => {
-                    if confirmed_yet(confirmed, &mut pending).await {
-                        reject(&mut pending, acker).await;
+                    if confirmed_yet(confirmed, &mut owed).await {
+                        reject(&mut owed, acker).await;
                     } else {
                         broken = true;
                     }
                 }
                 Op::Flush(done) => {
-                    send_ack(pending.take()).await;
+                    send_ack(owed.take()).await;
                     let _ = done.send(());
                 }
                 Op::Ack(_) | Op::AckAfter(..) | Op::Reject { .. } | Op::RejectAfter(..) => {}
             }
         }
-        send_ack(pending.take()).await;
+        if owed.count >= ack_every {
+            send_ack(owed.take()).await;
+        }
     }
+    send_ack(owed.take()).await;
 }
 
 /// Whether a delivery's receipts were confirmed. While they are still on
 /// their way, the acks before it go out first: holding them would keep
 /// the prefetch window full and stall the deliveries behind.
-async fn confirmed_yet(
-    mut confirmed: oneshot::Receiver<bool>,
-    pending: &mut Option<Acker>,
-) -> bool {
+async fn confirmed_yet(mut confirmed: oneshot::Receiver<bool>, owed: &mut Owed) -> bool {
     match confirmed.try_recv() {
         Ok(ok) => ok,
         Err(oneshot::error::TryRecvError::Closed) => false,
         Err(oneshot::error::TryRecvError::Empty) => {
-            send_ack(pending.take()).await;
+            send_ack(owed.take()).await;
             confirmed.await.unwrap_or(false)
         }
     }
 }
 
 /// Sends the pending ack first, so that it never covers this delivery.
-async fn reject(pending: &mut Option<Acker>, acker: Acker) {
-    send_ack(pending.take()).await;
+async fn reject(owed: &mut Owed, acker: Acker) {
+    send_ack(owed.take()).await;
     if let Err(e) = acker.reject(BasicRejectOptions { requeue: false }).await {
         debug!(error = %e, "reject failed; the broker will redeliver");
     }

@@ -339,7 +339,7 @@ impl LiveLink {
         };
         readiness.set_live_ok();
         info!(queue = %self.names.live_queue(), "consuming the cluster's live messages");
-        let settler = Settler::spawn();
+        let settler = Settler::spawn(usize::from(PREFETCH) / 4);
         let mut health = tokio::time::interval(Duration::from_secs(1));
         let result = loop {
             tokio::select! {
