@@ -58,6 +58,13 @@ pub struct AmqpConfig {
     pub max_recipients: usize,
     #[serde(with = "duration_text")]
     pub reconnect_max_backoff: Duration,
+    /// The CA (PEM) an `amqps://` broker must be signed by; unset, the
+    /// system roots are trusted. For brokers behind a private CA.
+    #[serde(
+        deserialize_with = "optional_path",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 /// The browser-facing WebSocket listener.
@@ -87,6 +94,20 @@ pub struct WebSocketConfig {
     /// A client that has not finished its HTTP upgrade by then is dropped.
     #[serde(with = "duration_text")]
     pub handshake_timeout: Duration,
+    /// The certificate chain (PEM) the listener presents; with
+    /// `tls_key_file` it speaks wss, for platforms that want the service
+    /// itself to terminate TLS. Re-read on SIGHUP.
+    #[serde(
+        deserialize_with = "optional_path",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub tls_cert_file: Option<PathBuf>,
+    /// The private key (PEM) of `tls_cert_file`.
+    #[serde(
+        deserialize_with = "optional_path",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub tls_key_file: Option<PathBuf>,
 }
 
 /// The HTTP side port.
@@ -111,6 +132,19 @@ pub struct HttpConfig {
     /// ones are refused at accept, so it cannot take the file descriptors
     /// the WebSocket listener needs.
     pub max_connections: usize,
+    /// The certificate chain (PEM) of the side port; with `tls_key_file` it
+    /// speaks https (API keys and tokens cross it). Re-read on SIGHUP.
+    #[serde(
+        deserialize_with = "optional_path",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub tls_cert_file: Option<PathBuf>,
+    /// The private key (PEM) of `tls_cert_file`.
+    #[serde(
+        deserialize_with = "optional_path",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub tls_key_file: Option<PathBuf>,
 }
 
 /// The per-user inbox (stored notifications).
@@ -268,6 +302,7 @@ impl Default for AmqpConfig {
             max_message_bytes: 1_048_576,
             max_recipients: 100_000,
             reconnect_max_backoff: Duration::from_secs(30),
+            tls_ca_file: None,
         }
     }
 }
@@ -287,6 +322,8 @@ impl Default for WebSocketConfig {
             max_connections: 100_000,
             max_connections_per_user: 100,
             handshake_timeout: Duration::from_secs(10),
+            tls_cert_file: None,
+            tls_key_file: None,
         }
     }
 }
@@ -301,6 +338,8 @@ impl Default for HttpConfig {
             dev_tokens: false,
             request_timeout: Duration::from_secs(10),
             max_connections: 1024,
+            tls_cert_file: None,
+            tls_key_file: None,
         }
     }
 }
@@ -590,6 +629,22 @@ impl Config {
             "shutdown_timeout",
             "must be longer than 0s",
         );
+        for (cert, key, cert_key, key_key) in [
+            (
+                &w.tls_cert_file,
+                &w.tls_key_file,
+                "websocket.tls_cert_file",
+                "websocket.tls_key_file",
+            ),
+            (
+                &self.http.tls_cert_file,
+                &self.http.tls_key_file,
+                "http.tls_cert_file",
+                "http.tls_key_file",
+            ),
+        ] {
+            problems.extend(half_a_pair(figment, (cert, cert_key), (key, key_key)));
+        }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             problems.push(format!(
                 "log.level: {:?} is not a valid filter such as \"info\" or \"notify_bridge=debug\" (from {})",
@@ -697,6 +752,25 @@ fn env_provider() -> Env {
         let top = key.split('.').next().unwrap_or_default();
         TOP_LEVEL_KEYS.contains(&top)
     })
+}
+
+/// A certificate without its key, or a key without its certificate: the
+/// missing one is named, with the source of the one that is set.
+fn half_a_pair(
+    figment: &Figment,
+    (cert, cert_key): (&Option<PathBuf>, &str),
+    (key, key_key): (&Option<PathBuf>, &str),
+) -> Option<String> {
+    let (missing, set) = match (cert, key) {
+        (Some(_), None) => (key_key, cert_key),
+        (None, Some(_)) => (cert_key, key_key),
+        _ => return None,
+    };
+    Some(format!(
+        "{missing}: is required when {set} is set: TLS needs both the certificate and its key \
+         ({set} from {})",
+        source_of(figment, set)
+    ))
 }
 
 /// What `check-config` shows instead of a password.
@@ -924,6 +998,12 @@ fn optional_text<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::E
     })
 }
 
+/// A file path where an empty string (an environment variable set to
+/// nothing, the example file's `""`) means unset.
+fn optional_path<'de, D: Deserializer<'de>>(d: D) -> Result<Option<PathBuf>, D::Error> {
+    Ok(optional_text(d)?.map(PathBuf::from))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -975,6 +1055,47 @@ mod tests {
             "{SECRET}auth.cookie_name = \"nb_token\"\n[websocket]\nallowed_origins = [\"https://app.example\"]\n"
         );
         assert_eq!(load_toml(&ok).unwrap().auth.cookie_name, "nb_token");
+    }
+
+    #[test]
+    fn tls_needs_both_files_of_a_pair() {
+        let c = load_toml(SECRET).unwrap();
+        assert_eq!(
+            (&c.websocket.tls_cert_file, &c.http.tls_key_file),
+            (&None, &None)
+        );
+        assert_eq!(c.amqp.tls_ca_file, None);
+        for (toml, missing) in [
+            (
+                "[websocket]\ntls_cert_file = \"c.pem\"\n",
+                "websocket.tls_key_file",
+            ),
+            (
+                "[websocket]\ntls_key_file = \"k.pem\"\n",
+                "websocket.tls_cert_file",
+            ),
+            ("[http]\ntls_cert_file = \"c.pem\"\n", "http.tls_key_file"),
+            ("[http]\ntls_key_file = \"k.pem\"\n", "http.tls_cert_file"),
+        ] {
+            let err = load_toml(&format!("{SECRET}{toml}")).unwrap_err();
+            assert!(
+                err.to_string()
+                    .starts_with(&format!("invalid configuration:\n  - {missing}:")),
+                "{err}"
+            );
+        }
+        // An empty value is unset, as an emptied environment variable is.
+        let c = load_toml(&format!(
+            "{SECRET}[websocket]\ntls_cert_file = \"\"\ntls_key_file = \"\"\n[amqp]\ntls_ca_file = \"\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.websocket.tls_cert_file, None);
+        assert_eq!(c.amqp.tls_ca_file, None);
+        let c = load_toml(&format!(
+            "{SECRET}[http]\ntls_cert_file = \"c.pem\"\ntls_key_file = \"k.pem\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.http.tls_key_file, Some(PathBuf::from("k.pem")));
     }
 
     #[test]

@@ -25,6 +25,7 @@
 //! - [`metrics`], [`readiness`]: shared state operators read.
 //! - [`memory`]: hands freed heap pages back after a crowd disconnects.
 //! - [`shutdown`]: the signal every task watches.
+//! - [`tls`]: wss and https, certificates re-read on SIGHUP.
 //!
 //! [`run`] starts it all and returns the bound addresses, so tests can bind
 //! port 0.
@@ -46,6 +47,7 @@ pub mod rfc3339;
 pub mod router;
 pub mod shutdown;
 pub mod tickets;
+pub mod tls;
 pub mod ws;
 
 use std::{
@@ -110,6 +112,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     } else {
         None
     };
+    let tls = tls::ListenersTls::from_config(&config)?;
+    amqp::connect::check(&config.amqp)?;
+    tls::reload_on_sighup(tls.certs(), shutdown.clone());
     if config.auth.mode == AuthMode::None {
         warn!("auth.mode = \"none\": ANY client can connect as ANY user. Local development only!");
     }
@@ -129,6 +134,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 
     let metrics = Arc::new(Metrics::default());
     let readiness = Arc::new(Readiness::default());
+    if let Some(store) = inbox.as_ref().and_then(Inbox::postgres) {
+        watch_database(store, readiness.clone(), shutdown.clone());
+    }
     let instance = config
         .cluster
         .enabled
@@ -170,6 +178,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         sessions: sessions.clone(),
         inbox: inbox.clone(),
         cluster: cluster.clone(),
+        tls: tls.websocket.clone(),
     });
     let ws_task = tokio::spawn(ws::serve(ws_listener, ws_ctx));
     tokio::spawn(memory::reclaim_after_disconnects(
@@ -218,10 +227,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         http_listener,
         http_state,
         (&config.http).into(),
+        tls.http.clone(),
         shutdown.clone(),
     ));
 
-    info!(%ws_addr, path = %config.websocket.path, %http_addr, "notify-bridge listening");
+    info!(%ws_addr, path = %config.websocket.path, %http_addr,
+        wss = tls.websocket.is_some(), https = tls.http.is_some(), "notify-bridge listening");
 
     let shutdown_timeout = config.shutdown_timeout;
     let drain_router = router.clone();
@@ -269,6 +280,7 @@ async fn start_cluster(
     let cluster = Cluster::start(
         &config.cluster,
         &config.amqp,
+        config.auth.ticket_ttl,
         &store,
         router.clone(),
         metrics.clone(),
@@ -322,4 +334,38 @@ fn wire_consumer(
         usize::from(config.amqp.prefetch),
     );
     (Downstream::Inbox(stage), queue)
+}
+
+/// A PostgreSQL inbox that did not answer at startup: `/readyz` is 503
+/// until it does (and is migrated), retried with the broker's backoff.
+fn watch_database(
+    store: Arc<inbox::PgStore>,
+    readiness: Arc<Readiness>,
+    shutdown: CancellationToken,
+) {
+    if store.is_migrated() {
+        return;
+    }
+    readiness.set_store_failing("the inbox database does not answer yet");
+    tokio::spawn(async move {
+        let mut backoff = std::time::Duration::from_millis(200);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            match store.client().await {
+                Ok(_) => {
+                    info!("inbox store open (PostgreSQL)");
+                    readiness.set_store_ok();
+                    return;
+                }
+                Err(e) => {
+                    readiness
+                        .set_store_failing(format!("the inbox database does not answer: {e:#}"));
+                    backoff = (backoff * 2).min(std::time::Duration::from_secs(10));
+                }
+            }
+        }
+    });
 }

@@ -60,6 +60,13 @@ fn main() -> ExitCode {
                 eprintln!("notify-bridge: {e}");
                 return ExitCode::from(2);
             }
+            // So are the TLS files.
+            let tls = notify_bridge::tls::ListenersTls::from_config(&config)
+                .and_then(|_| notify_bridge::amqp::connect::check(&config.amqp));
+            if let Err(e) = tls {
+                eprintln!("notify-bridge: {e}");
+                return ExitCode::from(2);
+            }
             print!("{}", config.to_masked_toml());
             ExitCode::SUCCESS
         }

@@ -387,3 +387,69 @@ async fn a_lost_live_message_is_repaired_from_the_store_before_the_next_frame() 
     assert_eq!(a.running().metrics.inbox_gap_repairs.get(), 1);
     cluster.stop().await;
 }
+
+async fn ticket_on(bridge: &Bridge, user: &str, channels: &[&str]) -> String {
+    let auth = format!("Bearer {}", token(user, channels));
+    let reply = http_request(
+        bridge.running().http_addr,
+        "POST",
+        "/api/ws-ticket",
+        &[("authorization", &auth)],
+        "",
+    )
+    .await;
+    assert_eq!(reply.status, 201, "{}", reply.body);
+    reply.json()["ticket"].as_str().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn a_ticket_from_one_instance_works_once_on_any_instance() {
+    let Some(cluster) = TestCluster::start(2).await else {
+        return;
+    };
+    let (a, b) = (&cluster.bridges[0], &cluster.bridges[1]);
+    let ticket = ticket_on(a, "tk", &["team"]).await;
+    let url = b.ws_url(&format!("/ws?ticket={ticket}&channel=team"));
+    let (_client, _, welcome) = accepted(request(&url, &[])).await;
+    assert_eq!(welcome["user_id"], "tk", "{welcome}");
+    assert_eq!(welcome["channels"], serde_json::json!(["team"]));
+    for again in [a, b] {
+        let url = again.ws_url(&format!("/ws?ticket={ticket}"));
+        assert_refused(request(&url, &[]), 401, "unauthorized").await;
+    }
+    // Raced on both instances at once: exactly one connects.
+    let ticket = ticket_on(b, "tk", &[]).await;
+    let (on_a, on_b) = (
+        a.ws_url(&format!("/ws?ticket={ticket}")),
+        b.ws_url(&format!("/ws?ticket={ticket}")),
+    );
+    let (ra, rb) = tokio::join!(
+        tokio_tungstenite::connect_async(on_a),
+        tokio_tungstenite::connect_async(on_b)
+    );
+    assert_eq!(
+        ra.is_ok() as u8 + rb.is_ok() as u8,
+        1,
+        "one of two redemptions wins"
+    );
+    cluster.stop().await;
+}
+
+#[tokio::test]
+async fn a_connection_target_reaches_that_connection_on_its_instance_only() {
+    let Some(cluster) = TestCluster::start(2).await else {
+        return;
+    };
+    let (a, b) = (&cluster.bridges[0], &cluster.bridges[1]);
+    let (mut on_a, _) = common::inbox::connect_since(a, "dev", None).await;
+    let url = b.ws_url(&format!("/ws?token={}", token("dev", &[])));
+    let (mut on_b, _, welcome) = accepted(request(&url, &[])).await;
+    assert_eq!(next_json(&mut on_b).await["type"], "inbox");
+    let id = welcome["connection_id"].as_str().unwrap();
+    cluster
+        .publish_all([format!(r#"{{"connection_id":"{id}","payload":"just b"}}"#)])
+        .await;
+    assert_eq!(next_json(&mut on_b).await["payload"], "just b");
+    assert_silent(&mut on_a, Duration::from_millis(500)).await;
+    cluster.stop().await;
+}

@@ -273,6 +273,9 @@ async fn a_broker_kill_and_a_database_stop_mid_stream_lose_nothing_stored() {
     publisher
         .publish_all(&setup.place.exchange, bodies(users, slice..2 * slice))
         .await;
+    // An open tab must keep receiving live frames across the database's
+    // crash restart (its presence row, unlogged, is gone after it).
+    let mut open_tab = tab(&b, "u0", None).await;
     // The database stops at once while the next slice is committed.
     script("postgres", &["stop-immediate"]);
     assert!(
@@ -289,6 +292,14 @@ async fn a_broker_kill_and_a_database_stop_mid_stream_lose_nothing_stored() {
         .await;
 
     let per_user = 3 * slice / users;
+    let mut last_live = 0;
+    while last_live < per_user {
+        match next_json_within(&mut open_tab, Duration::from_secs(30)).await {
+            Some(f) if f["type"] == "notification" => last_live = f["seq"].as_u64().unwrap(),
+            Some(_) => {}
+            None => panic!("the open tab stopped at seq {last_live} of {per_user}"),
+        }
+    }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     for u in 0..users {
         let user = format!("u{u}");

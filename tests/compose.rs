@@ -102,7 +102,83 @@ fn every_published_port_is_bound_to_the_host_loopback() {
             checked += 1;
         }
     }
-    assert_eq!(checked, 4, "the four published ports were checked");
+    assert_eq!(checked, 7, "the seven published ports were checked");
+}
+
+/// `docker compose up` runs the broker, PostgreSQL and one bridge in
+/// cluster mode; `--profile cluster` adds a second bridge of the same
+/// cluster. Both bridges store in the compose PostgreSQL, with the
+/// credentials the postgres service creates, and differ only in their
+/// instance id and host ports.
+#[test]
+fn the_cluster_profile_adds_a_second_bridge_of_the_same_cluster() {
+    let doc = compose();
+    let services = &doc["services"];
+    let db = &services["postgres"];
+    let image = db["image"].as_str().expect("postgres has an image");
+    assert!(
+        image.starts_with("postgres:") && !image.contains("alpine"),
+        "the official Debian-based postgres image: {image}"
+    );
+    assert_eq!(strings(&db["ports"]), ["127.0.0.1:55432:5432"]);
+    assert!(db["healthcheck"]["test"].as_vec().is_some());
+    let db_env = &db["environment"];
+    let (user, password, name) = (
+        db_env["POSTGRES_USER"].as_str().unwrap(),
+        db_env["POSTGRES_PASSWORD"].as_str().unwrap(),
+        db_env["POSTGRES_DB"].as_str().unwrap(),
+    );
+    let url = format!("postgres://{user}:{password}@postgres:5432/{name}");
+
+    let first = &services["notify-bridge"];
+    let second = &services["notify-bridge-2"];
+    for name in ["rabbitmq", "postgres", "notify-bridge"] {
+        assert!(
+            services[name]["profiles"].is_badvalue(),
+            "{name} runs without a profile"
+        );
+    }
+    assert_eq!(strings(&second["profiles"]), ["cluster"]);
+    assert_eq!(
+        strings(&second["ports"]),
+        ["127.0.0.1:8082:8080", "127.0.0.1:8083:8081"]
+    );
+    assert_eq!(second["build"], first["build"]);
+    assert_eq!(second["volumes"], first["volumes"]);
+    assert_eq!(second["command"], first["command"]);
+
+    let mut ids = Vec::new();
+    for (service, bridge) in [("notify-bridge", first), ("notify-bridge-2", second)] {
+        let env = &bridge["environment"];
+        let value = |key: &str| {
+            env[key]
+                .as_str()
+                .unwrap_or_else(|| panic!("{service}: {key} is not set as a string"))
+                .to_string()
+        };
+        assert_eq!(value("NOTIFY_BRIDGE_CLUSTER__ENABLED"), "true", "{service}");
+        assert_eq!(
+            value("NOTIFY_BRIDGE_CLUSTER__NAME"),
+            "notify-bridge",
+            "{service}"
+        );
+        assert_eq!(value("NOTIFY_BRIDGE_INBOX__ENABLED"), "true", "{service}");
+        assert_eq!(value("NOTIFY_BRIDGE_INBOX__STORE"), "postgres", "{service}");
+        assert_eq!(value("NOTIFY_BRIDGE_INBOX__POSTGRES_URL"), url, "{service}");
+        assert_eq!(
+            env["NOTIFY_BRIDGE_AMQP__URL"], first["environment"]["NOTIFY_BRIDGE_AMQP__URL"],
+            "{service}"
+        );
+        for dependency in ["rabbitmq", "postgres"] {
+            assert_eq!(
+                bridge["depends_on"][dependency]["condition"].as_str(),
+                Some("service_healthy"),
+                "{service} waits for {dependency}"
+            );
+        }
+        ids.push(value("NOTIFY_BRIDGE_CLUSTER__INSTANCE_ID"));
+    }
+    assert_ne!(ids[0], ids[1], "each bridge has its own instance id");
 }
 
 /// The host address of one `ports` entry: `"IP:HOST:CONTAINER"` (short

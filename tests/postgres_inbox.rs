@@ -1,7 +1,7 @@
 //! A real bridge with `inbox.store = "postgres"` against the real broker
 //! and the PostgreSQL of scripts/postgres: offline messages are stored and
-//! replayed with `since` after a restart; an unreachable database stops
-//! startup naming `inbox.postgres_url`.
+//! replayed with `since` after a restart; a database unreachable at
+//! startup is retried with `/readyz` 503 until it answers.
 
 mod common;
 mod pg;
@@ -88,23 +88,50 @@ async fn offline_messages_are_stored_in_postgres_and_replayed_after_a_restart() 
     bridge.stop().await;
 }
 
+/// CONTRACT.md: "an unreachable database at startup is retried like the
+/// broker, with `/readyz` 503". The database appears later (a proxy opens
+/// on the port the bridge was given) and the bridge then migrates it and
+/// stores.
 #[tokio::test]
-async fn an_unreachable_database_stops_startup_naming_inbox_postgres_url() {
+async fn an_unreachable_database_at_startup_is_retried_with_readyz_503() {
+    let Some(db) = pg::fresh_schema().await else {
+        return;
+    };
+    let port = free_port();
+    let server: url::Url = db.parse().unwrap();
+    let target = format!("{}:{}", server.host_str().unwrap(), server.port().unwrap());
+    let mut via_port = server.clone();
+    via_port.set_port(Some(port)).unwrap();
     let mut config = test_config();
-    let closed = free_port();
-    with_postgres(format!("postgres://nb:hunter2@127.0.0.1:{closed}/nb"))(&mut config);
-    let err = notify_bridge::run(config, tokio_util::sync::CancellationToken::new())
+    with_postgres(via_port.to_string())(&mut config);
+    let exchange = config.amqp.exchange.clone();
+    let bridge = Bridge::start_unready(config).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let reason = bridge
+        .running()
+        .readiness
+        .get()
+        .expect_err("503 without the database");
+    assert!(reason.contains("database"), "{reason}");
+    let (status, body) = http_get(bridge.running().http_addr, "/readyz").await;
+    assert_eq!(status, 503, "{body}");
+
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
         .await
-        .err()
-        .expect("an unreachable database must stop startup");
-    assert!(
-        err.downcast_ref::<notify_bridge::config::ConfigError>()
-            .is_some(),
-        "{err:#}"
-    );
-    let text = format!("{err:#}");
-    assert!(text.contains("inbox.postgres_url"), "{text}");
-    assert!(!text.contains("hunter2"), "the password leaked: {text}");
+        .unwrap();
+    let _proxy = spawn_proxy(listener, target.parse().unwrap());
+    bridge.wait_ready().await;
+    Publisher::connect()
+        .await
+        .publish_all(
+            &exchange,
+            [r#"{"user_id":"late-db","id":"l-1","payload":1}"#.to_string()],
+        )
+        .await;
+    wait_for_stored(&bridge, 1).await;
+    let (_client, counts) = connect_since(&bridge, "late-db", 0).await;
+    assert_eq!(counts["total"], 1, "{counts}");
+    bridge.stop().await;
 }
 
 /// The SQLite test of the same name, on PostgreSQL: reconnects with
@@ -157,26 +184,28 @@ async fn http_list_and_patch_on_postgres() {
     bridge.stop().await;
 }
 
-/// The real binary: an unreachable database exits 2 (a configuration
-/// error), naming the key and not the password.
+/// The real binary: a database that does not answer keeps it running, not
+/// ready (`/readyz` 503 naming the database), and its log names the
+/// problem without the password.
 #[tokio::test]
-async fn the_binary_exits_2_when_the_database_cannot_be_reached() {
-    let dir = common::daemon::TempDir::new();
-    let mut command = common::daemon::bridge_command(dir.path());
+async fn the_binary_waits_for_a_database_that_cannot_be_reached() {
     let url = format!("postgres://nb:hunter2@127.0.0.1:{}/nb", free_port());
-    command
-        .env("NOTIFY_BRIDGE_AUTH__JWT_SECRET", SECRET)
-        .env("NOTIFY_BRIDGE_WEBSOCKET__LISTEN", "127.0.0.1:0")
-        .env("NOTIFY_BRIDGE_HTTP__LISTEN", "127.0.0.1:0")
-        .env("NOTIFY_BRIDGE_INBOX__ENABLED", "true")
-        .env("NOTIFY_BRIDGE_INBOX__STORE", "postgres")
-        .env("NOTIFY_BRIDGE_INBOX__POSTGRES_URL", url);
-    let output = tokio::time::timeout(Duration::from_secs(30), command.output())
-        .await
-        .expect("the binary ends in time")
-        .expect("the binary runs");
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("inbox.postgres_url"), "{stderr}");
-    assert!(!stderr.contains("hunter2"), "{stderr}");
+    let place = common::daemon::Placement::new();
+    let daemon = common::daemon::Daemon::start_unready_at(
+        place,
+        &[
+            ("NOTIFY_BRIDGE_INBOX__ENABLED", "true"),
+            ("NOTIFY_BRIDGE_INBOX__STORE", "postgres"),
+            ("NOTIFY_BRIDGE_INBOX__POSTGRES_URL", url.as_str()),
+        ],
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (status, body) = http_get(daemon.http_addr, "/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("database"), "{body}");
+    assert!(daemon.pid_or_none().is_some(), "still running");
+    let log = daemon.terminate().await;
+    assert!(log.contains("PostgreSQL"), "{log}");
+    assert!(!log.contains("hunter2"), "the password leaked: {log}");
 }

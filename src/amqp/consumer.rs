@@ -12,7 +12,7 @@ use futures_util::StreamExt;
 use lapin::{
     options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions},
     types::FieldTable,
-    Connection, ConnectionProperties,
+    ConnectionProperties,
 };
 use tokio::time::{sleep, timeout, Instant};
 use tokio_util::sync::CancellationToken;
@@ -103,7 +103,7 @@ async fn consume_once(ctx: &ConsumerContext, connected_before: &mut bool) -> Res
         .with_connection_name(format!("notify-bridge {}", ctx.queue.name).into());
     let connection = tokio::select! {
         _ = ctx.shutdown.cancelled() => return Ok(()),
-        c = timeout(CONNECT_TIMEOUT, Connection::connect(&config.url, properties)) => match c {
+        c = timeout(CONNECT_TIMEOUT, super::connect::connect(config, properties)) => match c {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => return Err(format!("cannot connect to the broker: {e}")),
             Err(_) => return Err("cannot connect to the broker: timed out".into()),

@@ -1,7 +1,9 @@
-//! Everything that talks to RabbitMQ: the topology both sides agree on, the
+//! Everything that talks to RabbitMQ: opening a connection with the
+//! configured TLS, the topology both sides agree on, the
 //! consumer that feeds the router, the ordered acknowledgements, and the
 //! confirm-mode publisher behind the HTTP send endpoint.
 
+pub mod connect;
 pub mod consumer;
 pub mod publisher;
 pub mod settle;

@@ -111,7 +111,7 @@ impl Publisher {
             let properties = ConnectionProperties::default().with_connection_name(
                 format!("notify-bridge publisher {}", self.config.queue_name()).into(),
             );
-            let connection = Connection::connect(&self.config.url, properties).await?;
+            let connection = super::connect::connect(&self.config, properties).await?;
             let channel = connection.create_channel().await?;
             channel
                 .confirm_select(ConfirmSelectOptions::default())

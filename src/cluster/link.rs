@@ -33,7 +33,8 @@ use super::{
     ClusterNames, BROADCAST_KEY,
 };
 use crate::{
-    amqp::settle::Settler, message::UserId, metrics::Metrics, readiness::Readiness, router::Router,
+    amqp::settle::Settler,
+    config::AmqpConfig, message::UserId, metrics::Metrics, readiness::Readiness, router::Router,
     ws::frames,
 };
 
@@ -50,7 +51,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// routes use.
 pub struct LiveLink {
     names: ClusterNames,
-    url: String,
+    /// The broker and its TLS settings (`amqp.url`, `amqp.tls_ca_file`).
+    amqp: AmqpConfig,
     channel: RwLock<Option<Channel>>,
     /// Channels with subscribers here, and how many; bound while > 0.
     bindings: tokio::sync::Mutex<HashMap<String, usize>>,
@@ -64,10 +66,10 @@ fn link_down() -> anyhow::Error {
 }
 
 impl LiveLink {
-    pub fn new(names: ClusterNames, url: String) -> Arc<Self> {
+    pub fn new(names: ClusterNames, amqp: AmqpConfig) -> Arc<Self> {
         Arc::new(Self {
             names,
-            url,
+            amqp,
             channel: RwLock::new(None),
             bindings: tokio::sync::Mutex::new(HashMap::new()),
             reply_queue: RwLock::new(None),
@@ -249,7 +251,7 @@ impl LiveLink {
     ) -> lapin::Result<(Connection, Channel, lapin::Consumer, lapin::Consumer)> {
         let properties = ConnectionProperties::default()
             .with_connection_name(format!("notify-bridge live {}", self.names.instance).into());
-        let connection = Connection::connect(&self.url, properties).await?;
+        let connection = crate::amqp::connect::connect(&self.amqp, properties).await?;
         let channel = connection.create_channel().await?;
         let exchange = self.names.live_exchange();
         channel

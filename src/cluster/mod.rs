@@ -17,12 +17,14 @@
 //! - [`link`]: each instance's connection to its live queue (notifications,
 //!   counts, admin calls) and the channel bindings of its subscribers.
 //! - [`admin`]: connection listing and disconnecting across instances.
+//! - [`tickets`]: one-time WebSocket tickets any instance redeems, once.
 
 pub mod admin;
 pub mod fanout;
 pub mod link;
 pub mod live;
 pub mod presence;
+pub mod tickets;
 
 use std::sync::Arc;
 
@@ -39,6 +41,7 @@ use crate::{
 };
 use link::LiveLink;
 use presence::Presence;
+use tickets::SharedTickets;
 
 /// The routing key of live broadcasts (and of calls to every instance).
 pub const BROADCAST_KEY: &str = "b";
@@ -94,15 +97,19 @@ pub struct Cluster {
     pub names: ClusterNames,
     pub presence: Arc<Presence>,
     pub link: Arc<LiveLink>,
+    pub tickets: Arc<SharedTickets>,
 }
 
 impl Cluster {
-    /// Registers the instance (heartbeat, stale presence of a previous
-    /// life removed) and starts its live link and heartbeat tasks.
+    /// Starts the instance's live link and heartbeat tasks (the heartbeat
+    /// registers it, and removes the presence a previous life left, once
+    /// the database answers).
+    #[allow(clippy::too_many_arguments)]
     pub async fn start(
         config: &ClusterConfig,
         amqp: &AmqpConfig,
-        store: &PgStore,
+        ticket_ttl: std::time::Duration,
+        store: &Arc<PgStore>,
         router: Router,
         metrics: Arc<Metrics>,
         readiness: Arc<Readiness>,
@@ -112,9 +119,15 @@ impl Cluster {
             cluster: config.name.clone(),
             instance: router.names().instance().unwrap_or_default().to_string(),
         };
-        let presence = Presence::start(store.pool().clone(), &names).await?;
+        let presence = Presence::new(store.clone(), &names);
         tokio::spawn(presence.clone().run(readiness.clone(), shutdown.clone()));
-        let link = LiveLink::new(names.clone(), amqp.url.clone());
+        let tickets = Arc::new(SharedTickets::new(
+            store.clone(),
+            names.cluster.clone(),
+            ticket_ttl,
+        ));
+        tokio::spawn(sweep_tickets(tickets.clone(), shutdown.clone()));
+        let link = LiveLink::new(names.clone(), amqp.clone());
         tokio::spawn(link.clone().run(
             router,
             metrics,
@@ -126,6 +139,7 @@ impl Cluster {
             names,
             presence,
             link,
+            tickets,
         }))
     }
 
@@ -145,6 +159,20 @@ impl Cluster {
                 .await?;
         }
         Ok(())
+    }
+}
+
+/// Drops expired tickets every half minute.
+async fn sweep_tickets(tickets: Arc<SharedTickets>, shutdown: CancellationToken) {
+    let mut every = tokio::time::interval(std::time::Duration::from_secs(30));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        if let Err(e) = tickets.sweep().await {
+            tracing::debug!(error = %e, "cannot sweep expired tickets");
+        }
     }
 }
 

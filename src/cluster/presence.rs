@@ -13,12 +13,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use deadpool_postgres::Pool;
 use tokio::sync::{Mutex, OnceCell};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::ClusterNames;
+use crate::inbox::PgStore;
 use crate::readiness::Readiness;
 
 /// How often an instance writes its heartbeat (and sweeps lingering users).
@@ -32,7 +32,10 @@ pub const LINGER: Duration = Duration::from_secs(5);
 
 /// This instance's presence, shared by its sessions.
 pub struct Presence {
-    pool: Pool,
+    store: Arc<PgStore>,
+    /// Set once the rows a previous process with this instance id left are
+    /// gone: before this instance's first row is written.
+    cleaned: OnceCell<()>,
     cluster: String,
     instance: String,
     users: Mutex<HashMap<String, Slot>>,
@@ -56,24 +59,33 @@ const WRITE: &str = "INSERT INTO cluster_presence (cluster, user_id, instance_id
      ON CONFLICT DO NOTHING";
 
 impl Presence {
-    /// Beats once and removes what a previous process with the same
-    /// instance id left (it held sockets this one does not).
-    pub async fn start(pool: Pool, names: &ClusterNames) -> anyhow::Result<Arc<Self>> {
-        let presence = Arc::new(Self {
-            pool,
+    /// This instance's presence; it touches the database only when first
+    /// used (a database unreachable at startup is waited for).
+    pub fn new(store: Arc<PgStore>, names: &ClusterNames) -> Arc<Self> {
+        Arc::new(Self {
+            store,
+            cleaned: OnceCell::new(),
             cluster: names.cluster.clone(),
             instance: names.instance.clone(),
             users: Mutex::new(HashMap::new()),
-        });
-        let db = presence.pool.get().await?;
-        db.execute(
-            "DELETE FROM cluster_presence WHERE cluster = $1 AND instance_id = $2",
-            &[&presence.cluster, &presence.instance],
-        )
-        .await?;
-        db.query_one(BEAT, &[&presence.cluster, &presence.instance])
-            .await?;
-        Ok(presence)
+        })
+    }
+
+    /// Removes what a previous process with the same instance id left (it
+    /// held sockets this one does not), once, before any row of ours.
+    async fn clean_previous_life(&self) -> anyhow::Result<()> {
+        self.cleaned
+            .get_or_try_init(|| async {
+                let db = self.store.client().await?;
+                db.execute(
+                    "DELETE FROM cluster_presence WHERE cluster = $1 AND instance_id = $2",
+                    &[&self.cluster, &self.instance],
+                )
+                .await?;
+                anyhow::Ok(())
+            })
+            .await
+            .map(|_| ())
     }
 
     /// A socket of `user` opened here; returns once the row is visible to
@@ -109,7 +121,8 @@ impl Presence {
     }
 
     async fn write(&self, users: &[&str]) -> anyhow::Result<()> {
-        let db = self.pool.get().await?;
+        self.clean_previous_life().await?;
+        let db = self.store.client().await?;
         let stmt = db.prepare_cached(WRITE).await?;
         db.execute(&stmt, &[&self.cluster, &self.instance, &users])
             .await?;
@@ -118,7 +131,7 @@ impl Presence {
 
     /// `(user, instance)` for every live instance holding one of `users`.
     pub async fn holders(&self, users: &[&str]) -> anyhow::Result<Vec<(String, String)>> {
-        let db = self.pool.get().await?;
+        let db = self.store.client().await?;
         let stmt = db
             .prepare_cached(
                 "SELECT p.user_id, p.instance_id FROM cluster_presence p
@@ -135,7 +148,7 @@ impl Presence {
 
     /// The instances of this cluster that beat recently (this one too).
     pub async fn live_instances(&self) -> anyhow::Result<Vec<String>> {
-        let db = self.pool.get().await?;
+        let db = self.store.client().await?;
         let rows = db
             .query(
                 "SELECT instance_id FROM cluster_instances
@@ -150,7 +163,8 @@ impl Presence {
     /// if this instance's row had been forgotten (the database was away
     /// longer than [`FORGET_SECS`]), writes all its users again.
     async fn tick(&self) -> anyhow::Result<()> {
-        let db = self.pool.get().await?;
+        self.clean_previous_life().await?;
+        let db = self.store.client().await?;
         let forgotten: bool = db
             .query_one(BEAT, &[&self.cluster, &self.instance])
             .await?
@@ -226,7 +240,7 @@ impl Presence {
     }
 
     async fn withdraw(&self) -> anyhow::Result<()> {
-        let db = self.pool.get().await?;
+        let db = self.store.client().await?;
         db.execute(
             "WITH gone AS (
                  DELETE FROM cluster_instances WHERE cluster = $1 AND instance_id = $2

@@ -85,15 +85,16 @@ pub fn routes(state: Arc<HttpState>) -> Routes {
 
 /// Serves until shutdown, within `limits` (CONTRACT.md, "Limits on hostile
 /// input"): the connection cap, the head timer and the body's deadline are
-/// the listener's (`side_port`, `deadline`).
+/// the listener's (`side_port`, `deadline`). With `tls`, over https.
 pub async fn serve(
     listener: TcpListener,
     state: Arc<HttpState>,
     limits: SidePortLimits,
+    tls: Option<Arc<crate::tls::ListenerTls>>,
     shutdown: CancellationToken,
 ) {
     let metrics = state.metrics.clone();
-    side_port::serve(listener, routes(state), limits, metrics, shutdown).await;
+    side_port::serve(listener, routes(state), limits, metrics, tls, shutdown).await;
 }
 
 async fn metrics(

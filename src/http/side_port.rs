@@ -6,6 +6,10 @@
 //! offers neither timer nor cap, so idle or half-sent connections could
 //! pile up until the process ran out of file descriptors and the WebSocket
 //! listener could not accept any more.
+//!
+//! With `http.tls_cert_file`/`tls_key_file` the port speaks https: the TLS
+//! handshake runs in the connection's own task and must finish within
+//! `http.request_timeout`, before the head timer starts.
 
 use std::{
     convert::Infallible,
@@ -38,6 +42,7 @@ use crate::{
     config::HttpConfig,
     log_limit::{LogLimit, LOG_INTERVAL},
     metrics::{Limit, Metrics},
+    tls::{ListenerTls, ServerStream},
 };
 
 /// How long the accept loop waits after a failed `accept`: the listener
@@ -85,6 +90,9 @@ struct SidePort {
     /// The 503 for a connection past the cap, rendered once.
     refusal: Vec<u8>,
     logs: Arc<Logs>,
+    /// https when set.
+    tls: Option<Arc<ListenerTls>>,
+    shutdown: CancellationToken,
 }
 
 /// Accepts and serves connections until `shutdown`, then stops accepting,
@@ -95,6 +103,7 @@ pub async fn serve(
     app: Routes,
     limits: SidePortLimits,
     metrics: Arc<Metrics>,
+    tls: Option<Arc<ListenerTls>>,
     shutdown: CancellationToken,
 ) {
     let mut builder = http1::Builder::new();
@@ -117,6 +126,8 @@ pub async fn serve(
             head_timeout: LogLimit::new(LOG_INTERVAL),
             accept_failed: LogLimit::new(LOG_INTERVAL),
         }),
+        tls,
+        shutdown: shutdown.clone(),
     };
     loop {
         let accepted = tokio::select! {
@@ -144,17 +155,22 @@ pub async fn serve(
 impl SidePort {
     /// Serves one connection on its own task, holding `permit` until it
     /// closes.
-    fn start(&self, stream: TcpStream, remote_addr: SocketAddr, permit: OwnedSemaphorePermit) {
+    fn start(&self, tcp: TcpStream, remote_addr: SocketAddr, permit: OwnedSemaphorePermit) {
         let activity = Arc::new(Activity::default());
-        let io = TokioIo::new(Watched::new(stream, activity.clone()));
-        let connection = self.graceful.watch(
-            self.builder
-                .serve_connection(io, service(&self.app, &self.deadline, &activity)),
-        );
+        let service = service(&self.app, &self.deadline, &activity);
+        let (builder, watcher) = (self.builder.clone(), self.graceful.watcher());
         let (metrics, logs) = (self.metrics.clone(), self.logs.clone());
+        let (tls, shutdown) = (self.tls.clone(), self.shutdown.clone());
         let timeout = self.limits.request_timeout;
         tokio::spawn(async move {
-            let mut result = connection.await;
+            let secured = secure(tcp, remote_addr, tls.as_deref(), timeout, &shutdown).await;
+            let stream = match secured {
+                Secured::Ready(stream) => stream,
+                Secured::TimedOut => return timed_out(remote_addr, timeout, &metrics, &logs),
+                Secured::Failed => return,
+            };
+            let io = TokioIo::new(Watched::new(stream, activity.clone()));
+            let mut result = watcher.watch(builder.serve_connection(io, service)).await;
             drop(permit);
             if activity.idle_keep_alive() {
                 result = Ok(());
@@ -172,6 +188,51 @@ impl SidePort {
                 max_connections = self.limits.max_connections, refused_since_last_log = unlogged,
                 "side port: connection refused, http.max_connections connections are open");
         }
+    }
+}
+
+/// What became of a connection's TLS handshake.
+enum Secured {
+    Ready(ServerStream),
+    /// Not finished within `http.request_timeout`: counted as a refusal,
+    /// as a head that does not arrive is.
+    TimedOut,
+    /// Failed, or shutdown began (logged at DEBUG).
+    Failed,
+}
+
+/// The TLS handshake when the port speaks https (the plain socket
+/// otherwise), in the connection's own task.
+async fn secure(
+    tcp: TcpStream,
+    remote_addr: SocketAddr,
+    tls: Option<&ListenerTls>,
+    timeout: Duration,
+    shutdown: &CancellationToken,
+) -> Secured {
+    let Some(tls) = tls else {
+        return Secured::Ready(ServerStream::Plain(tcp));
+    };
+    tokio::select! {
+        _ = shutdown.cancelled() => Secured::Failed,
+        accepted = tokio::time::timeout(timeout, tls.accept(tcp)) => match accepted {
+            Ok(Ok(stream)) => Secured::Ready(stream),
+            Ok(Err(e)) => {
+                debug!(%remote_addr, error = %e, "side port: TLS handshake failed");
+                Secured::Failed
+            }
+            Err(_) => Secured::TimedOut,
+        },
+    }
+}
+
+/// A TLS handshake that did not finish within `http.request_timeout`.
+fn timed_out(remote_addr: SocketAddr, timeout: Duration, metrics: &Metrics, logs: &Logs) {
+    metrics.refused(Limit::HttpRequestTimeout);
+    if let Some(unlogged) = logs.head_timeout.event() {
+        warn!(%remote_addr, limit = Limit::HttpRequestTimeout.label(), ?timeout,
+            timed_out_since_last_log = unlogged,
+            "side port: a TLS handshake did not finish within http.request_timeout; closed");
     }
 }
 

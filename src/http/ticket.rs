@@ -31,8 +31,24 @@ pub async fn issue(
     let token = crate::auth::bearer_token(&headers)
         .ok_or_else(|| unauthorized("send your token as Authorization: Bearer T".into()))?;
     let identity = state.auth.verify(token).map_err(unauthorized)?;
-    let tickets = state.auth.tickets();
-    let ticket = tickets.issue(identity).map_err(|e| match e {
+    let (issued, ttl) = match &state.cluster {
+        None => {
+            let tickets = state.auth.tickets();
+            (tickets.issue(identity), tickets.ttl())
+        }
+        Some(cluster) => {
+            let issued = cluster.tickets.issue(&identity).await.map_err(|e| {
+                tracing::warn!(error = %e, "cannot store a ticket");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    "tickets cannot be stored; try again",
+                )
+            })?;
+            (issued, cluster.tickets.ttl())
+        }
+    };
+    let ticket = issued.map_err(|e| match e {
         TicketError::TooMany => ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "unavailable",
@@ -44,6 +60,6 @@ pub async fn issue(
         StatusCode::CREATED,
         // Whole seconds, rounded up: a client never reads 0 for a ticket
         // that still works.
-        Json(json!({"ticket": ticket, "expires_in": tickets.ttl().as_secs_f64().ceil() as u64})),
+        Json(json!({"ticket": ticket, "expires_in": ttl.as_secs_f64().ceil() as u64})),
     ))
 }

@@ -108,15 +108,23 @@ impl Inbox {
         Ok(inbox)
     }
 
+    /// A connection string the pool cannot use is a configuration error;
+    /// a database that does not answer yet is not (CONTRACT.md: retried
+    /// like the broker, `/readyz` 503 meanwhile; see `lib::watch_database`).
     async fn open_postgres(config: &InboxConfig) -> Result<Self, ConfigError> {
         let url = config.postgres_url.as_deref().unwrap_or_default();
-        let store = PgStore::connect(url).await.map_err(|e| {
+        let store = PgStore::open(url).map_err(|e| {
             ConfigError::key(
                 "inbox.postgres_url",
                 format!("cannot use the PostgreSQL inbox store: {e:#}"),
             )
         })?;
-        info!("inbox store open (PostgreSQL)");
+        match store.client().await {
+            Ok(_) => info!("inbox store open (PostgreSQL)"),
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "the PostgreSQL inbox store does not answer yet; retrying")
+            }
+        }
         Ok(Self::start_postgres(store, config.max_per_user, config.ttl))
     }
 

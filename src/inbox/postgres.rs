@@ -37,7 +37,7 @@ macro_rules! transact {
     ($store:expr, $tx:ident => $work:expr) => {{
         let mut tries = 0;
         loop {
-            let mut client = $store.pool.get().await?;
+            let mut client = $store.client().await?;
             let $tx = client.transaction().await?;
             let result = match $work.await {
                 Ok(value) => $tx.commit().await.map(|()| value),
@@ -60,13 +60,26 @@ macro_rules! transact {
 /// The PostgreSQL store; cheap to share (`Arc`), every call takes a pooled
 /// connection.
 pub struct PgStore {
-    pub(super) pool: Pool,
+    pool: Pool,
+    /// Set once the migrations ran: a database unreachable at startup is
+    /// migrated by the first call that reaches it.
+    migrated: tokio::sync::OnceCell<usize>,
 }
 
 impl PgStore {
     /// Connects to `url` and runs the migrations. Any failure (unreachable,
     /// refused, a newer schema) is an error.
     pub async fn connect(url: &str) -> anyhow::Result<Self> {
+        let store = Self::open(url)?;
+        drop(store.client().await?);
+        Ok(store)
+    }
+
+    /// The store on a pool that connects when first used: an unreachable
+    /// database is not an error here (the bridge starts, `/readyz` is 503,
+    /// and the first call that reaches the database migrates it). Only a
+    /// connection string the pool cannot use is.
+    pub fn open(url: &str) -> anyhow::Result<Self> {
         let config: tokio_postgres::Config = url.parse()?;
         let manager = Manager::from_config(
             config,
@@ -81,15 +94,26 @@ impl PgStore {
             .create_timeout(Some(CONNECT_TIMEOUT))
             .wait_timeout(Some(CONNECT_TIMEOUT))
             .build()?;
-        let mut client = pool.get().await?;
-        postgres_schema::migrate(&mut client).await?;
-        drop(client);
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            migrated: tokio::sync::OnceCell::new(),
+        })
     }
 
-    /// The pool, for the cluster's presence tables in the same database.
-    pub fn pool(&self) -> &Pool {
-        &self.pool
+    /// A pooled connection to a migrated database; every use of the
+    /// database (the cluster's tables too) goes through here.
+    pub async fn client(&self) -> anyhow::Result<deadpool_postgres::Object> {
+        let mut client = self.pool.get().await?;
+        self.migrated
+            .get_or_try_init(|| postgres_schema::migrate(&mut client))
+            .await?;
+        Ok(client)
+    }
+
+    /// Whether the migrations have run (the database was reached): how
+    /// many ran is kept for the log.
+    pub fn is_migrated(&self) -> bool {
+        self.migrated.initialized()
     }
 
     /// The seqs the users' inboxes already hold for these `(user, id)`
@@ -101,7 +125,7 @@ impl PgStore {
         pairs: &[(&str, &str)],
     ) -> anyhow::Result<HashMap<(String, String), u64>> {
         let (users, ids): (Vec<&str>, Vec<&str>) = pairs.iter().copied().unzip();
-        let db = self.pool.get().await?;
+        let db = self.client().await?;
         let rows = db
             .query(
                 "SELECT e.user_id, e.id, e.seq FROM inbox_entries e

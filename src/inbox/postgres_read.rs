@@ -123,7 +123,7 @@ impl PgStore {
         since: Option<u64>,
         page: PageBound,
     ) -> anyhow::Result<Replay> {
-        let mut client = self.pool.get().await?;
+        let mut client = self.client().await?;
         let tx = snapshot(&mut client).await?;
         let counts = counts(&tx, user).await?;
         let (next_seq, dropped_through): (i64, i64) = tx
@@ -158,7 +158,7 @@ impl PgStore {
         through: u64,
         page: PageBound,
     ) -> anyhow::Result<Vec<Entry>> {
-        let client = self.pool.get().await?;
+        let client = self.client().await?;
         Ok(replay_page(&client, user, after, through, page).await?)
     }
 
@@ -169,7 +169,7 @@ impl PgStore {
         query: ListQuery,
         page: PageBound,
     ) -> anyhow::Result<(Counts, Vec<Entry>)> {
-        let mut client = self.pool.get().await?;
+        let mut client = self.client().await?;
         let tx = snapshot(&mut client).await?;
         let counts = counts(&tx, user).await?;
         let entries = list_page(&tx, user, query, page).await?;
@@ -184,7 +184,7 @@ impl PgStore {
         query: ListQuery,
         page: PageBound,
     ) -> anyhow::Result<Vec<Entry>> {
-        let client = self.pool.get().await?;
+        let client = self.client().await?;
         Ok(list_page(&client, user, query, page).await?)
     }
 }

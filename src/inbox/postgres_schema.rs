@@ -13,8 +13,12 @@
 //!   every read-state change under the user's row lock, so counts frames
 //!   from several instances can be ordered; `cluster_instances` (one row
 //!   per live instance, its heartbeat) and `cluster_presence` (which
-//!   instance holds a socket of which user; UNLOGGED: it is rebuilt by the
-//!   live instances, never worth a WAL write or a crash-safe copy).
+//!   instance holds a socket of which user), both UNLOGGED: rebuilt by the
+//!   live instances, never worth a WAL write; a crash restart empties both
+//!   together, so an instance's next heartbeat finds its row gone and it
+//!   writes its users' presence again;
+//!   `cluster_tickets`, the one-time WebSocket tickets every instance can
+//!   redeem, once.
 
 use deadpool_postgres::Object;
 
@@ -72,7 +76,9 @@ CREATE TRIGGER inbox_entries_free_payload AFTER DELETE ON inbox_entries
 
 const V2: &str = "
 ALTER TABLE inbox_users ADD COLUMN counts_version BIGINT NOT NULL DEFAULT 0;
-CREATE TABLE cluster_instances (
+-- Unlogged like the presence table: a crash restart empties both at once,
+-- so every instance finds itself forgotten and writes its presence again.
+CREATE UNLOGGED TABLE cluster_instances (
     cluster TEXT NOT NULL,
     instance_id TEXT NOT NULL,
     heartbeat_at TIMESTAMPTZ NOT NULL,
@@ -85,6 +91,16 @@ CREATE UNLOGGED TABLE cluster_presence (
     PRIMARY KEY (cluster, user_id, instance_id)
 );
 CREATE INDEX cluster_presence_instance ON cluster_presence (cluster, instance_id);
+CREATE TABLE cluster_tickets (
+    ticket TEXT PRIMARY KEY,
+    cluster TEXT NOT NULL,
+    user_id TEXT NOT NULL,
+    -- NULL: every channel (auth.mode none never issues tickets); else the list
+    channels TEXT[],
+    token_expires_at BIGINT,
+    expires_at TIMESTAMPTZ NOT NULL
+);
+CREATE INDEX cluster_tickets_expiry ON cluster_tickets (expires_at);
 ";
 
 /// Brings the database to [`VERSION`]: creates the tables when empty,

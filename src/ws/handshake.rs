@@ -12,6 +12,7 @@ use crate::{
     config::{AuthMode, WebSocketConfig},
     message::UserId,
     metrics::Limit,
+    tickets::TicketError,
 };
 
 /// The longest channel name, in bytes (CONTRACT.md: 1–255).
@@ -102,6 +103,18 @@ pub struct HandshakePolicy<'a> {
 impl HandshakePolicy<'_> {
     /// Decides on one upgrade request.
     pub fn admit(&self, uri: &http::Uri, headers: &HeaderMap) -> Result<Admission, Refusal> {
+        self.admit_redeemed(uri, headers, None)
+    }
+
+    /// Like [`HandshakePolicy::admit`], with the request's `?ticket=`
+    /// already redeemed elsewhere (the cluster's shared store, which is
+    /// async): that outcome stands for the ticket.
+    pub fn admit_redeemed(
+        &self,
+        uri: &http::Uri,
+        headers: &HeaderMap,
+        redeemed: Option<Result<Identity, TicketError>>,
+    ) -> Result<Admission, Refusal> {
         let path_user = self.path_user(uri.path())?;
         let query = parse_query(uri.query().unwrap_or(""));
         let since = match query.iter().find(|(k, _)| k == "since") {
@@ -127,7 +140,8 @@ impl HandshakePolicy<'_> {
         let bearer_protocol = offered_bearer.is_some();
         let identity = match self.auth.mode() {
             AuthMode::Jwt => {
-                let identity = self.jwt_identity(&query, headers, offered_bearer.as_deref())?;
+                let identity =
+                    self.jwt_identity(&query, headers, offered_bearer.as_deref(), redeemed)?;
                 self.check_claim(&identity.channels)?;
                 if let Some(path_user) = &path_user {
                     if *path_user != identity.user {
@@ -190,6 +204,7 @@ impl HandshakePolicy<'_> {
         query: &[(String, String)],
         headers: &HeaderMap,
         offered_bearer: Option<&str>,
+        redeemed: Option<Result<Identity, TicketError>>,
     ) -> Result<Identity, Refusal> {
         let token = crate::auth::bearer_token(headers)
             .or_else(|| query_value(query, "token"))
@@ -198,10 +213,8 @@ impl HandshakePolicy<'_> {
             return self.auth.verify(token).map_err(unauthorized);
         }
         if let Some(ticket) = query_value(query, "ticket") {
-            let identity = self
-                .auth
-                .tickets()
-                .redeem(ticket)
+            let identity = redeemed
+                .unwrap_or_else(|| self.auth.tickets().redeem(ticket))
                 .map_err(|e| unauthorized(e.to_string()))?;
             if identity
                 .expires_at
@@ -419,7 +432,7 @@ pub fn parse_query(query: &str) -> Vec<(String, String)> {
         .collect()
 }
 
-fn query_value<'q>(query: &'q [(String, String)], key: &str) -> Option<&'q str> {
+pub fn query_value<'q>(query: &'q [(String, String)], key: &str) -> Option<&'q str> {
     query
         .iter()
         .find(|(k, v)| k == key && !v.is_empty())

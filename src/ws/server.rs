@@ -1,7 +1,8 @@
-//! The accept loop: TCP accept, the upgrade handshake under a timeout (the
-//! request head read by `request_head`, bounded; the 101 or the refusal
-//! written here), the connection limits, then one session task per admitted
-//! client over the plain `TcpStream`.
+//! The accept loop: TCP accept, then in each connection's own task the TLS
+//! handshake (wss, when configured) and the upgrade handshake under one
+//! timeout (the request head read by `request_head`, bounded; the 101 or
+//! the refusal written here), the connection limits, then one session task
+//! per admitted client over the [`ServerStream`], plain or TLS.
 
 use std::{
     net::SocketAddr,
@@ -31,6 +32,7 @@ use crate::{
     inbox::Inbox,
     metrics::Metrics,
     router::Router,
+    tls::{ListenerTls, ServerStream},
     ws::{
         handshake::{Admission, HandshakePolicy, Refusal, BEARER_PROTOCOL},
         limits::{ConnectionLimits, PendingHandshake, Permit},
@@ -68,6 +70,8 @@ pub struct WsContext {
     pub inbox: Option<Inbox>,
     /// Cluster mode: presence, channel bindings, counts across instances.
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// The listener speaks wss when set (`websocket.tls_cert_file`).
+    pub tls: Option<Arc<ListenerTls>>,
 }
 
 impl WsContext {
@@ -126,7 +130,10 @@ pub async fn serve(listener: TcpListener, ctx: Arc<WsContext>) {
         match accepted {
             Ok((stream, remote_addr)) => {
                 let Some(pending) = ctx.limits.begin_handshake() else {
-                    refuse_at_once(stream, remote_addr);
+                    // A TLS client could not read a plain answer: closed.
+                    if ctx.tls.is_none() {
+                        refuse_at_once(stream, remote_addr);
+                    }
                     continue;
                 };
                 let ctx2 = ctx.clone();
@@ -221,18 +228,20 @@ async fn handle_connection(
     session::run(ws, admission, permit, remote_addr, ctx).await;
 }
 
-/// The handshake under `websocket.handshake_timeout`: the socket as a
-/// WebSocket with who the client is and its place under the limits, or
-/// `None` once the client was refused (the answer written) or dropped.
+/// The handshakes, TLS then upgrade, within one
+/// `websocket.handshake_timeout`: the socket as a WebSocket with who the
+/// client is and its place under the limits, or `None` once the client was
+/// refused (the answer written) or dropped.
 async fn upgrade(
-    mut stream: TcpStream,
+    tcp: TcpStream,
     remote_addr: SocketAddr,
     pending: PendingHandshake,
     ctx: &WsContext,
-) -> Option<(WebSocketStream<TcpStream>, Admission, Permit)> {
-    let _ = stream.set_nodelay(true);
-    let handshake =
-        tokio::time::timeout(ctx.settings.handshake_timeout, handshake(&mut stream, ctx));
+) -> Option<(WebSocketStream<ServerStream>, Admission, Permit)> {
+    let _ = tcp.set_nodelay(true);
+    let deadline = Instant::now() + ctx.settings.handshake_timeout;
+    let mut stream = secure(tcp, remote_addr, deadline, ctx).await?;
+    let handshake = tokio::time::timeout_at(deadline, handshake(&mut stream, ctx));
     let outcome = tokio::select! {
         // A client still sending its request when shutdown starts is not
         // waited for.
@@ -289,11 +298,47 @@ async fn upgrade(
     Some((ws, admission, permit))
 }
 
+/// The TLS handshake when the listener speaks wss (the plain socket
+/// otherwise), by `deadline`, in the connection's own task: a slow client
+/// holds only its own place among the handshakes, never the accept loop.
+async fn secure(
+    tcp: TcpStream,
+    remote_addr: SocketAddr,
+    deadline: Instant,
+    ctx: &WsContext,
+) -> Option<ServerStream> {
+    let Some(tls) = &ctx.tls else {
+        return Some(ServerStream::Plain(tcp));
+    };
+    let accept = tokio::time::timeout_at(deadline, tls.accept(tcp));
+    let outcome = tokio::select! {
+        _ = ctx.shutdown.cancelled() => return None,
+        outcome = accept => outcome,
+    };
+    match outcome {
+        Ok(Ok(stream)) => Some(stream),
+        Ok(Err(e)) => {
+            debug!(%remote_addr, error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            debug!(%remote_addr, timeout = ?ctx.settings.handshake_timeout, "TLS handshake timed out");
+            None
+        }
+    }
+}
+
 /// Reads the request head, decides, and writes the 101; a refusal is
 /// returned for the caller to write.
-async fn handshake(stream: &mut TcpStream, ctx: &WsContext) -> Result<Accepted, HeadError> {
+async fn handshake(stream: &mut ServerStream, ctx: &WsContext) -> Result<Accepted, HeadError> {
     let head = request_head::read(stream).await?;
-    let (response, admission, permit) = decide(&head.request, ctx)?;
+    // In cluster mode a ticket is redeemed in the shared store (async), so
+    // before the (synchronous) decision.
+    let redeemed = match &ctx.cluster {
+        Some(cluster) => cluster.tickets.redeem_in(head.request.uri().query()).await,
+        None => None,
+    };
+    let (response, admission, permit) = decide(&head.request, ctx, redeemed)?;
     let mut out = Vec::with_capacity(256);
     write_response(&mut out, &response).map_err(|_| HeadError::Gone)?;
     stream.write_all(&out).await.map_err(|_| HeadError::Gone)?;
@@ -306,7 +351,11 @@ async fn handshake(stream: &mut TcpStream, ctx: &WsContext) -> Result<Accepted, 
 
 /// The upgrade's answer, who the client is, and its place under the
 /// connection limits; or why not.
-fn decide(request: &Request, ctx: &WsContext) -> Result<(Response, Admission, Permit), Refusal> {
+fn decide(
+    request: &Request,
+    ctx: &WsContext,
+    redeemed: Option<Result<crate::auth::Identity, crate::tickets::TicketError>>,
+) -> Result<(Response, Admission, Permit), Refusal> {
     if ctx.shutdown.is_cancelled() {
         return Err(Refusal::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -321,7 +370,9 @@ fn decide(request: &Request, ctx: &WsContext) -> Result<(Response, Admission, Pe
             format!("not a WebSocket upgrade: {e}"),
         )
     })?;
-    let admission = ctx.policy().admit(request.uri(), request.headers())?;
+    let admission = ctx
+        .policy()
+        .admit_redeemed(request.uri(), request.headers(), redeemed)?;
     let permit = ctx
         .limits
         .acquire(&admission.user)
@@ -337,7 +388,7 @@ fn decide(request: &Request, ctx: &WsContext) -> Result<(Response, Admission, Pe
 
 /// Writes `refusal`, sends a FIN, then reads and discards what the client
 /// still sends for at most [`LINGER`] (see there), and closes.
-async fn refuse(mut stream: TcpStream, refusal: &Refusal) {
+async fn refuse(mut stream: ServerStream, refusal: &Refusal) {
     let linger = async {
         stream.write_all(&refusal.to_http()).await?;
         stream.shutdown().await?;

@@ -9,7 +9,7 @@ use std::{
 };
 
 use futures_util::{SinkExt, StreamExt};
-use tokio::{net::TcpStream, time::Instant};
+use tokio::time::Instant;
 use tokio_tungstenite::{
     tungstenite::{
         error::{CapacityError, Error as WsError},
@@ -32,6 +32,8 @@ use crate::{
         server::WsContext,
     },
 };
+// Plain or TLS (wss): the session is the same over both.
+use crate::tls::ServerStream;
 
 /// How long a close frame may take to be written before the TCP
 /// connection is simply dropped.
@@ -44,7 +46,7 @@ const OPENING_DEADLINE: Duration = Duration::from_secs(10);
 
 /// Runs one admitted connection to its end.
 pub async fn run(
-    ws: WebSocketStream<TcpStream>,
+    ws: WebSocketStream<ServerStream>,
     admission: Admission,
     permit: Permit,
     remote_addr: SocketAddr,
@@ -186,7 +188,7 @@ struct Session {
     ctx: Arc<WsContext>,
 }
 
-type Sink = futures_util::stream::SplitSink<WebSocketStream<TcpStream>, Message>;
+type Sink = futures_util::stream::SplitSink<WebSocketStream<ServerStream>, Message>;
 
 /// Where the writer stands in its user's inbox, and where to fetch what a
 /// jump in seq skipped (frames lost on the way, in cluster mode).
@@ -273,7 +275,7 @@ async fn write_batch(
     sink.flush().await?;
     Ok(frames)
 }
-type Stream = futures_util::stream::SplitStream<WebSocketStream<TcpStream>>;
+type Stream = futures_util::stream::SplitStream<WebSocketStream<ServerStream>>;
 
 impl Session {
     /// `welcome`, then with the inbox: the counts, a `gap` if retention
