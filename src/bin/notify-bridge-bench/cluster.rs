@@ -474,13 +474,28 @@ impl Counters {
 /// no `http.api_keys` configured).
 async fn stop_all(r: &mut Report, key: &str, label: &str, bridges: Vec<Bridge>) {
     let mut warnings = Vec::new();
+    let mut lines = std::collections::BTreeSet::new();
     for (i, mut b) in bridges.into_iter().enumerate() {
         warnings.push(b.warnings());
+        // The WARN/ERROR lines still in its log tail, without timestamps.
+        for line in b.log_tail().lines() {
+            if line.contains(" WARN ") || line.contains(" ERROR ") {
+                lines.insert(
+                    line.split_once(' ')
+                        .map_or(line, |(_, l)| l)
+                        .trim()
+                        .to_string(),
+                );
+            }
+        }
         match b.stop().await {
             Ok(Some(0)) | Ok(None) => {}
             Ok(Some(code)) => r.problem(format!("{label} #{i} exited with code {code}")),
             Err(e) => r.problem(format!("{label} #{i}: {e:#}")),
         }
+    }
+    for line in lines {
+        r.note(format!("{label}: {line}"));
     }
     let shown: Vec<String> = warnings.iter().map(u64::to_string).collect();
     r.add(
