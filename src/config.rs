@@ -34,6 +34,7 @@ pub struct Config {
     pub inbox: InboxConfig,
     pub auth: AuthConfig,
     pub log: LogConfig,
+    pub receipts: ReceiptsConfig,
     pub cluster: ClusterConfig,
     /// How long a SIGTERM may take from "stop accepting" to exit.
     #[serde(with = "duration_text")]
@@ -165,6 +166,26 @@ pub struct InboxConfig {
     pub ttl: Duration,
 }
 
+/// Delivery receipts (CONTRACT.md, "Delivery receipts"): so a publisher
+/// can fall back to e-mail or push when a user was offline. Off by default;
+/// a message with an AMQP `reply_to` gets receipts either way.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReceiptsConfig {
+    pub enabled: bool,
+    /// The routing key receipts are published with on `amqp.exchange`.
+    pub routing_key: String,
+}
+
+impl Default for ReceiptsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            routing_key: "notifications.result".into(),
+        }
+    }
+}
+
 /// Cluster mode: several instances share one broker and one PostgreSQL
 /// inbox, each message stored once and delivered live only to the
 /// instances that hold its recipients (docs/cluster.md).
@@ -280,6 +301,7 @@ impl Default for Config {
             inbox: InboxConfig::default(),
             auth: AuthConfig::default(),
             log: LogConfig::default(),
+            receipts: ReceiptsConfig::default(),
             cluster: ClusterConfig {
                 enabled: false,
                 name: "notify-bridge".into(),
@@ -599,6 +621,11 @@ impl Config {
             "must be longer than 0s",
         );
         check(
+            !self.receipts.routing_key.is_empty(),
+            "receipts.routing_key",
+            "must not be empty",
+        );
+        check(
             !self.auth.user_claim.is_empty(),
             "auth.user_claim",
             "must not be empty",
@@ -735,13 +762,14 @@ impl Config {
 
 /// The sections a `NOTIFY_BRIDGE_*` variable may address; other variables
 /// with the prefix (a test harness's, say) are not configuration.
-const TOP_LEVEL_KEYS: [&str; 8] = [
+const TOP_LEVEL_KEYS: [&str; 9] = [
     "amqp",
     "websocket",
     "http",
     "inbox",
     "auth",
     "log",
+    "receipts",
     "cluster",
     "shutdown_timeout",
 ];
@@ -1013,6 +1041,26 @@ mod tests {
     }
 
     const SECRET: &str = "auth.jwt_secret = \"0123456789abcdef0123\"\n";
+
+    #[test]
+    fn receipts_are_off_by_default_and_need_a_routing_key() {
+        let c = load_toml(SECRET).unwrap();
+        assert!(!c.receipts.enabled);
+        assert_eq!(c.receipts.routing_key, "notifications.result");
+        let on = load_toml(&format!(
+            "{SECRET}[receipts]\nenabled = true\nrouting_key = \"results\"\n"
+        ))
+        .unwrap();
+        assert!(on.receipts.enabled);
+        assert_eq!(on.receipts.routing_key, "results");
+        let empty = load_toml(&format!("{SECRET}[receipts]\nrouting_key = \"\"\n")).unwrap_err();
+        assert!(
+            empty.to_string().contains("receipts.routing_key"),
+            "{empty}"
+        );
+        let unknown = load_toml(&format!("{SECRET}[receipts]\nenable = true\n")).unwrap_err();
+        assert!(unknown.to_string().contains("receipts"), "{unknown}");
+    }
 
     #[test]
     fn defaults_match_the_contract() {

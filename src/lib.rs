@@ -22,6 +22,8 @@
 //!   commit stage between consumer and router, replay on reconnect.
 //! - [`http`]: the side port: REST send (republished with publisher
 //!   confirms), admin, health, readiness, metrics, OpenAPI.
+//! - [`receipts`]: delivery receipts (what became of each message), sent
+//!   through `amqp::receipt_publisher` before the ack.
 //! - [`metrics`], [`readiness`]: shared state operators read.
 //! - [`memory`]: hands freed heap pages back after a crowd disconnects.
 //! - [`shutdown`]: the signal every task watches.
@@ -43,6 +45,7 @@ pub mod message;
 pub mod metrics;
 pub mod outbound;
 pub mod readiness;
+pub mod receipts;
 pub mod rfc3339;
 pub mod router;
 pub mod shutdown;
@@ -107,11 +110,24 @@ impl Running {
 /// serves sockets and keeps reconnecting.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<Running> {
     let auth = Arc::new(Authenticator::from_config(&config.auth)?);
-    let inbox = if config.inbox.enabled {
+    let metrics = Arc::new(Metrics::default());
+    let receipts = Arc::new(receipts::Receipts::new(&config.receipts));
+    let mut inbox = if config.inbox.enabled {
         Some(Inbox::open(&config.inbox).await?)
     } else {
         None
     };
+    if let Some(inbox) = inbox.as_mut().filter(|_| receipts.reads_wanted()) {
+        inbox.report_reads(amqp::read_receipts::spawn(
+            config.amqp.clone(),
+            amqp::receipt_publisher::Destination {
+                exchange: config.amqp.exchange.clone(),
+                routing_key: config.receipts.routing_key.clone(),
+            },
+            receipts.clone(),
+            metrics.clone(),
+        ));
+    }
     let tls = tls::ListenersTls::from_config(&config)?;
     amqp::connect::check(&config.amqp)?;
     tls::reload_on_sighup(tls.certs(), shutdown.clone());
@@ -132,7 +148,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let ws_addr = ws_listener.local_addr()?;
     let http_addr = http_listener.local_addr()?;
 
-    let metrics = Arc::new(Metrics::default());
     let readiness = Arc::new(Readiness::default());
     if let Some(store) = inbox.as_ref().and_then(Inbox::postgres) {
         watch_database(store, readiness.clone(), shutdown.clone());
@@ -161,6 +176,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         metrics: metrics.clone(),
         readiness: readiness.clone(),
         shutdown: shutdown.clone(),
+        receipts,
+        receipts_routing_key: config.receipts.routing_key.clone(),
     }));
 
     let sessions = TaskTracker::new();

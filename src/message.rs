@@ -69,6 +69,11 @@ pub struct Notification {
     pub payload: Box<RawValue>,
     /// The `notification` frame, shared (cheaply cloned) by every recipient.
     pub frame: Utf8Bytes,
+    /// `"receipt": false` in the body: send no delivery receipt for it.
+    pub receipt: bool,
+    /// The AMQP `reply_to` property (set by the consumer, not the body):
+    /// receipts also go to that queue, with `correlation_id` = `id`.
+    pub reply_to: Option<Arc<str>>,
 }
 
 /// What one message may cost: both bounds come from the `amqp` section, so
@@ -161,6 +166,8 @@ struct Wire<'a> {
     id: Option<&'a RawValue>,
     #[serde(default, borrow, deserialize_with = "present")]
     store: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    receipt: Option<&'a RawValue>,
 }
 
 /// `Some` whenever the key is present, even with `null`.
@@ -267,14 +274,42 @@ pub fn decode(
         Some("false") => false,
         Some(_) => return Err(invalid("`store` must be true or false")),
     };
+    let receipt = match wire.receipt.map(RawValue::get) {
+        None | Some("true") => true,
+        Some("false") => false,
+        Some(_) => return Err(invalid("`receipt` must be true or false")),
+    };
 
-    Ok(Notification::new(
-        id,
-        event,
-        target,
-        store,
-        payload.to_owned(),
-    ))
+    let mut notification = Notification::new(id, event, target, store, payload.to_owned());
+    notification.receipt = receipt;
+    Ok(notification)
+}
+
+/// What the `invalid` receipt of a refused body can say about it: its `id`
+/// (from the body, else `fallback_id`, the AMQP `message_id`) and whether
+/// it asked for no receipt. Only a body within the size limit is looked at.
+pub fn refused_fields(
+    body: &[u8],
+    fallback_id: Option<&str>,
+    limits: &DecodeLimits,
+) -> (Option<String>, bool) {
+    #[derive(Deserialize)]
+    struct Readable {
+        #[serde(default)]
+        id: Option<serde_json::Value>,
+        #[serde(default)]
+        receipt: Option<serde_json::Value>,
+    }
+    let readable = (body.len() <= limits.max_bytes)
+        .then(|| serde_json::from_slice::<Readable>(body).ok())
+        .flatten();
+    let from_body = readable.as_ref().and_then(|r| match &r.id {
+        Some(serde_json::Value::String(id)) if !id.is_empty() => Some(id.clone()),
+        _ => None,
+    });
+    let id = from_body.or_else(|| fallback_id.filter(|id| !id.is_empty()).map(str::to_string));
+    let receipt = readable.is_none_or(|r| r.receipt != Some(serde_json::Value::Bool(false)));
+    (id, receipt)
 }
 
 fn parse_user(raw: &RawValue, field: &str) -> Result<UserId, DecodeError> {
@@ -332,6 +367,8 @@ impl Notification {
             store,
             payload,
             frame,
+            receipt: true,
+            reply_to: None,
         }
     }
 
@@ -408,6 +445,44 @@ mod tests {
             .map(|n| format!("accepted: {:?}", n.target))
             .unwrap_err()
             .to_string()
+    }
+
+    #[test]
+    fn receipt_false_is_decoded_and_anything_but_a_boolean_refused() {
+        assert!(ok(r#"{"user_id":1,"payload":1}"#).receipt);
+        assert!(ok(r#"{"user_id":1,"payload":1,"receipt":true}"#).receipt);
+        assert!(!ok(r#"{"user_id":1,"payload":1,"receipt":false}"#).receipt);
+        assert!(err(r#"{"user_id":1,"payload":1,"receipt":"no"}"#).contains("`receipt`"));
+        // Unknown fields are still ignored next to it.
+        assert!(!ok(r#"{"user_id":1,"payload":1,"receipt":false,"later":1}"#).receipt);
+    }
+
+    #[test]
+    fn a_refused_body_gives_its_id_when_readable() {
+        let limits = DecodeLimits::default();
+        let fields = |body: &str, fallback| refused_fields(body.as_bytes(), fallback, &limits);
+        assert_eq!(
+            fields(r#"{"id":"m1","payload":1}"#, Some("amqp")),
+            (Some("m1".into()), true)
+        );
+        assert_eq!(
+            fields(r#"{"id":7,"payload":1}"#, Some("amqp")),
+            (Some("amqp".into()), true)
+        );
+        assert_eq!(
+            fields("not json", Some("amqp")),
+            (Some("amqp".into()), true)
+        );
+        assert_eq!(fields("not json", None), (None, true));
+        assert_eq!(
+            fields(r#"{"id":"m2","receipt":false}"#, None),
+            (Some("m2".into()), false)
+        );
+        let tiny = DecodeLimits {
+            max_bytes: 4,
+            ..limits
+        };
+        assert_eq!(refused_fields(br#"{"id":"m3"}"#, None, &tiny), (None, true));
     }
 
     #[test]

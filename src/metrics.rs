@@ -108,6 +108,9 @@ pub struct Metrics {
     /// Cluster mode: live notifications this instance received.
     pub cluster_live_received: Counter,
     pub inbox_commit_seconds: Histogram,
+    /// Receipts confirmed by the broker, one counter per status (in the
+    /// order of `receipts::Status::ALL`).
+    receipts: [Counter; crate::receipts::Status::ALL.len()],
     /// Hostile-input limits hit, one counter per limit (see [`Limit`]).
     pub limit_refusals: [Counter; Limit::ALL.len()],
     /// One rate-limited WARN line per limit, so a client repeating a
@@ -177,6 +180,16 @@ impl Metrics {
 
 impl Metrics {
     /// The Prometheus text exposition (format 0.0.4).
+    /// Counts one receipt the broker confirmed.
+    pub fn receipt_sent(&self, status: crate::receipts::Status) {
+        self.receipts[status as usize].inc();
+    }
+
+    /// Receipts of `status` confirmed since start.
+    pub fn receipts_sent(&self, status: crate::receipts::Status) -> u64 {
+        self.receipts[status as usize].get()
+    }
+
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(4096);
         gauge(
@@ -275,6 +288,19 @@ impl Metrics {
         );
         let _ = writeln!(
             out,
+            "# HELP notify_bridge_receipts_total Delivery receipts confirmed by the broker, by status.\n\
+             # TYPE notify_bridge_receipts_total counter"
+        );
+        for status in crate::receipts::Status::ALL {
+            let _ = writeln!(
+                out,
+                "notify_bridge_receipts_total{{status=\"{}\"}} {}",
+                status.label(),
+                self.receipts_sent(status)
+            );
+        }
+        let _ = writeln!(
+            out,
             "# HELP notify_bridge_limit_refusals_total Hostile-input limits hit, by limit.\n\
              # TYPE notify_bridge_limit_refusals_total counter"
         );
@@ -338,6 +364,10 @@ mod tests {
             "notify_bridge_inbox_gap_repairs_total 0",
             "notify_bridge_cluster_live_received_total 0",
             "notify_bridge_inbox_commit_seconds_count 0",
+            "notify_bridge_receipts_total{status=\"delivered\"} 0",
+            "notify_bridge_receipts_total{status=\"offline\"} 0",
+            "notify_bridge_receipts_total{status=\"invalid\"} 0",
+            "notify_bridge_receipts_total{status=\"read\"} 0",
             "# TYPE notify_bridge_delivery_seconds histogram",
         ] {
             assert!(

@@ -24,6 +24,7 @@ use crate::{
     message::{Notification, Target, UserId},
     metrics::{Limit, Metrics},
     outbound::{OutboundSender, PushError},
+    receipts::{Kept, Outcome, UserOutcome},
     ws::frames,
 };
 
@@ -439,72 +440,12 @@ impl RouterTask {
             settlement,
             stored,
         } = request;
-        let mut handed = 0usize;
+        // The per-user outcome is only worked out for a receipt.
+        let want = settlement
+            .as_ref()
+            .is_some_and(|s| s.receipts_wanted(&notification));
         let mut dead: Vec<ConnectionId> = Vec::new();
-        {
-            let sessions = &self.sessions;
-            let metrics = &self.metrics;
-            let mut offer = |id: &ConnectionId, frame: &Utf8Bytes, seq: Option<u64>| {
-                let Some(entry) = sessions.get(id) else {
-                    return;
-                };
-                let out = Outbound {
-                    text: frame.clone(),
-                    received_at: Some(received_at),
-                    seq,
-                };
-                if entry.handle.offer(out, metrics) {
-                    handed += 1;
-                } else {
-                    dead.push(*id);
-                }
-            };
-            let frame = &notification.frame;
-            if !stored.is_empty() {
-                // Stored copies: one frame per user, carrying their seq.
-                for (user, seq) in &stored {
-                    let Some(seq) = *seq else { continue };
-                    let Some(ids) = self.by_user.get(user) else {
-                        continue;
-                    };
-                    let frame = notification.frame_with_seq(seq);
-                    for id in ids {
-                        offer(id, &frame, Some(seq));
-                    }
-                }
-            } else {
-                match &notification.target {
-                    Target::User(user) => {
-                        for id in self.by_user.get(user).into_iter().flatten() {
-                            offer(id, frame, None);
-                        }
-                    }
-                    Target::Users(users) => {
-                        for user in users {
-                            for id in self.by_user.get(user).into_iter().flatten() {
-                                offer(id, frame, None);
-                            }
-                        }
-                    }
-                    Target::Channel(channel) => {
-                        for id in self.by_channel.get(channel).into_iter().flatten() {
-                            offer(id, frame, None);
-                        }
-                    }
-                    Target::Broadcast => {
-                        for id in self.sessions.keys() {
-                            offer(id, frame, None);
-                        }
-                    }
-                    Target::Connection(id) => {
-                        // A malformed id is as unknown as a closed one.
-                        if let Some(id) = self.names.parse(id) {
-                            offer(&id, frame, None);
-                        }
-                    }
-                }
-            }
-        }
+        let (handed, users) = self.fan_out(&notification, received_at, &stored, want, &mut dead);
         for id in dead {
             self.remove(id);
         }
@@ -514,8 +455,111 @@ impl RouterTask {
             self.metrics.messages_no_recipient.inc();
         }
         if let Some(settlement) = settlement {
-            settlement.ack();
+            let outcome = match notification.target {
+                Target::User(_) | Target::Users(_) => Outcome::Users(users),
+                _ => Outcome::Connections(handed),
+            };
+            settlement.routed(&notification, want.then_some(outcome));
         }
+    }
+
+    /// Offers the message to every recipient; how many connections took it
+    /// and, with `want`, what happened per target user (for receipts).
+    /// Sessions found closed go to `dead`.
+    fn fan_out(
+        &self,
+        notification: &Notification,
+        received_at: Instant,
+        stored: &[(UserId, Option<u64>)],
+        want: bool,
+        dead: &mut Vec<ConnectionId>,
+    ) -> (usize, Vec<UserOutcome>) {
+        let mut handed = 0usize;
+        let mut users = Vec::new();
+        let mut offer = |id: &ConnectionId, frame: &Utf8Bytes, seq: Option<u64>| {
+            let Some(entry) = self.sessions.get(id) else {
+                return false;
+            };
+            let out = Outbound {
+                text: frame.clone(),
+                received_at: Some(received_at),
+                seq,
+            };
+            let taken = entry.handle.offer(out, &self.metrics);
+            if taken {
+                handed += 1;
+            } else {
+                dead.push(*id);
+            }
+            taken
+        };
+        let no_ids: &[ConnectionId] = &[];
+        let ids_of = |user: &UserId| self.by_user.get(user).map_or(no_ids, Vec::as_slice);
+        let mut record = |user: &UserId, connections: usize, kept: Kept| {
+            if want {
+                users.push(UserOutcome {
+                    user: user.clone(),
+                    connections,
+                    kept,
+                });
+            }
+        };
+        let frame = &notification.frame;
+        if !stored.is_empty() {
+            // Stored copies: one frame per user, carrying their seq.
+            for (user, seq) in stored {
+                let ids = ids_of(user);
+                let Some(seq) = *seq else {
+                    // Already held (a redelivery): not sent again; its
+                    // open connections have it (live before, or replayed).
+                    record(user, ids.len(), Kept::AlreadyHeld);
+                    continue;
+                };
+                let frame = if ids.is_empty() {
+                    frame.clone()
+                } else {
+                    notification.frame_with_seq(seq)
+                };
+                let taken = ids.iter().filter(|id| offer(id, &frame, Some(seq))).count();
+                record(user, taken, Kept::Seq(seq));
+            }
+            return (handed, users);
+        }
+        match &notification.target {
+            Target::User(user) => {
+                let taken = ids_of(user)
+                    .iter()
+                    .filter(|id| offer(id, frame, None))
+                    .count();
+                record(user, taken, Kept::No);
+            }
+            Target::Users(list) => {
+                for user in list {
+                    let taken = ids_of(user)
+                        .iter()
+                        .filter(|id| offer(id, frame, None))
+                        .count();
+                    record(user, taken, Kept::No);
+                }
+            }
+            Target::Channel(channel) => {
+                for id in self.by_channel.get(channel).into_iter().flatten() {
+                    offer(id, frame, None);
+                }
+            }
+            Target::Broadcast => {
+                for id in self.sessions.keys() {
+                    offer(id, frame, None);
+                }
+            }
+            Target::Connection(id) => {
+                // A malformed id is as unknown as a closed one.
+                if let Some(id) = self.names.parse(id) {
+                    offer(&id, frame, None);
+                }
+            }
+        }
+        (handed, users)
     }
 
     /// Pushes a control frame to one session, with the same slow-client

@@ -675,3 +675,84 @@ async fn client_js_passes_node_check_and_receives_under_node() {
     assert_eq!(frames[0]["payload"]["text"], "hello node");
     bridge.stop().await;
 }
+
+/// examples/fallback_worker.py against a bridge with receipts and the
+/// inbox on: two users offline, one reads in time, the other gets the
+/// e-mail (and only that one).
+#[tokio::test]
+async fn fallback_worker_py_emails_only_the_offline_user_who_did_not_read() {
+    let python = python().await;
+    let bridge = Bridge::start_with(|c| {
+        c.receipts.enabled = true;
+        c.inbox.enabled = true;
+        c.inbox.path = inbox_store_path("nb-fallback");
+    })
+    .await;
+    let queue = unique("fallback");
+    let amqp = amqp_url();
+    let exchange = bridge.config.amqp.exchange.clone();
+    let mut worker = spawn(
+        &python,
+        &[
+            &example("fallback_worker.py"),
+            "--amqp-url",
+            &amqp,
+            "--exchange",
+            &exchange,
+            "--queue",
+            &queue,
+            "--after",
+            "3",
+            "--count",
+            "1",
+        ],
+    );
+    worker.wait_stderr("waiting for receipts").await;
+    let publisher = Publisher::connect().await;
+    publisher
+        .publish_all(
+            &exchange,
+            [
+                r#"{"id":"fb-read","user_id":"reader","payload":1}"#.to_string(),
+                r#"{"id":"fb-unread","user_id":"away","payload":2}"#.to_string(),
+            ],
+        )
+        .await;
+    // Both were offline (their receipts say so) ...
+    let offline = notify_bridge::receipts::Status::Offline;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while bridge.running().metrics.receipts_sent(offline) < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no offline receipts"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // ... then the reader comes back and reads it well before the 3 s are up.
+    let (mut tab, counts) = common::inbox::connect_since(&bridge, "reader", None).await;
+    assert_eq!(counts["unread"], 1, "{counts}");
+    send_text(&mut tab, r#"{"type":"read","ids":["fb-read"]}"#).await;
+    // (The live copy may come first: it was committed before we connected.)
+    loop {
+        let frame = next_json(&mut tab).await;
+        if frame["type"] == "inbox" {
+            assert_eq!(frame["unread"], 0, "{frame}");
+            break;
+        }
+    }
+    let (status, out, err) = worker.finish().await;
+    assert!(status.success(), "{out}\n{err}");
+    assert_eq!(
+        out.trim(),
+        "e-mail to user away: notification fb-unread (seq 1) still unread after 3 s",
+        "{err}"
+    );
+    if let Ok(connection) = lapin::Connection::connect(&amqp, Default::default()).await {
+        if let Ok(channel) = connection.create_channel().await {
+            let _ = channel
+                .queue_delete(queue.as_str().into(), Default::default())
+                .await;
+        }
+    }
+    bridge.stop().await;
+}

@@ -19,12 +19,17 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::{
-    amqp::{settle::Settler, topology},
+    amqp::{
+        receipt_publisher::{self, DeliveryReceipts, Destination},
+        settle::Settler,
+        topology,
+    },
     config::AmqpConfig,
     inbox::stage::InboxStage,
     message,
     metrics::{Limit, Metrics},
     readiness::Readiness,
+    receipts::Receipts,
     router::{RouteRequest, Router},
 };
 
@@ -62,6 +67,9 @@ pub struct ConsumerContext {
     pub metrics: Arc<Metrics>,
     pub readiness: Arc<Readiness>,
     pub shutdown: CancellationToken,
+    /// Which messages get delivery receipts, and `receipts.routing_key`.
+    pub receipts: Arc<Receipts>,
+    pub receipts_routing_key: String,
 }
 
 /// Runs until `shutdown` is cancelled, reconnecting as needed.
@@ -133,6 +141,24 @@ async fn consume_once(ctx: &ConsumerContext, connected_before: &mut bool) -> Res
             )
             .await
     };
+    let receipts_failed = CancellationToken::new();
+    let receipts_name = format!("notify-bridge receipts {queue}");
+    let receipts = DeliveryReceipts::open(
+        config,
+        &receipts_name,
+        Destination {
+            exchange: config.exchange.clone(),
+            routing_key: ctx.receipts_routing_key.clone(),
+        },
+        ctx.receipts.clone(),
+        ctx.metrics.clone(),
+        receipts_failed.clone(),
+    );
+    let receipts = match timeout(CONNECT_TIMEOUT, receipts).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => return Err(format!("cannot open the receipts channel: {e}")),
+        Err(_) => return Err("cannot open the receipts channel: timed out".into()),
+    };
     let mut consumer = match timeout(CONNECT_TIMEOUT, setup).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => return Err(format!("cannot consume from {queue}: {e}")),
@@ -158,6 +184,9 @@ async fn consume_once(ctx: &ConsumerContext, connected_before: &mut bool) -> Res
     let result = loop {
         tokio::select! {
             _ = ctx.shutdown.cancelled() => break Ok(()),
+            _ = receipts_failed.cancelled() => {
+                break Err("receipts were not confirmed; reconnecting so their messages come back".to_string());
+            }
             _ = health_check.tick() => {
                 if !connection.status().connected() {
                     break Err("broker connection lost".to_string());
@@ -167,8 +196,9 @@ async fn consume_once(ctx: &ConsumerContext, connected_before: &mut bool) -> Res
                 Some(Ok(delivery)) => {
                     let message_id = delivery.properties.message_id().as_ref().map(|id| id.as_str());
                     match message::decode(&delivery.data, message_id, &limits) {
-                        Ok(notification) => {
-                            let settlement = Some(settler.settlement(delivery.acker));
+                        Ok(mut notification) => {
+                            notification.reply_to = receipt_publisher::reply_to(&delivery);
+                            let settlement = Some(settler.settlement(delivery.acker).with_receipts(receipts.clone()));
                             ctx.downstream.submit(RouteRequest::new(notification, settlement)).await;
                         }
                         Err(reason) => {
@@ -182,7 +212,10 @@ async fn consume_once(ctx: &ConsumerContext, connected_before: &mut bool) -> Res
                                 bytes = delivery.data.len(),
                                 "invalid message rejected to {}", topology::DEAD_LETTER_EXCHANGE
                             );
-                            settler.reject(delivery.acker);
+                            match receipts.invalid(&delivery, &reason, &limits) {
+                                Some(confirmed) => settler.reject_after(delivery.acker, confirmed),
+                                None => settler.reject(delivery.acker),
+                            }
                         }
                     }
                 }

@@ -21,6 +21,8 @@
 mod bridge;
 #[path = "notify-bridge-bench/clients.rs"]
 mod clients;
+#[path = "notify-bridge-bench/receipts.rs"]
+mod receipts;
 #[path = "notify-bridge-bench/report.rs"]
 mod report;
 #[path = "notify-bridge-bench/scenarios.rs"]
@@ -97,6 +99,10 @@ struct Cli {
     /// Run the bridge with the inbox enabled (store in a scratch folder).
     #[arg(long)]
     inbox: bool,
+    /// unicast: the bridge with receipts.enabled, and a durable queue bound
+    /// to notifications.result that the bench drains (docs/performance.md).
+    #[arg(long)]
+    receipts: bool,
     /// Skip the baseline run that unicast and broadcast do first.
     #[arg(long)]
     no_baseline: bool,
@@ -207,6 +213,9 @@ impl Cli {
             }
             bridge_env.push((k.to_string(), v.to_string()));
         }
+        if self.receipts {
+            bridge_env.push(("NOTIFY_BRIDGE_RECEIPTS__ENABLED".into(), "true".into()));
+        }
         Ok(Options {
             users: self.users.unwrap_or(users).max(1),
             messages: self.messages.unwrap_or(messages).max(1),
@@ -222,6 +231,7 @@ impl Cli {
             prefetch: self.prefetch,
             payload_bytes: self.payload_bytes,
             inbox: self.inbox || self.scenario == ReplayStorm,
+            receipts: self.receipts,
             baseline: !self.no_baseline,
             per_source: self.per_source.max(1),
             connect_concurrency: self.connect_concurrency.max(1),

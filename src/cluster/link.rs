@@ -33,9 +33,8 @@ use super::{
     ClusterNames, BROADCAST_KEY,
 };
 use crate::{
-    amqp::settle::Settler,
-    config::AmqpConfig, message::UserId, metrics::Metrics, readiness::Readiness, router::Router,
-    ws::frames,
+    amqp::settle::Settler, config::AmqpConfig, message::UserId, metrics::Metrics,
+    readiness::Readiness, router::Router, ws::frames,
 };
 
 /// Live messages in flight to this instance's router at most.

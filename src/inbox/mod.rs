@@ -39,7 +39,8 @@ pub use postgres::PgStore;
 use readers::Readers;
 pub use sqlite::SqliteStore;
 pub use store::{
-    Change, Counts, Entry, InboxReader, InboxStore, ListQuery, NewMessage, PageBound, Replay,
+    Change, Changed, Counts, Entry, InboxReader, InboxStore, ListQuery, NewMessage, PageBound,
+    ReadEntry, Replay,
 };
 
 /// How often entries older than `inbox.ttl` are dropped.
@@ -49,14 +50,21 @@ type Reply<T> = oneshot::Sender<anyhow::Result<T>>;
 
 enum Command {
     Append(Arc<Vec<NewMessage>>, Reply<Vec<Vec<Option<u64>>>>),
-    Change(String, Change, Reply<(bool, Counts)>),
+    Change(String, Change, bool, Reply<Changed>),
 }
+
+/// Where a change's newly read entries go (the `read` receipts): told the
+/// user and the entries, after the commit; it must not block.
+pub type ReadSink = Arc<dyn Fn(&str, Vec<ReadEntry>) + Send + Sync>;
 
 /// A cloneable handle to the configured store: callers (the stage, the
 /// sessions, the HTTP routes) use its async methods whichever store it is.
 #[derive(Clone)]
 pub struct Inbox {
     backend: Backend,
+    /// Set when `read` receipts are sent: every change then reports the
+    /// entries it turned read, whichever caller (a tab, the HTTP API) made it.
+    reads: Option<ReadSink>,
 }
 
 /// An enum rather than a trait object: there are two stores, known here,
@@ -153,6 +161,7 @@ impl Inbox {
                 commands: tx,
                 readers,
             },
+            reads: None,
         })
     }
 
@@ -166,6 +175,7 @@ impl Inbox {
                 store,
                 max_per_user,
             },
+            reads: None,
         }
     }
 
@@ -263,14 +273,45 @@ impl Inbox {
         }
     }
 
+    /// Sends every change's newly read entries to `sink` from now on (set
+    /// once at startup, before the handle is cloned).
+    pub fn report_reads(&mut self, sink: ReadSink) {
+        self.reads = Some(sink);
+    }
+
     /// Applies a read-state change (on the store thread, or in one
-    /// PostgreSQL transaction).
+    /// PostgreSQL transaction); the entries it turned read go to the
+    /// [`ReadSink`], if one is set.
     pub async fn change(&self, user: &str, change: Change) -> anyhow::Result<(bool, Counts)> {
+        let changed = self
+            .change_reporting(user, change, self.reads.is_some())
+            .await?;
+        if let Some(sink) = self.reads.as_ref() {
+            if !changed.newly_read.is_empty() {
+                sink(user, changed.newly_read);
+            }
+        }
+        Ok((changed.changed, changed.counts))
+    }
+
+    /// Applies a change and, with `report_reads`, says which entries it
+    /// turned from unread to read (without telling the sink).
+    pub async fn change_reporting(
+        &self,
+        user: &str,
+        change: Change,
+        report_reads: bool,
+    ) -> anyhow::Result<Changed> {
         match &self.backend {
             Backend::Thread { commands, .. } => {
-                Self::ask(commands, |r| Command::Change(user.to_string(), change, r)).await
+                Self::ask(commands, |r| {
+                    Command::Change(user.to_string(), change, report_reads, r)
+                })
+                .await
             }
-            Backend::Postgres { store, .. } => store.change(user, &change).await,
+            Backend::Postgres { store, .. } => {
+                store.change_reporting(user, &change, report_reads).await
+            }
         }
     }
 }
@@ -321,8 +362,8 @@ fn serve(
             Ok(Command::Append(batch, reply)) => {
                 let _ = reply.send(store.append(&batch, now_ms(), max_per_user));
             }
-            Ok(Command::Change(user, change, reply)) => {
-                let _ = reply.send(store.change(&user, &change));
+            Ok(Command::Change(user, change, report_reads, reply)) => {
+                let _ = reply.send(store.change_reporting(&user, &change, report_reads));
             }
             Err(std_mpsc::RecvTimeoutError::Timeout) => {
                 expire(&mut store);
@@ -354,8 +395,8 @@ mod tests {
         ) -> anyhow::Result<Vec<Vec<Option<u64>>>> {
             Ok(batch.iter().map(|m| vec![Some(1); m.users.len()]).collect())
         }
-        fn change(&mut self, _: &str, _: &Change) -> anyhow::Result<(bool, Counts)> {
-            Ok((false, Counts::default()))
+        fn change_reporting(&mut self, _: &str, _: &Change, _: bool) -> anyhow::Result<Changed> {
+            Ok(Changed::default())
         }
         fn expire(&mut self, _: i64) -> anyhow::Result<usize> {
             Ok(0)

@@ -17,7 +17,7 @@ use tokio_postgres::{error::SqlState, types::ToSql, NoTls};
 
 use super::{
     postgres_schema,
-    store::{Change, Counts, NewMessage},
+    store::{Change, Changed, Counts, NewMessage, ReadEntry},
 };
 
 /// Connections in the pool: the commit path and a few concurrent reads.
@@ -152,7 +152,20 @@ impl PgStore {
 
     /// Applies a read-state change; `true` when anything changed.
     pub async fn change(&self, user: &str, change: &Change) -> anyhow::Result<(bool, Counts)> {
-        transact!(self, tx => change_in(&tx, user, change))
+        self.change_reporting(user, change, false)
+            .await
+            .map(|c| (c.changed, c.counts))
+    }
+
+    /// Applies a read-state change; with `report_reads`, also the entries
+    /// it turned from unread to read (`RETURNING`), for `read` receipts.
+    pub async fn change_reporting(
+        &self,
+        user: &str,
+        change: &Change,
+        report_reads: bool,
+    ) -> anyhow::Result<Changed> {
+        transact!(self, tx => change_in(&tx, user, change, report_reads))
     }
 
     /// Drops entries created before `cutoff_ms`; returns how many.
@@ -349,7 +362,8 @@ async fn change_in(
     tx: &Transaction<'_>,
     user: &str,
     change: &Change,
-) -> Result<(bool, Counts), tokio_postgres::Error> {
+    report_reads: bool,
+) -> Result<Changed, tokio_postgres::Error> {
     // The user's row first, as writers take it (no row: nothing to lock),
     // moving the counts' version on: changes of one user are serialized by
     // this lock, so versions order them as they committed.
@@ -359,31 +373,36 @@ async fn change_in(
         &[&user],
     )
     .await?;
+    let mut newly_read = Vec::new();
+    let report = report_reads.then_some(&mut newly_read);
     let changed = match change {
         Change::MarkRead(ids) if ids.is_empty() => 0,
         Change::MarkRead(ids) => {
-            execute(
+            mark_read(
                 tx,
                 "UPDATE inbox_entries SET read = true
                  WHERE user_id = $1 AND NOT read AND id = ANY($2)",
                 &[&user, ids],
+                report,
             )
             .await?
         }
         Change::MarkReadUpTo(seq) => {
             let seq = super::store::clamp_seq(*seq);
-            execute(
+            mark_read(
                 tx,
                 "UPDATE inbox_entries SET read = true WHERE user_id = $1 AND NOT read AND seq <= $2",
                 &[&user, &seq],
+                report,
             )
             .await?
         }
         Change::MarkAllRead => {
-            execute(
+            mark_read(
                 tx,
                 "UPDATE inbox_entries SET read = true WHERE user_id = $1 AND NOT read",
                 &[&user],
+                report,
             )
             .await?
         }
@@ -401,7 +420,35 @@ async fn change_in(
         }
     };
     let counts = super::postgres_read::counts(tx, user).await?;
-    Ok((changed > 0, counts))
+    Ok(Changed {
+        changed: changed > 0,
+        counts,
+        newly_read,
+    })
+}
+
+/// Runs a marking `UPDATE`; with `report`, through `RETURNING id, seq`, so
+/// the entries that flipped from unread to read are known. Returns how
+/// many rows changed.
+async fn mark_read(
+    tx: &Transaction<'_>,
+    update: &str,
+    params: &[&(dyn ToSql + Sync)],
+    report: Option<&mut Vec<ReadEntry>>,
+) -> Result<u64, tokio_postgres::Error> {
+    let Some(out) = report else {
+        return execute(tx, update, params).await;
+    };
+    let stmt = tx
+        .prepare_cached(&format!("{update} RETURNING id, seq"))
+        .await?;
+    for row in tx.query(&stmt, params).await? {
+        out.push(ReadEntry {
+            id: row.get(0),
+            seq: row.get::<_, i64>(1) as u64,
+        });
+    }
+    Ok(out.len() as u64)
 }
 
 async fn expire_in(tx: &Transaction<'_>, cutoff_ms: i64) -> Result<usize, tokio_postgres::Error> {

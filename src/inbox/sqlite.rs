@@ -16,7 +16,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use super::{
     schema,
     sqlite_read::{self, SqliteReader},
-    store::{Change, Counts, InboxReader, InboxStore, NewMessage},
+    store::{Change, Changed, InboxReader, InboxStore, NewMessage, ReadEntry},
 };
 
 /// The writing side of the SQLite store.
@@ -152,25 +152,37 @@ impl InboxStore for SqliteStore {
         Ok(seqs)
     }
 
-    fn change(&mut self, user: &str, change: &Change) -> anyhow::Result<(bool, Counts)> {
+    fn change_reporting(
+        &mut self,
+        user: &str,
+        change: &Change,
+        report_reads: bool,
+    ) -> anyhow::Result<Changed> {
         let tx = self.db.transaction()?;
         // Ids go in as one JSON array, so any number of them fits in one
         // statement (SQLite allows at most 32,766 bound variables).
         let ids_json = |ids: &[String]| serde_json::to_string(ids).expect("strings serialise");
+        let mut newly_read = Vec::new();
         let changed = match change {
             Change::MarkRead(ids) if ids.is_empty() => 0,
-            Change::MarkRead(ids) => tx.execute(
+            Change::MarkRead(ids) => mark_read(
+                &tx,
                 "UPDATE inbox_entries SET read = 1 WHERE user_id = ?1 AND read = 0
                  AND id IN (SELECT value FROM json_each(?2))",
                 params![user, ids_json(ids)],
+                report_reads.then_some(&mut newly_read),
             )?,
-            Change::MarkReadUpTo(seq) => tx.execute(
+            Change::MarkReadUpTo(seq) => mark_read(
+                &tx,
                 "UPDATE inbox_entries SET read = 1 WHERE user_id = ?1 AND read = 0 AND seq <= ?2",
                 params![user, super::store::clamp_seq(*seq)],
+                report_reads.then_some(&mut newly_read),
             )?,
-            Change::MarkAllRead => tx.execute(
+            Change::MarkAllRead => mark_read(
+                &tx,
                 "UPDATE inbox_entries SET read = 1 WHERE user_id = ?1 AND read = 0",
                 params![user],
+                report_reads.then_some(&mut newly_read),
             )?,
             Change::Remove(ids) if ids.is_empty() => 0,
             Change::Remove(ids) => tx.execute(
@@ -185,7 +197,11 @@ impl InboxStore for SqliteStore {
         };
         let counts = sqlite_read::counts(&tx, user)?;
         tx.commit()?;
-        Ok((changed > 0, counts))
+        Ok(Changed {
+            changed: changed > 0,
+            counts,
+            newly_read,
+        })
     }
 
     fn expire(&mut self, cutoff_ms: i64) -> anyhow::Result<usize> {
@@ -211,10 +227,35 @@ impl InboxStore for SqliteStore {
     }
 }
 
+/// Runs a marking `UPDATE`; with `report`, through `RETURNING id, seq`, so
+/// the entries that flipped from unread to read are known (for their
+/// `read` receipts). Returns how many rows changed.
+fn mark_read(
+    tx: &rusqlite::Transaction<'_>,
+    update: &str,
+    params: impl rusqlite::Params,
+    report: Option<&mut Vec<ReadEntry>>,
+) -> rusqlite::Result<usize> {
+    let Some(out) = report else {
+        return tx.execute(update, params);
+    };
+    let mut statement = tx.prepare(&format!("{update} RETURNING id, seq"))?;
+    let rows = statement.query_map(params, |row| {
+        Ok(ReadEntry {
+            id: row.get(0)?,
+            seq: row.get::<_, i64>(1)? as u64,
+        })
+    })?;
+    for row in rows {
+        out.push(row?);
+    }
+    Ok(out.len())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::inbox::store::{Entry, ListQuery, PageBound};
+    use crate::inbox::store::{Counts, Entry, ListQuery, PageBound};
 
     fn store() -> (SqliteStore, Box<dyn InboxReader>, PathBuf) {
         let dir = std::env::temp_dir().join(format!("nb-inbox-{}", uuid::Uuid::now_v7().simple()));
@@ -484,6 +525,53 @@ mod tests {
             (true, Counts::default())
         );
         assert_eq!(r.replay("b", None, ALL).unwrap().counts.total, 1);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_reporting_change_names_the_entries_it_turned_read_once() {
+        let (mut s, _r, dir) = store();
+        append(
+            &mut s,
+            &[new("a", "x"), new("a", "y"), new("a", "z"), new("b", "x")],
+            100,
+        );
+        let read = |s: &mut SqliteStore, change: Change| {
+            let mut flipped = s.change_reporting("a", &change, true).unwrap().newly_read;
+            flipped.sort_by_key(|e| e.seq);
+            flipped
+                .into_iter()
+                .map(|e| (e.id, e.seq))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            read(&mut s, Change::MarkRead(vec!["y".into(), "nope".into()])),
+            [("y".to_string(), 2)]
+        );
+        // Already read: nothing flips again.
+        assert!(read(&mut s, Change::MarkRead(vec!["y".into()])).is_empty());
+        assert_eq!(
+            read(&mut s, Change::MarkReadUpTo(2)),
+            [("x".to_string(), 1)]
+        );
+        // Removing an unread entry reports nothing.
+        assert!(read(&mut s, Change::Remove(vec!["z".into()])).is_empty());
+        append(&mut s, &[new("a", "w")], 100);
+        let all = s.change_reporting("a", &Change::MarkAllRead, true).unwrap();
+        assert_eq!((all.changed, all.counts.unread), (true, 0));
+        assert_eq!(
+            all.newly_read,
+            [ReadEntry {
+                id: "w".into(),
+                seq: 4
+            }]
+        );
+        // Without asking, nothing is collected.
+        append(&mut s, &[new("a", "v")], 100);
+        let quiet = s
+            .change_reporting("a", &Change::MarkAllRead, false)
+            .unwrap();
+        assert!(quiet.changed && quiet.newly_read.is_empty());
         std::fs::remove_dir_all(dir).unwrap();
     }
 

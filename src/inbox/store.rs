@@ -130,6 +130,25 @@ pub enum Change {
     RemoveAll,
 }
 
+/// An entry a change turned from unread to read: what its `read` receipt
+/// names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadEntry {
+    pub id: String,
+    pub seq: u64,
+}
+
+/// What a change did, for callers that send `read` receipts.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Changed {
+    /// `true` when anything changed.
+    pub changed: bool,
+    pub counts: Counts,
+    /// The entries that were unread until this change (only when asked
+    /// for, and never for a removal), in no particular order.
+    pub newly_read: Vec<ReadEntry>,
+}
+
 /// The writes the inbox needs from a store. They run on the store's own
 /// thread, in order, so they may block.
 pub trait InboxStore: Send + 'static {
@@ -143,8 +162,19 @@ pub trait InboxStore: Send + 'static {
         now_ms: i64,
         max_per_user: usize,
     ) -> anyhow::Result<Vec<Vec<Option<u64>>>>;
+    /// Applies a change; with `report_reads`, also which entries it turned
+    /// from unread to read (SQL `RETURNING`), for their `read` receipts.
+    fn change_reporting(
+        &mut self,
+        user: &str,
+        change: &Change,
+        report_reads: bool,
+    ) -> anyhow::Result<Changed>;
     /// Applies a change; `true` when anything changed.
-    fn change(&mut self, user: &str, change: &Change) -> anyhow::Result<(bool, Counts)>;
+    fn change(&mut self, user: &str, change: &Change) -> anyhow::Result<(bool, Counts)> {
+        self.change_reporting(user, change, false)
+            .map(|c| (c.changed, c.counts))
+    }
     /// Drops entries created before `cutoff_ms`; returns how many.
     fn expire(&mut self, cutoff_ms: i64) -> anyhow::Result<usize>;
     /// A reader on a connection of its own that sees every committed write.

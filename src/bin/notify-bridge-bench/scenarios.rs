@@ -39,6 +39,8 @@ pub struct Options {
     pub prefetch: u16,
     pub payload_bytes: usize,
     pub inbox: bool,
+    /// unicast: receipts on, drained from a queue of the bench's.
+    pub receipts: bool,
     pub baseline: bool,
     pub per_source: usize,
     pub connect_concurrency: usize,
@@ -503,6 +505,10 @@ pub async fn unicast(ctx: &Ctx) -> anyhow::Result<Report> {
     };
 
     let handle = ctx.start_bridge().await?;
+    let receipts = match o.receipts {
+        true => Some(crate::receipts::Sink::bind(&o.amqp_url, &ctx.names).await?),
+        false => None,
+    };
     ctx.progress.phase("connecting");
     let sockets = ctx.connect(&handle, 1, o.users, 0, None).await?;
     let recorders = ctx.recorders(vec![
@@ -514,6 +520,9 @@ pub async fn unicast(ctx: &Ctx) -> anyhow::Result<Report> {
         .map(|(_, ws)| Reader::spawn(ws, recorders.clone()))
         .collect();
     let m = drive_unicast(ctx, &ctx.names.exchange, &recorders, &targets, "bridge").await?;
+    if let Some(sink) = receipts {
+        sink.finish(&mut r, o.warmup + o.messages).await;
+    }
 
     add_measured(&mut r, "unicast", "bridge", &m, o.messages);
     let mut runs = vec![("bridge".to_string(), m.cdf.clone())];
@@ -563,9 +572,10 @@ pub async fn unicast(ctx: &Ctx) -> anyhow::Result<Report> {
     report::latency_plot(
         &path,
         &format!(
-            "unicast: {} users, {rate}{}",
+            "unicast: {} users, {rate}{}{}",
             o.users,
-            if o.inbox { ", inbox" } else { "" }
+            if o.inbox { ", inbox" } else { "" },
+            if o.receipts { ", receipts" } else { "" }
         ),
         &runs,
     )?;
