@@ -318,7 +318,9 @@ async fn main() -> ExitCode {
         eprintln!("notify-bridge-bench: clean-up: {e:#}");
     }
     if cli.scenario == Scenario::Cluster {
-        if let Err(e) = scenarios::cluster_cleanup(&ctx).await {
+        let postgres_url = ctx.opts.postgres_url.as_deref();
+        let cleaned = scenarios::cluster_cleanup(&ctx.opts.amqp_url, postgres_url, &ctx.names);
+        if let Err(e) = cleaned.await {
             eprintln!("notify-bridge-bench: cluster clean-up: {e:#}");
         }
     }

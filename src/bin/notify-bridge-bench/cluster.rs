@@ -85,19 +85,47 @@ async fn create_schema(ctx: &Ctx) -> anyhow::Result<String> {
 
 /// Deletes what the scenario left on the broker and in the database (its
 /// queues, exchanges and schema); run by the caller whatever happened.
-pub async fn cleanup(ctx: &Ctx) -> anyhow::Result<()> {
-    let cluster = cluster_name(&ctx.names);
+/// Each half is tried even when the other fails (a broker away must not
+/// leave the schema behind).
+pub async fn cleanup(
+    amqp_url: &str,
+    postgres_url: Option<&str>,
+    names: &Names,
+) -> anyhow::Result<()> {
+    let broker = delete_topology(amqp_url, names).await;
+    let database = match postgres_url {
+        Some(url) => drop_schema(url, &schema_name(names)).await,
+        None => Ok(()),
+    };
+    match (broker, database) {
+        (Ok(()), Ok(())) => Ok(()),
+        (Err(e), Ok(())) | (Ok(()), Err(e)) => Err(e),
+        (Err(b), Err(d)) => Err(anyhow::anyhow!("{b:#}; {d:#}")),
+    }
+}
+
+async fn drop_schema(url: &str, schema: &str) -> anyhow::Result<()> {
+    pg_connect(url)
+        .await?
+        .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+        .await
+        .with_context(|| format!("cannot drop schema {schema}"))
+}
+
+/// The cluster's queues and exchanges and the single instances' ones.
+async fn delete_topology(amqp_url: &str, names: &Names) -> anyhow::Result<()> {
+    let cluster = cluster_name(names);
     let mut queues = vec![format!("{cluster}.ingest")];
     queues.extend(INSTANCES.map(|i| format!("{cluster}.live.{i}")));
     let mut exchanges = vec![format!("{cluster}.live")];
     for suffix in ["cluster", "sqlite", "none"] {
-        let own = names_for(&ctx.names, suffix);
+        let own = names_for(names, suffix);
         queues.push(own.queue);
         exchanges.push(own.exchange);
     }
     let conn = tokio::time::timeout(
         Duration::from_secs(10),
-        Connection::connect(&ctx.opts.amqp_url, ConnectionProperties::default()),
+        Connection::connect(amqp_url, ConnectionProperties::default()),
     )
     .await
     .map_err(|_| anyhow::anyhow!("cannot reach the broker to clean up: timed out"))??;
@@ -113,14 +141,6 @@ pub async fn cleanup(ctx: &Ctx) -> anyhow::Result<()> {
             .with_context(|| format!("cannot delete exchange {exchange}"))?;
     }
     let _ = conn.close(200, "bench done".into()).await;
-    if let Ok(url) = postgres_url(ctx) {
-        let schema = schema_name(&ctx.names);
-        pg_connect(url)
-            .await?
-            .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
-            .await
-            .with_context(|| format!("cannot drop schema {schema}"))?;
-    }
     Ok(())
 }
 
@@ -709,6 +729,33 @@ fn describe_cluster(r: &mut Report, cl: &Load, counters: &[Counters; 3]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// With the broker away, the run's schema is dropped all the same.
+    /// Needs NOTIFY_BRIDGE_TEST_POSTGRES_URL (scripts/test sets it);
+    /// skipped without it.
+    #[tokio::test]
+    async fn the_schema_is_dropped_even_when_the_broker_is_away() {
+        let Ok(url) = std::env::var("NOTIFY_BRIDGE_TEST_POSTGRES_URL") else {
+            eprintln!("SKIPPED: NOTIFY_BRIDGE_TEST_POSTGRES_URL is unset");
+            return;
+        };
+        let names = Names::new();
+        let schema = schema_name(&names);
+        let db = pg_connect(&url).await.unwrap();
+        db.batch_execute(&format!("CREATE SCHEMA {schema}"))
+            .await
+            .unwrap();
+        let refused = "amqp://guest:guest@127.0.0.1:1/%2f";
+        assert!(cleanup(refused, Some(&url), &names).await.is_err());
+        let left = db
+            .query("SELECT 1 FROM pg_namespace WHERE nspname = $1", &[&schema])
+            .await
+            .unwrap();
+        let _ = db
+            .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+            .await;
+        assert!(left.is_empty(), "schema {schema} was left behind");
+    }
 
     #[test]
     fn the_schema_url_keeps_existing_parameters() {
