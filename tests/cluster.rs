@@ -453,3 +453,36 @@ async fn a_connection_target_reaches_that_connection_on_its_instance_only() {
     assert_silent(&mut on_a, Duration::from_millis(500)).await;
     cluster.stop().await;
 }
+
+#[tokio::test]
+async fn the_writer_decides_delivered_and_offline_receipts_by_presence() {
+    let Some(mut cluster) = TestCluster::start(0).await else {
+        return;
+    };
+    for instance in ["i0", "i1"] {
+        let mut config = cluster_config(&cluster.db, &cluster.name, &cluster.exchange, instance);
+        config.receipts.enabled = true;
+        let bridge = Bridge::start_unready(config).await;
+        bridge.wait_ready().await;
+        cluster.bridges.push(bridge);
+    }
+    let mut results = common::receipts::ReceiptQueue::results(&cluster.bridges[0]).await;
+    // `on` has a tab on each instance, `off` none.
+    let _tab_a = common::inbox::connect_since(&cluster.bridges[0], "on", None).await;
+    let _tab_b = common::inbox::connect_since(&cluster.bridges[1], "on", None).await;
+    cluster
+        .publish_all([r#"{"user_ids":["on","off"],"id":"r-1","payload":1}"#.to_string()])
+        .await;
+    let mut got = [results.body().await, results.body().await];
+    got.sort_by_key(|r| r["user_id"].as_str().unwrap_or_default().to_string());
+    assert_eq!(
+        got[0],
+        serde_json::json!({"id":"r-1","user_id":"off","status":"offline","stored":true,"seq":1})
+    );
+    assert_eq!(
+        got[1],
+        serde_json::json!({"id":"r-1","user_id":"on","status":"delivered","connections":2,"seq":1})
+    );
+    results.assert_empty(Duration::from_millis(500)).await;
+    cluster.stop().await;
+}

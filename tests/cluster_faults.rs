@@ -297,7 +297,11 @@ async fn a_broker_kill_and_a_database_stop_mid_stream_lose_nothing_stored() {
         match next_json_within(&mut open_tab, Duration::from_secs(30)).await {
             Some(f) if f["type"] == "notification" => last_live = f["seq"].as_u64().unwrap(),
             Some(_) => {}
-            None => panic!("the open tab stopped at seq {last_live} of {per_user}"),
+            None => panic!(
+                "the open tab stopped at seq {last_live} of {per_user}\n--- a ---\n{}\n--- b ---\n{}",
+                a.log(),
+                b.log()
+            ),
         }
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);

@@ -9,107 +9,13 @@ mod pg;
 
 use std::time::Duration;
 
-use common::*;
-use futures_util::StreamExt;
+use common::{receipts::ReceiptQueue as Inbox, *};
 use lapin::{
-    options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions},
     types::{AMQPValue, FieldTable},
-    BasicProperties, Connection, ConnectionProperties, Consumer,
+    BasicProperties,
 };
 use notify_bridge::config::{Config, InboxStoreKind};
 use serde_json::{json, Value};
-
-/// A queue of the test's own that receives what it is bound to or named for.
-struct Inbox {
-    _connection: Connection,
-    channel: lapin::Channel,
-    name: String,
-    consumer: Consumer,
-}
-
-impl Inbox {
-    /// An exclusive queue bound to the bridge's exchange with
-    /// `notifications.result`.
-    async fn results(bridge: &Bridge) -> Self {
-        let queue = Self::declare(FieldTable::default()).await;
-        queue
-            .channel
-            .queue_bind(
-                queue.name.as_str().into(),
-                bridge.config.amqp.exchange.as_str().into(),
-                bridge.config.receipts.routing_key.as_str().into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        queue
-    }
-
-    async fn declare(arguments: FieldTable) -> Self {
-        let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
-            .await
-            .unwrap();
-        let channel = connection.create_channel().await.unwrap();
-        let options = QueueDeclareOptions {
-            exclusive: true,
-            auto_delete: true,
-            ..Default::default()
-        };
-        let name = unique("receipts");
-        channel
-            .queue_declare(name.as_str().into(), options, arguments)
-            .await
-            .unwrap();
-        let consumer = channel
-            .basic_consume(
-                name.as_str().into(),
-                "".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        Self {
-            _connection: connection,
-            channel,
-            name,
-            consumer,
-        }
-    }
-
-    /// The next receipt's body (with `at` checked and removed) and its
-    /// AMQP properties.
-    async fn next(&mut self) -> (Value, BasicProperties) {
-        let delivery = tokio::time::timeout(WAIT, self.consumer.next())
-            .await
-            .expect("a receipt in time")
-            .expect("consumer open")
-            .expect("delivery");
-        let mut body: Value = serde_json::from_slice(&delivery.data).expect("JSON receipt");
-        let at = body
-            .as_object_mut()
-            .expect("an object")
-            .remove("at")
-            .unwrap_or_else(|| panic!("no `at` in {body}"));
-        let at = at.as_str().expect("`at` is text");
-        assert!(at.len() == 20 && at.ends_with('Z'), "{at}");
-        (body, delivery.properties)
-    }
-
-    async fn body(&mut self) -> Value {
-        self.next().await.0
-    }
-
-    async fn assert_empty(&mut self, wait: Duration) {
-        if let Ok(Some(Ok(d))) = tokio::time::timeout(wait, self.consumer.next()).await {
-            panic!("unexpected receipt {}", String::from_utf8_lossy(&d.data));
-        }
-    }
-}
 
 fn receipts_on(c: &mut Config) {
     c.receipts.enabled = true;

@@ -11,7 +11,7 @@ use std::{
 
 use serde::Serialize;
 use serde_json::value::RawValue;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use super::{
     channel_key, instance_key,
@@ -23,7 +23,8 @@ use super::{
 use crate::{
     connection_id,
     inbox::PgStore,
-    message::{Notification, Target},
+    message::{Notification, Target, UserId},
+    receipts::{Kept, Outcome, UserOutcome},
     router::RouteRequest,
 };
 
@@ -54,14 +55,63 @@ impl Fanout {
         let mut recipients: Vec<Vec<Recipient>> = batch.iter().map(recipients_of).collect();
         self.fill_redelivered_seqs(&batch, &mut recipients).await;
         let holders = self.holders(&recipients).await;
+        let mut instances = None;
         for (request, users) in batch.into_iter().zip(recipients) {
-            if let Err(e) = self.send_one(&request.notification, users, &holders).await {
-                warn!(error = %e, id = %request.notification.id, "cannot send a message live; stored entries reach clients from the inbox");
+            let n = &request.notification;
+            let outcome = match &request.settlement {
+                Some(s) if s.receipts_wanted(n) => {
+                    Some(self.outcome(n, &users, &holders, &mut instances).await)
+                }
+                _ => None,
+            };
+            if let Err(e) = self.send_one(n, users, &holders).await {
+                warn!(error = %e, id = %n.id, "cannot send a message live; stored entries reach clients from the inbox");
             }
             if let Some(settlement) = request.settlement {
-                settlement.ack();
+                settlement.routed(n, outcome);
             }
         }
+    }
+
+    /// What the receipts say in cluster mode, decided here by presence:
+    /// a user is `delivered` to the instances holding them (`connections`
+    /// counts instances), else `offline`; a channel or broadcast message
+    /// counts the live instances it was sent to, a connection target the
+    /// instance named in it when that one is live.
+    async fn outcome(
+        &self,
+        n: &Notification,
+        users: &[Recipient],
+        holders: &Option<HashMap<String, Vec<String>>>,
+        instances: &mut Option<Vec<String>>,
+    ) -> Outcome {
+        if let Target::User(_) | Target::Users(_) = n.target {
+            return Outcome::Users(
+                users
+                    .iter()
+                    .filter_map(|(user, seq)| {
+                        Some(UserOutcome {
+                            user: UserId::new(user)?,
+                            connections: holders
+                                .as_ref()
+                                .and_then(|h| h.get(user))
+                                .map_or(0, Vec::len),
+                            kept: seq.map_or(Kept::No, Kept::Seq),
+                        })
+                    })
+                    .collect(),
+            );
+        }
+        if instances.is_none() {
+            *instances = Some(self.presence.live_instances().await.unwrap_or_default());
+        }
+        let live = instances.as_deref().unwrap_or_default();
+        Outcome::Connections(match &n.target {
+            Target::Connection(id) => connection_id::instance_of(id)
+                .is_some_and(|i| live.iter().any(|l| l == i))
+                .into(),
+            _ => live.len(),
+        })
     }
 
     /// A redelivered message's users already hold it: they get it live
@@ -107,9 +157,9 @@ impl Fanout {
         }
     }
 
-    /// Who holds the batch's users; `None` when presence cannot be read
-    /// (then user messages go to every instance, which costs but loses
-    /// nothing).
+    /// Who holds the batch's users; `None` when presence cannot be read,
+    /// or may be incomplete after a database restart (then user messages go
+    /// to every instance, which costs but loses nothing).
     async fn holders(&self, recipients: &[Vec<Recipient>]) -> Option<HashMap<String, Vec<String>>> {
         let mut users: Vec<&str> = recipients
             .iter()
@@ -122,7 +172,11 @@ impl Fanout {
         users.sort_unstable();
         users.dedup();
         match self.presence.holders(&users).await {
-            Ok(rows) => {
+            Ok(None) => {
+                debug!("presence is being rebuilt after a database restart; sending user messages to every instance");
+                None
+            }
+            Ok(Some(rows)) => {
                 let mut by_user: HashMap<String, Vec<String>> = HashMap::new();
                 for (user, instance) in rows {
                     by_user.entry(user).or_default().push(instance);

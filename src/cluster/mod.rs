@@ -153,7 +153,13 @@ impl Cluster {
             version: counts.version,
         };
         let body = serde_json::to_vec(&body)?;
-        for (_, instance) in self.presence.holders(&[user.as_str()]).await? {
+        let Some(holders) = self.presence.holders(&[user.as_str()]).await? else {
+            return self
+                .link
+                .publish(BROADCAST_KEY, live::Kind::Counts, &body)
+                .await;
+        };
+        for (_, instance) in holders {
             self.link
                 .publish(&instance_key(&instance), live::Kind::Counts, &body)
                 .await?;

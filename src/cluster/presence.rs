@@ -14,6 +14,7 @@ use std::{
 };
 
 use tokio::sync::{Mutex, OnceCell};
+use tokio_postgres::types::ToSql;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -27,6 +28,10 @@ pub const HEARTBEAT: Duration = Duration::from_secs(2);
 pub const EXPIRES_SECS: f64 = 10.0;
 /// A dead instance's rows are deleted after this long.
 pub const FORGET_SECS: f64 = 60.0;
+/// How long after the database server started presence is taken as
+/// possibly incomplete: three heartbeats, so every live instance has
+/// written its rows again after a crash restart emptied them.
+pub const REBUILD_SECS: f64 = 3.0 * 2.0;
 /// How long a user's row stays after their last socket here closed.
 pub const LINGER: Duration = Duration::from_secs(5);
 
@@ -129,10 +134,14 @@ impl Presence {
         Ok(())
     }
 
-    /// `(user, instance)` for every live instance holding one of `users`.
-    pub async fn holders(&self, users: &[&str]) -> anyhow::Result<Vec<(String, String)>> {
+    /// `(user, instance)` for every live instance holding one of `users`;
+    /// `None` while presence may be incomplete: for [`REBUILD_SECS`] after
+    /// the database server started (a crash restart empties the unlogged
+    /// tables, and each instance writes its rows again at its next
+    /// heartbeat), so that callers send to every instance meanwhile.
+    pub async fn holders(&self, users: &[&str]) -> anyhow::Result<Option<Vec<(String, String)>>> {
         let db = self.store.client().await?;
-        let stmt = db
+        let holders = db
             .prepare_cached(
                 "SELECT p.user_id, p.instance_id FROM cluster_presence p
                  JOIN cluster_instances i USING (cluster, instance_id)
@@ -140,10 +149,20 @@ impl Presence {
                    AND i.heartbeat_at > now() - make_interval(secs => $3)",
             )
             .await?;
-        let rows = db
-            .query(&stmt, &[&self.cluster, &users, &EXPIRES_SECS])
+        let fresh = db
+            .prepare_cached("SELECT now() - pg_postmaster_start_time() < make_interval(secs => $1)")
             .await?;
-        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+        let holders_params: [&(dyn ToSql + Sync); 3] = [&self.cluster, &users, &EXPIRES_SECS];
+        let fresh_params: [&(dyn ToSql + Sync); 1] = [&REBUILD_SECS];
+        // Pipelined: one round trip for both.
+        let (rows, fresh) = futures_util::try_join!(
+            db.query(&holders, &holders_params),
+            db.query_one(&fresh, &fresh_params)
+        )?;
+        if fresh.get::<_, bool>(0) {
+            return Ok(None);
+        }
+        Ok(Some(rows.iter().map(|r| (r.get(0), r.get(1))).collect()))
     }
 
     /// The instances of this cluster that beat recently (this one too).

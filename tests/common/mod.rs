@@ -11,6 +11,7 @@ use std::time::Duration;
 
 pub mod daemon;
 pub mod inbox;
+pub mod receipts;
 pub mod tls;
 
 use futures_util::{SinkExt, StreamExt};
