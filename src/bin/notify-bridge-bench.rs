@@ -7,7 +7,7 @@
 //!     cargo run --release --bin notify-bridge-bench -- SCENARIO [OPTIONS]
 //!
 //! Scenarios: unicast, broadcast, idle, slow-client, baseline, soak,
-//! replay-storm.
+//! replay-storm, cluster.
 //! It starts target/release/notify-bridge itself (its own exchange and
 //! queue, ports on 127.0.0.1:0), stops it and deletes the topology at the
 //! end, also on errors and Ctrl-C. See docs/performance.md.
@@ -54,6 +54,10 @@ enum Scenario {
     /// Inbox on, paced unicast while one user with a full inbox reconnects
     /// with since=0 in a loop: others' commit latency with and without.
     ReplayStorm,
+    /// Three instances in one cluster (PostgreSQL inbox, users on two of
+    /// them), then one instance with SQLite and one without the inbox, the
+    /// same paced unicast stream: latency, CPU per instance.
+    Cluster,
 }
 
 #[derive(Parser, Debug)]
@@ -146,6 +150,10 @@ struct Cli {
     /// else amqp://guest:guest@127.0.0.1:5672/%2f).
     #[arg(long)]
     amqp_url: Option<String>,
+    /// The PostgreSQL server for the cluster scenario, loopback only
+    /// (default: $NOTIFY_BRIDGE_BENCH_POSTGRES_URL; `bash scripts/postgres url`).
+    #[arg(long)]
+    postgres_url: Option<String>,
     /// The bridge binary (default: notify-bridge next to this binary).
     #[arg(long)]
     bridge_bin: Option<PathBuf>,
@@ -173,6 +181,7 @@ impl Cli {
             SlowClient => (1000, 0, 2000.0, 15.0),
             Soak => (1000, 0, 500.0, 60.0),
             ReplayStorm => (1000, 0, 1000.0, 10.0),
+            Cluster => (1000, 20_000, 2000.0, 0.0),
         };
         let amqp_url = self.amqp_url.clone().unwrap_or_else(|| {
             std::env::var("NOTIFY_BRIDGE_BENCH_AMQP_URL")
@@ -180,6 +189,16 @@ impl Cli {
         });
         if !is_loopback(&amqp_url) {
             anyhow::bail!("--amqp-url must point at a loopback broker (127.0.0.0/8 or localhost)");
+        }
+        let postgres_url = self
+            .postgres_url
+            .clone()
+            .or_else(|| std::env::var("NOTIFY_BRIDGE_BENCH_POSTGRES_URL").ok())
+            .filter(|u| !u.is_empty());
+        if postgres_url.as_deref().is_some_and(|u| !is_loopback(u)) {
+            anyhow::bail!(
+                "--postgres-url must point at a loopback server (127.0.0.0/8 or localhost)"
+            );
         }
         let mut bridge_env = Vec::new();
         for kv in &self.bridge_env {
@@ -202,7 +221,7 @@ impl Cli {
             messages: self.messages.unwrap_or(messages).max(1),
             rate: self.rate.unwrap_or(rate).max(0.0),
             duration: Duration::from_secs_f64(self.duration.unwrap_or(duration).max(0.1)),
-            warmup: if matches!(self.scenario, Unicast | Baseline) {
+            warmup: if matches!(self.scenario, Unicast | Baseline | Cluster) {
                 self.warmup
             } else {
                 0
@@ -226,6 +245,7 @@ impl Cli {
             drain_timeout: Duration::from_secs_f64(self.drain_timeout.max(0.5)),
             seed: self.seed,
             amqp_url,
+            postgres_url,
             bridge_bin: self.bridge_bin.clone(),
             bridge_env,
             window_hook: self.window_hook.clone(),
@@ -269,6 +289,7 @@ async fn main() -> ExitCode {
             Scenario::Baseline => scenarios::baseline(&ctx).await,
             Scenario::Soak => scenarios::soak(&ctx).await,
             Scenario::ReplayStorm => scenarios::replay_storm(&ctx).await,
+            Scenario::Cluster => scenarios::cluster(&ctx).await,
         }
     };
     let bound = Duration::from_secs_f64(cli.max_seconds.max(1.0));
@@ -295,6 +316,13 @@ async fn main() -> ExitCode {
     }
     if let Err(e) = bridge::delete_topology(&ctx.opts.amqp_url, &ctx.names).await {
         eprintln!("notify-bridge-bench: clean-up: {e:#}");
+    }
+    if cli.scenario == Scenario::Cluster {
+        let postgres_url = ctx.opts.postgres_url.as_deref();
+        let cleaned = scenarios::cluster_cleanup(&ctx.opts.amqp_url, postgres_url, &ctx.names);
+        if let Err(e) = cleaned.await {
+            eprintln!("notify-bridge-bench: cluster clean-up: {e:#}");
+        }
     }
     let _ = std::fs::remove_dir_all(bridge::work_dir(&ctx.opts.out_dir, &ctx.names));
 
@@ -349,5 +377,9 @@ mod tests {
         assert!(is_loopback("amqp://localhost"));
         assert!(!is_loopback("amqp://guest:guest@10.0.0.1:5672/%2f"));
         assert!(!is_loopback("amqp://rabbit.example.com"));
+        assert!(is_loopback(
+            "postgres://notify_bridge@127.0.0.1:55432/notify_bridge"
+        ));
+        assert!(!is_loopback("postgres://db.example.com/notify_bridge"));
     }
 }

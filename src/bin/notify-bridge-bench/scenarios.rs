@@ -15,6 +15,10 @@ use tokio::sync::Mutex;
 mod replay_storm;
 pub use replay_storm::replay_storm;
 
+#[path = "cluster.rs"]
+mod cluster;
+pub use cluster::{cleanup as cluster_cleanup, cluster};
+
 use crate::{
     bridge::{self, Bridge, BridgeOptions, Handle, Names},
     clients::{self, Baseline, Publisher, Reader, Recorder, Recorders, Ws},
@@ -52,6 +56,9 @@ pub struct Options {
     pub drain_timeout: Duration,
     pub seed: u64,
     pub amqp_url: String,
+    /// The PostgreSQL server of the cluster scenario (it makes a schema of
+    /// its own there).
+    pub postgres_url: Option<String>,
     pub bridge_bin: Option<PathBuf>,
     pub bridge_env: Vec<(String, String)>,
     /// Run as `HOOK start PID` / `HOOK stop PID` around the bridge's
