@@ -330,11 +330,14 @@ fn wire_consumer(
     };
     let (next, queue) = match cluster {
         Some(cluster) => (
-            Committed::Cluster(Arc::new(Fanout {
-                link: cluster.link.clone(),
-                presence: cluster.presence.clone(),
-                store: inbox.postgres().expect("cluster mode runs on PostgreSQL"),
-            })),
+            Committed::Cluster(
+                Fanout {
+                    link: cluster.link.clone(),
+                    presence: cluster.presence.clone(),
+                    store: inbox.postgres().expect("cluster mode runs on PostgreSQL"),
+                }
+                .spawn(),
+            ),
             IngestQueue::shared(cluster.names.ingest_queue()),
         ),
         None => (

@@ -44,6 +44,19 @@ pub struct Fanout {
     pub store: Arc<PgStore>,
 }
 
+/// Where the commit stage hands committed batches (see [`Fanout::spawn`]).
+#[derive(Clone)]
+pub struct FanoutHandle {
+    batches: tokio::sync::mpsc::Sender<Vec<RouteRequest>>,
+}
+
+impl FanoutHandle {
+    /// Waits only while two batches are already waiting (backpressure).
+    pub async fn send(&self, batch: Vec<RouteRequest>) {
+        let _ = self.batches.send(batch).await;
+    }
+}
+
 /// A user recipient with their seq (when stored).
 type Recipient = (String, Option<u64>);
 
@@ -56,21 +69,45 @@ impl Fanout {
         self.fill_redelivered_seqs(&batch, &mut recipients).await;
         let holders = self.holders(&recipients).await;
         let mut instances = None;
-        for (request, users) in batch.into_iter().zip(recipients) {
+        let mut batches = LiveBatches::default();
+        let mut outcomes = Vec::with_capacity(batch.len());
+        let mut failed = None;
+        for (request, users) in batch.iter().zip(recipients) {
             let n = &request.notification;
-            let outcome = match &request.settlement {
+            outcomes.push(match &request.settlement {
                 Some(s) if s.receipts_wanted(n) => {
                     Some(self.outcome(n, &users, &holders, &mut instances).await)
                 }
                 _ => None,
-            };
-            if let Err(e) = self.send_one(n, users, &holders).await {
-                warn!(error = %e, id = %n.id, "cannot send a message live; stored entries reach clients from the inbox");
-            }
-            if let Some(settlement) = request.settlement {
-                settlement.routed(n, outcome);
+            });
+            if let Err(e) = self.add(&mut batches, n, users, &holders).await {
+                failed = Some(e);
             }
         }
+        if let Err(e) = batches.flush(&self.link).await {
+            failed = Some(e);
+        }
+        if let Some(e) = failed {
+            warn!(error = %e, "cannot send live messages; stored entries reach clients from the inbox");
+        }
+        for (request, outcome) in batch.into_iter().zip(outcomes) {
+            if let Some(settlement) = request.settlement {
+                settlement.routed(&request.notification, outcome);
+            }
+        }
+    }
+
+    /// Runs the fanout on a task of its own: the commit stage hands it each
+    /// committed batch and goes on to commit the next one while this one's
+    /// presence is read and its live messages sent (in order: one task).
+    pub fn spawn(self) -> FanoutHandle {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<RouteRequest>>(2);
+        tokio::spawn(async move {
+            while let Some(batch) = rx.recv().await {
+                self.send(batch).await;
+            }
+        });
+        FanoutHandle { batches: tx }
     }
 
     /// What the receipts say in cluster mode, decided here by presence:
@@ -190,8 +227,13 @@ impl Fanout {
         }
     }
 
-    async fn send_one(
+    /// Adds `n` to the live messages of the batch: one per instance (and
+    /// broadcast) for user and connection targets; a channel or broadcast
+    /// message is sent on its own, after what came before it, so that an
+    /// instance receiving from several keys gets everything in order.
+    async fn add(
         &self,
+        batches: &mut LiveBatches,
         n: &Notification,
         users: Vec<Recipient>,
         holders: &Option<HashMap<String, Vec<String>>>,
@@ -202,41 +244,67 @@ impl Fanout {
             payload: &n.payload,
             to,
         };
-        let publish = |key: String, body: Outgoing<'_>| {
-            let body = serde_json::to_vec(&body);
-            async move { self.link.publish(&key, Kind::Notify, &body?).await }
-        };
         match &n.target {
             Target::Channel(channel) => {
-                publish(
-                    channel_key(channel),
-                    outgoing(LiveTarget::Channel(channel.to_string())),
-                )
-                .await
+                batches.flush(&self.link).await?;
+                let item = outgoing(LiveTarget::Channel(channel.to_string()));
+                batches.add(channel_key(channel), &item)?;
+                batches.flush(&self.link).await
             }
             Target::Broadcast => {
-                publish(BROADCAST_KEY.into(), outgoing(LiveTarget::Broadcast)).await
+                batches.flush(&self.link).await?;
+                batches.add(BROADCAST_KEY.into(), &outgoing(LiveTarget::Broadcast))?;
+                batches.flush(&self.link).await
             }
             Target::Connection(id) => match connection_id::instance_of(id) {
-                Some(instance) => {
-                    publish(
-                        instance_key(instance),
-                        outgoing(LiveTarget::Connection(id.to_string())),
-                    )
-                    .await
-                }
+                Some(instance) => batches.add(
+                    instance_key(instance),
+                    &outgoing(LiveTarget::Connection(id.to_string())),
+                ),
                 None => Ok(()),
             },
             Target::User(_) | Target::Users(_) => {
                 let Some(holders) = holders else {
-                    return publish(BROADCAST_KEY.into(), outgoing(LiveTarget::Users(users))).await;
+                    return batches.add(BROADCAST_KEY.into(), &outgoing(LiveTarget::Users(users)));
                 };
                 for (instance, users) in by_instance(users, holders) {
-                    publish(instance_key(&instance), outgoing(LiveTarget::Users(users))).await?;
+                    batches.add(instance_key(&instance), &outgoing(LiveTarget::Users(users)))?;
                 }
                 Ok(())
             }
         }
+    }
+}
+
+/// The live messages being gathered for one batch: per routing key, a JSON
+/// array of notifications, in order. One live message per instance and
+/// batch instead of one per notification (one publish each was 45 % of
+/// the writer's loop, docs/performance.md).
+#[derive(Default)]
+struct LiveBatches {
+    by_key: BTreeMap<String, Vec<u8>>,
+}
+
+impl LiveBatches {
+    fn add(&mut self, key: String, item: &Outgoing<'_>) -> anyhow::Result<()> {
+        let body = self.by_key.entry(key).or_insert_with(|| b"[".to_vec());
+        if body.len() > 1 {
+            body.push(b',');
+        }
+        serde_json::to_writer(&mut *body, item)?;
+        Ok(())
+    }
+
+    /// Publishes what was gathered; every key is tried even when one fails.
+    async fn flush(&mut self, link: &LiveLink) -> anyhow::Result<()> {
+        let mut result = Ok(());
+        for (key, mut body) in std::mem::take(&mut self.by_key) {
+            body.push(b']');
+            if let Err(e) = link.publish(&key, Kind::Notify, &body).await {
+                result = Err(e);
+            }
+        }
+        result
     }
 }
 
@@ -298,17 +366,23 @@ mod tests {
     }
 
     #[test]
-    fn what_is_sent_reads_back_as_a_live_notification() {
+    fn a_batch_for_one_key_reads_back_as_its_live_notifications() {
         let payload = RawValue::from_string(r#"{"big":12345678901234567890}"#.into()).unwrap();
-        let body = serde_json::to_vec(&Outgoing {
+        let item = Outgoing {
             id: "m",
             event: "e",
             payload: &payload,
             to: LiveTarget::Users(vec![("1".into(), Some(3))]),
-        })
-        .unwrap();
-        let back: super::super::live::LiveNotification = serde_json::from_slice(&body).unwrap();
-        let request = back.into_request().unwrap();
+        };
+        let mut batches = LiveBatches::default();
+        batches.add("i.a".into(), &item).unwrap();
+        batches.add("i.a".into(), &item).unwrap();
+        let mut array = batches.by_key.remove("i.a").unwrap();
+        array.push(b']');
+        let back: Vec<super::super::live::LiveNotification> =
+            serde_json::from_slice(&array).unwrap();
+        assert_eq!(back.len(), 2);
+        let request = back.into_iter().next().unwrap().into_request().unwrap();
         assert!(request
             .notification
             .frame_with_seq(3)

@@ -389,20 +389,22 @@ impl LiveLink {
             .as_ref()
             .and_then(|k| Kind::parse(k.as_str()));
         let outcome = match kind {
-            Some(Kind::Notify) => {
-                match serde_json::from_slice::<LiveNotification>(&delivery.data)
-                    .map_err(|e| e.to_string())
-                    .and_then(LiveNotification::into_request)
-                {
-                    Ok(mut request) => {
-                        metrics.cluster_live_received.inc();
-                        request.settlement = Some(settlement);
-                        router.route(request).await;
-                        return;
+            Some(Kind::Notify) => match notifications_of(&delivery.data) {
+                Ok(mut requests) => {
+                    metrics.cluster_live_received.add(requests.len() as u64);
+                    // Acked once the last of them was handed over.
+                    if let Some(last) = requests.last_mut() {
+                        last.settlement = Some(settlement);
+                    } else {
+                        router.settle_after(settlement).await;
                     }
-                    Err(e) => Err(e),
+                    for request in requests {
+                        router.route(request).await;
+                    }
+                    return;
                 }
-            }
+                Err(e) => Err(e),
+            },
             Some(Kind::Counts) => self.on_counts(&delivery.data, router).await,
             Some(Kind::List) => self.on_list(&delivery, router).await,
             Some(Kind::Disconnect) => self.on_disconnect(&delivery, router).await,
@@ -466,4 +468,14 @@ impl LiveLink {
             .map_err(|e| e.to_string())?;
         Ok(())
     }
+}
+
+/// A live message's notifications (a JSON array, one per notification of
+/// the writer's batch for this instance), as route requests in order.
+fn notifications_of(body: &[u8]) -> Result<Vec<crate::router::RouteRequest>, String> {
+    serde_json::from_slice::<Vec<LiveNotification>>(body)
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .map(LiveNotification::into_request)
+        .collect()
 }

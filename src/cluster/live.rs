@@ -44,7 +44,8 @@ impl Kind {
     }
 }
 
-/// A notification for the receiving instance's own recipients.
+/// A notification for the receiving instance's own recipients; a live
+/// `notify` message carries a JSON array of them (the writer's batch).
 #[derive(Debug, Serialize, Deserialize)]
 pub struct LiveNotification {
     pub id: String,

@@ -41,6 +41,9 @@ pub struct Presence {
     /// Set once the rows a previous process with this instance id left are
     /// gone: before this instance's first row is written.
     cleaned: OnceCell<()>,
+    /// Whether a heartbeat was written before: a missing row then means
+    /// the cluster forgot this instance (not its first start).
+    beaten: std::sync::atomic::AtomicBool,
     cluster: String,
     instance: String,
     users: Mutex<HashMap<String, Slot>>,
@@ -70,6 +73,7 @@ impl Presence {
         Arc::new(Self {
             store,
             cleaned: OnceCell::new(),
+            beaten: Default::default(),
             cluster: names.cluster.clone(),
             instance: names.instance.clone(),
             users: Mutex::new(HashMap::new()),
@@ -184,10 +188,14 @@ impl Presence {
     async fn tick(&self) -> anyhow::Result<()> {
         self.clean_previous_life().await?;
         let db = self.store.client().await?;
-        let forgotten: bool = db
+        let inserted: bool = db
             .query_one(BEAT, &[&self.cluster, &self.instance])
             .await?
             .get(0);
+        let beaten_before = self
+            .beaten
+            .swap(true, std::sync::atomic::Ordering::Relaxed);
+        let forgotten = inserted && beaten_before;
         db.execute(
             "WITH dead AS (
                  DELETE FROM cluster_instances

@@ -27,7 +27,7 @@ const BATCH: usize = 256;
 #[derive(Clone)]
 pub enum Committed {
     Router(Router),
-    Cluster(Arc<crate::cluster::fanout::Fanout>),
+    Cluster(crate::cluster::fanout::FanoutHandle),
 }
 
 /// Handle to the stage task.
