@@ -74,7 +74,7 @@ pub fn document() -> Value {
             },
             "/api/connections": {
                 "get": {
-                    "summary": "List this instance's open WebSocket connections",
+                    "summary": "List the open WebSocket connections (of every instance, in cluster mode)",
                     "operationId": "listConnections",
                     "security": [{"adminKey": []}],
                     "parameters": [{
@@ -92,13 +92,14 @@ pub fn document() -> Value {
                             }}}
                         },
                         "400": error_response("Bad query"),
-                        "401": error_response("No admin key")
+                        "401": error_response("No admin key"),
+                        "503": error_response("Cluster mode: the other instances cannot be asked")
                     }
                 }
             },
             "/api/connections/{id}": {
                 "delete": {
-                    "summary": "Close one connection with WebSocket close code 1008",
+                    "summary": "Close one connection with WebSocket close code 1008, on whichever instance holds it",
                     "operationId": "closeConnection",
                     "security": [{"adminKey": []}],
                     "parameters": [{
@@ -108,7 +109,8 @@ pub fn document() -> Value {
                     "responses": {
                         "204": {"description": "Closed"},
                         "401": error_response("No admin key"),
-                        "404": error_response("No open connection has that id")
+                        "404": error_response("No open connection has that id (in cluster mode: no live instance has it)"),
+                        "503": error_response("Cluster mode: the instance holding it cannot be asked")
                     }
                 }
             },
@@ -293,7 +295,8 @@ pub fn document() -> Value {
                         "payload": {"description": "Any JSON value (null included), forwarded as received"},
                         "event": {"type": "string", "default": "notification"},
                         "id": {"type": "string", "minLength": 1},
-                        "store": {"type": "boolean", "default": true}
+                        "store": {"type": "boolean", "default": true},
+                        "receipt": {"type": "boolean", "default": true, "description": "false: no delivery receipts for this message (receipts.enabled or an AMQP reply_to)"}
                     },
                     "example": {"user_id": 1, "payload": {"text": "hello"}}
                 },
@@ -326,7 +329,8 @@ pub fn document() -> Value {
                     "type": "object",
                     "required": ["id", "user_id", "channels", "remote_addr", "connected_at"],
                     "properties": {
-                        "id": {"type": "string", "example": "c-1"},
+                        "id": {"type": "string", "example": "c-1", "description": "c-<n>; in cluster mode c-<instance>-<n>"},
+                        "instance": {"type": "string", "description": "Cluster mode: the instance holding the connection"},
                         "user_id": {"type": "string"},
                         "channels": {"type": "array", "items": {"type": "string"}},
                         "remote_addr": {"type": "string", "example": "127.0.0.1:50000"},
