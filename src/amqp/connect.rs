@@ -11,14 +11,31 @@
 use std::{io, path::Path, sync::Arc};
 
 use lapin::{
+    options::ConfirmSelectOptions,
     tcp::{AsyncTcpStream, RustlsConnector},
     uri::{AMQPScheme, AMQPUri},
-    Connection, ConnectionProperties,
+    Channel, Connection, ConnectionProperties,
 };
 use rustls::{ClientConfig, RootCertStore};
 use rustls_pki_types::{pem::PemObject, CertificateDer};
 
 use crate::config::{AmqpConfig, ConfigError};
+
+/// A connection of its own, named `name`, with one channel in confirm
+/// mode: what the side port's publisher and the receipts publishers each
+/// open, apart from the consumer's, so a failing publish never disturbs it.
+pub async fn confirm_channel(
+    config: &AmqpConfig,
+    name: String,
+) -> lapin::Result<(Connection, Channel)> {
+    let properties = ConnectionProperties::default().with_connection_name(name.into());
+    let connection = connect(config, properties).await?;
+    let channel = connection.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    Ok((connection, channel))
+}
 
 /// Connects to `config.url` as described in the module documentation.
 pub async fn connect(

@@ -8,10 +8,7 @@
 
 use std::{sync::Mutex, time::Duration};
 
-use lapin::{
-    options::{BasicPublishOptions, ConfirmSelectOptions},
-    BasicProperties, Channel, Connection, ConnectionProperties,
-};
+use lapin::{options::BasicPublishOptions, BasicProperties, Channel, Connection};
 use tokio::time::timeout;
 
 use crate::config::AmqpConfig;
@@ -107,17 +104,11 @@ impl Publisher {
         if let Some(channel) = self.usable() {
             return Ok(channel);
         }
-        let opened = timeout(BROKER_TIMEOUT, async {
-            let properties = ConnectionProperties::default().with_connection_name(
-                format!("notify-bridge publisher {}", self.config.queue_name()).into(),
-            );
-            let connection = super::connect::connect(&self.config, properties).await?;
-            let channel = connection.create_channel().await?;
-            channel
-                .confirm_select(ConfirmSelectOptions::default())
-                .await?;
-            Ok::<_, lapin::Error>((connection, channel))
-        })
+        let name = format!("notify-bridge publisher {}", self.config.queue_name());
+        let opened = timeout(
+            BROKER_TIMEOUT,
+            super::connect::confirm_channel(&self.config, name),
+        )
         .await;
         match opened {
             Ok(Ok((connection, channel))) => {

@@ -10,7 +10,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use lapin::{options::ConfirmSelectOptions, Channel, Connection, ConnectionProperties};
+use lapin::{Channel, Connection};
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
@@ -101,17 +101,10 @@ async fn usable(
             return Ok(channel.clone());
         }
     }
-    let opened = tokio::time::timeout(CONNECT_TIMEOUT, async {
-        let properties = ConnectionProperties::default()
-            .with_connection_name("notify-bridge read receipts".into());
-        // Through amqp::connect, so amqps:// with amqp.tls_ca_file works here too.
-        let connection = super::connect::connect(amqp, properties).await?;
-        let channel = connection.create_channel().await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
-        Ok::<_, lapin::Error>((connection, channel))
-    })
+    let opened = tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        super::connect::confirm_channel(amqp, "notify-bridge read receipts".into()),
+    )
     .await;
     match opened {
         Ok(Ok((connection, channel))) => {

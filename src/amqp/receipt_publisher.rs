@@ -13,10 +13,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use lapin::{
-    options::{BasicPublishOptions, ConfirmSelectOptions},
-    BasicProperties, Channel, PublisherConfirm,
-};
+use lapin::{options::BasicPublishOptions, BasicProperties, Channel, PublisherConfirm};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
@@ -154,13 +151,7 @@ impl DeliveryReceipts {
         metrics: Arc<Metrics>,
         failed: CancellationToken,
     ) -> Result<Self, lapin::Error> {
-        let properties = lapin::ConnectionProperties::default().with_connection_name(name.into());
-        // Through amqp::connect, so amqps:// with amqp.tls_ca_file works here too.
-        let connection = super::connect::connect(amqp, properties).await?;
-        let channel = connection.create_channel().await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
+        let (connection, channel) = super::connect::confirm_channel(amqp, name.into()).await?;
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(async move {
             run(rx, channel, to, metrics, failed).await;

@@ -192,9 +192,7 @@ impl Presence {
             .query_one(BEAT, &[&self.cluster, &self.instance])
             .await?
             .get(0);
-        let beaten_before = self
-            .beaten
-            .swap(true, std::sync::atomic::Ordering::Relaxed);
+        let beaten_before = self.beaten.swap(true, std::sync::atomic::Ordering::Relaxed);
         let forgotten = inserted && beaten_before;
         db.execute(
             "WITH dead AS (
