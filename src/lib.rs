@@ -46,7 +46,6 @@ pub mod metrics;
 pub mod outbound;
 pub mod readiness;
 pub mod receipts;
-pub mod rfc3339;
 pub mod router;
 pub mod shutdown;
 pub mod tickets;

@@ -293,7 +293,7 @@ fn user_body(id: &str, u: &UserOutcome, at: &str) -> String {
 }
 
 fn now() -> String {
-    crate::rfc3339::format(SystemTime::now())
+    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
 }
 
 #[cfg(test)]

@@ -400,7 +400,8 @@ impl RouterTask {
                             c
                         },
                         remote_addr: e.handle.remote_addr.to_string(),
-                        connected_at: crate::rfc3339::format(e.handle.connected_at),
+                        connected_at: humantime::format_rfc3339_seconds(e.handle.connected_at)
+                            .to_string(),
                     })
                     .collect();
                 list.sort_by(|a, b| a.id.cmp(&b.id));

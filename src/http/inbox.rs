@@ -118,7 +118,7 @@ fn entry_json(e: Entry) -> Value {
         "seq": e.seq,
         "event": e.event,
         "payload": payload,
-        "created_at": crate::rfc3339::format(created_at),
+        "created_at": humantime::format_rfc3339_seconds(created_at).to_string(),
         "read": e.read,
     })
 }
