@@ -1184,6 +1184,39 @@ mod tests {
     }
 
     #[test]
+    fn cluster_mode_needs_the_postgres_inbox_and_names_fit_for_the_broker() {
+        let alone = load_toml(&format!("{SECRET}[cluster]\nenabled = true\n"))
+            .expect_err("cluster mode without the shared store");
+        assert!(alone.to_string().contains("cluster.enabled"), "{alone}");
+        let pg =
+            "[inbox]\nenabled = true\nstore = \"postgres\"\npostgres_url = \"postgres://h/db\"\n";
+        let ok = load_toml(&format!(
+            "{SECRET}{pg}[cluster]\nenabled = true\ninstance_id = \"a-1.x\"\n"
+        ))
+        .unwrap();
+        assert_eq!(ok.cluster.resolved_instance_id(), "a-1.x");
+        for bad in [
+            "name = \"has space\"",
+            "name = \"\"",
+            "instance_id = \"a/b\"",
+        ] {
+            let err = load_toml(&format!("{SECRET}{pg}[cluster]\nenabled = true\n{bad}\n"))
+                .expect_err(bad);
+            assert!(err.to_string().contains("cluster."), "{bad}: {err}");
+        }
+        // The default id: the hostname and a suffix that differs per start.
+        let defaults = ClusterConfig {
+            instance_id: String::new(),
+            ..ok.cluster
+        };
+        assert_ne!(
+            defaults.resolved_instance_id(),
+            defaults.resolved_instance_id()
+        );
+        assert!(defaults.resolved_instance_id().chars().all(is_name_char));
+    }
+
+    #[test]
     fn the_postgres_store_needs_a_valid_url_and_check_config_masks_it() {
         let c = load_toml(SECRET).unwrap();
         assert_eq!(
