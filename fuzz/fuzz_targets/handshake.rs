@@ -3,9 +3,10 @@
 //! request: path, query string, `Authorization`, `Sec-WebSocket-Protocol`,
 //! `Origin` and any other headers, under both auth modes (`jwt` with a
 //! secret, `none`) and fuzzed `websocket.path`, `allowed_origins` and
-//! `public_channels`. The helpers it uses (`parse_query`, `percent_decode`,
+//! `public_channels`. The query parser and the glob it uses (`parse_query`,
 //! `glob_match`) are also checked on their own against plain reference
-//! implementations written from their doc comments.
+//! implementations written from their doc comments, and a user taken from
+//! the path against the path's own decoding (`%XX` only: `+` is a plus).
 //!
 //! Input: a text much like the request itself, so seeds are readable and
 //! mutations stay meaningful (`\r\n` or `\n` line ends):
@@ -36,7 +37,7 @@ use notify_bridge::{
     auth::{self, Authenticator},
     config::{AuthConfig, AuthMode, WebSocketConfig},
     message::UserId,
-    ws::handshake::{glob_match, parse_query, percent_decode, HandshakePolicy},
+    ws::handshake::{glob_match, parse_query, HandshakePolicy},
 };
 use std::{borrow::Cow, sync::OnceLock, time::Duration};
 
@@ -223,32 +224,42 @@ fuzz_target!(|data: &[u8]| {
                         );
                     }
                 }
-                AuthMode::None => assert!(admission.expires_at.is_none()),
+                AuthMode::None => {
+                    assert!(admission.expires_at.is_none());
+                    let from_query = reference_parse_query(query_of(target))
+                        .into_iter()
+                        .any(|(k, v)| k == "user_id" && v.trim() == admission.user.as_str());
+                    let from_path = last_segment(target)
+                        .is_some_and(|s| reference_decode(s, false).trim() == admission.user.as_str());
+                    assert!(from_query || from_path, "user {:?} from neither", admission.user);
+                }
             }
         }
     }
 });
 
+fn query_of(target: &str) -> &str {
+    target.split_once('?').map_or("", |(_, q)| q)
+}
+
+/// The last non-empty segment of the target's path, undecoded.
+fn last_segment(target: &str) -> Option<&str> {
+    let path = target.split_once('?').map_or(target, |(p, _)| p);
+    path.rsplit('/').find(|s| !s.is_empty())
+}
+
 /// The helpers against references written from their doc comments.
 fn check_helpers(target: &str, patterns: &[String]) {
-    let (path, query) = target.split_once('?').unwrap_or((target, ""));
-    for text in [path, query] {
-        // Seeds bug_percent_sign_escape*: `%+A` was once taken as 0x0A.
-        assert_eq!(
-            percent_decode(text),
-            reference_percent_decode(text),
-            "{text:?}"
-        );
-        let mut encoded = String::new();
-        for byte in text.bytes() {
-            encoded.push_str(&format!("%{byte:02X}"));
-        }
-        assert_eq!(percent_decode(&encoded), text);
-    }
+    let query = query_of(target);
     let pairs = parse_query(query);
     assert_eq!(pairs, reference_parse_query(query), "{query:?}");
+    // Any text, every byte `%XX`-encoded, comes back as it was.
+    let mut encoded = String::from("v=");
+    for byte in target.bytes() {
+        encoded.push_str(&format!("%{byte:02X}"));
+    }
+    assert_eq!(parse_query(&encoded), [("v".to_string(), target.to_string())]);
     for (_, value) in &pairs {
-        // Seeds bug_glob_literal_star*: `*` once failed to match `*b`.
         assert!(glob_match("*", value));
         if !value.contains(['*', '?']) {
             assert!(glob_match(value, value));
@@ -266,14 +277,14 @@ fn check_helpers(target: &str, patterns: &[String]) {
     }
 }
 
-/// "Form-style decoding: `+` is a space, `%XX` a byte; invalid escapes are
-/// kept as they are."
-fn reference_percent_decode(text: &str) -> String {
+/// "`%XX` a byte; invalid escapes are kept as they are", and in a query
+/// (`form`) `+` is a space.
+fn reference_decode(text: &str, form: bool) -> String {
     let b = text.as_bytes();
     let mut out = Vec::new();
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'+' {
+        if form && b[i] == b'+' {
             out.push(b' ');
             i += 1;
         } else if b[i] == b'%'
@@ -302,7 +313,7 @@ fn reference_parse_query(query: &str) -> Vec<(String, String)> {
             Some(at) => (&part[..at], &part[at + 1..]),
             None => (part, ""),
         };
-        out.push((reference_percent_decode(k), reference_percent_decode(v)));
+        out.push((reference_decode(k, true), reference_decode(v, true)));
     }
     out
 }

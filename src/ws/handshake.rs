@@ -5,6 +5,7 @@
 
 use std::time::SystemTime;
 
+use percent_encoding::percent_decode_str;
 use tokio_tungstenite::tungstenite::http::{self, HeaderMap, StatusCode};
 
 use crate::{
@@ -335,7 +336,9 @@ impl HandshakePolicy<'_> {
                 )
             })?;
         let last = below.rsplit('/').find(|s| !s.is_empty());
-        Ok(last.map(percent_decode).as_deref().and_then(UserId::new))
+        // Percent escapes only: a `+` in a path is a plus, not a space.
+        let last = last.map(|segment| percent_decode_str(segment).decode_utf8_lossy());
+        Ok(last.as_deref().and_then(UserId::new))
     }
 }
 
@@ -420,15 +423,11 @@ pub fn glob_match(pattern: &str, text: &str) -> bool {
     p[pi..].iter().all(|&c| c == '*')
 }
 
-/// The query string as decoded `(key, value)` pairs, in order.
+/// The query string as decoded `(key, value)` pairs, in order (form
+/// encoding: `+` is a space; an invalid `%` escape stays as it is).
 pub fn parse_query(query: &str) -> Vec<(String, String)> {
-    query
-        .split('&')
-        .filter(|part| !part.is_empty())
-        .map(|part| {
-            let (k, v) = part.split_once('=').unwrap_or((part, ""));
-            (percent_decode(k), percent_decode(v))
-        })
+    form_urlencoded::parse(query.as_bytes())
+        .into_owned()
         .collect()
 }
 
@@ -437,32 +436,6 @@ pub fn query_value<'q>(query: &'q [(String, String)], key: &str) -> Option<&'q s
         .iter()
         .find(|(k, v)| k == key && !v.is_empty())
         .map(|(_, v)| v.as_str())
-}
-
-/// Form-style decoding: `+` is a space, `%XX` a byte; invalid escapes are
-/// kept as they are.
-pub fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            // Two hex digits exactly: `u8::from_str_radix` alone would also
-            // take a sign (`%+A` as 0x0A; found by fuzzing).
-            b'%' if i + 2 < bytes.len()
-                && bytes[i + 1].is_ascii_hexdigit()
-                && bytes[i + 2].is_ascii_hexdigit() =>
-            {
-                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).expect("ASCII");
-                out.push(u8::from_str_radix(hex, 16).expect("two hex digits"));
-                i += 2;
-            }
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]
@@ -630,6 +603,19 @@ mod tests {
     }
 
     #[test]
+    fn a_plus_in_the_path_is_a_plus() {
+        // `+` means a space only in a query string (form encoding), never in
+        // a path: `/ws/a+b` is user `a+b`, `/ws/a%20b` user `a b`.
+        let user = |uri: &str| admit(AuthMode::None, uri, &[]).unwrap().user;
+        assert_eq!(user("/ws/a+b").as_str(), "a+b");
+        assert_eq!(user("/ws/a%2Bb").as_str(), "a+b");
+        assert_eq!(user("/ws/a%20b").as_str(), "a b");
+        assert_eq!(user("/ws?user_id=a+b").as_str(), "a b");
+        let t = token("a+b", &[]);
+        assert!(admit(AuthMode::Jwt, &format!("/ws/a+b?token={t}"), &[]).is_ok());
+    }
+
+    #[test]
     fn since_must_be_a_non_negative_integer() {
         let t = token("1", &[]);
         assert_eq!(
@@ -660,13 +646,14 @@ mod tests {
         assert!(glob_match("*", "*b"));
         assert!(glob_match("public:*", "public:*x"));
         assert!(!glob_match("public:*", "private:*"));
-        assert_eq!(percent_decode("a%20b+c%2"), "a b c%2");
-        // ... and a sign where a hex digit belongs stays as it is.
-        assert_eq!(percent_decode("%+2"), "% 2");
-        assert_eq!(percent_decode("chat:%+A"), "chat:% A");
-        assert_eq!(percent_decode("%-1%4a"), "%-1J");
+        let value = |query: &str| parse_query(query).remove(0).1;
+        assert_eq!(value("v=a%20b+c%2"), "a b c%2");
+        // A sign where a hex digit belongs stays as it is.
+        assert_eq!(value("v=%+2"), "% 2");
+        assert_eq!(value("v=chat:%+A"), "chat:% A");
+        assert_eq!(value("v=%-1%4a"), "%-1J");
         assert_eq!(
-            parse_query("channel=a%3Ab&x"),
+            parse_query("channel=a%3Ab&x&&"),
             vec![("channel".into(), "a:b".into()), ("x".into(), "".into())]
         );
     }
