@@ -3,8 +3,8 @@
 //! request: path, query string, `Authorization`, `Sec-WebSocket-Protocol`,
 //! `Origin` and any other headers, under both auth modes (`jwt` with a
 //! secret, `none`) and fuzzed `websocket.path`, `allowed_origins` and
-//! `public_channels`. The query parser and the glob it uses (`parse_query`,
-//! `glob_match`) are also checked on their own against plain reference
+//! `public_channels`. The query parser and the compiled public-channel
+//! patterns (`parse_query`, `ChannelPattern`) are also checked on their own against plain reference
 //! implementations written from their doc comments, and a user taken from
 //! the path against the path's own decoding (`%XX` only: `+` is a plus).
 //!
@@ -35,9 +35,9 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri};
 use libfuzzer_sys::fuzz_target;
 use notify_bridge::{
     auth::{self, Authenticator},
-    config::{AuthConfig, AuthMode, WebSocketConfig},
+    config::{AuthConfig, AuthMode, ChannelPattern, WebSocketConfig},
     message::UserId,
-    ws::handshake::{glob_match, parse_query, HandshakePolicy},
+    ws::handshake::{parse_query, HandshakePolicy},
 };
 use std::{borrow::Cow, sync::OnceLock, time::Duration};
 
@@ -108,7 +108,9 @@ fuzz_target!(|data: &[u8]| {
                 "mode" if value == "none" => mode = AuthMode::None,
                 "path" => settings.path = value.to_string(),
                 "origins" => settings.allowed_origins = list(value),
-                "public" => settings.public_channels = list(value),
+                "public" => {
+                    settings.public_channels = list(value).into_iter().map(Into::into).collect()
+                }
                 "user" => user = Some(value.to_string()),
                 "channels" => channels = list(value),
                 "max" => {
@@ -168,10 +170,7 @@ fuzz_target!(|data: &[u8]| {
         }
     }
 
-    let policy = HandshakePolicy {
-        settings: &settings,
-        auth: authenticator(mode),
-    };
+    let policy = HandshakePolicy::new(&settings, authenticator(mode));
     check_helpers(target, &settings.public_channels);
 
     match policy.admit(&uri, &headers) {
@@ -219,7 +218,7 @@ fuzz_target!(|data: &[u8]| {
                                 || settings
                                     .public_channels
                                     .iter()
-                                    .any(|p| glob_match(p, channel)),
+                                    .any(|p| reference_glob(p.as_str(), channel)),
                             "{channel:?} was granted neither by the token nor publicly"
                         );
                     }
@@ -249,7 +248,7 @@ fn last_segment(target: &str) -> Option<&str> {
 }
 
 /// The helpers against references written from their doc comments.
-fn check_helpers(target: &str, patterns: &[String]) {
+fn check_helpers(target: &str, patterns: &[ChannelPattern]) {
     let query = query_of(target);
     let pairs = parse_query(query);
     assert_eq!(pairs, reference_parse_query(query), "{query:?}");
@@ -260,16 +259,15 @@ fn check_helpers(target: &str, patterns: &[String]) {
     }
     assert_eq!(parse_query(&encoded), [("v".to_string(), target.to_string())]);
     for (_, value) in &pairs {
-        assert!(glob_match("*", value));
-        if !value.contains(['*', '?']) {
-            assert!(glob_match(value, value));
-        }
-        for pattern in patterns {
+        assert!(ChannelPattern::from("*").matches(value));
+        let literal = ChannelPattern::from(value.as_str());
+        assert!(literal.matches(value), "{value:?} on itself");
+        for pattern in patterns.iter().chain([&literal]) {
             // Kept small: the reference is a quadratic table.
-            if pattern.len() <= 64 && value.len() <= 64 {
+            if pattern.as_str().len() <= 64 && value.len() <= 64 {
                 assert_eq!(
-                    glob_match(pattern, value),
-                    reference_glob(pattern, value),
+                    pattern.matches(value),
+                    reference_glob(pattern.as_str(), value),
                     "glob {pattern:?} on {value:?}"
                 );
             }

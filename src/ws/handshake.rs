@@ -97,11 +97,17 @@ fn forbidden(detail: impl Into<String>) -> Refusal {
 
 /// Everything the handshake decision depends on besides the request.
 pub struct HandshakePolicy<'a> {
-    pub settings: &'a WebSocketConfig,
-    pub auth: &'a Authenticator,
+    settings: &'a WebSocketConfig,
+    auth: &'a Authenticator,
 }
 
-impl HandshakePolicy<'_> {
+impl<'a> HandshakePolicy<'a> {
+    /// The policy of a listener: its settings (public channel patterns
+    /// compiled at load) and its token verifier.
+    pub fn new(settings: &'a WebSocketConfig, auth: &'a Authenticator) -> Self {
+        Self { settings, auth }
+    }
+
     /// Decides on one upgrade request.
     pub fn admit(&self, uri: &http::Uri, headers: &HeaderMap) -> Result<Admission, Refusal> {
         self.admit_redeemed(uri, headers, None)
@@ -311,7 +317,7 @@ impl HandshakePolicy<'_> {
                 .settings
                 .public_channels
                 .iter()
-                .any(|pattern| glob_match(pattern, channel))
+                .any(|pattern| pattern.matches(channel))
     }
 
     /// `None` for the endpoint itself; the last non-empty segment for a
@@ -397,32 +403,6 @@ fn origin_allowed(allowed: &[String], origin: &str) -> bool {
             .any(|a| a == "*" || a.trim_end_matches('/').eq_ignore_ascii_case(origin))
 }
 
-/// `*` matches any run of characters, `?` exactly one.
-pub fn glob_match(pattern: &str, text: &str) -> bool {
-    let p: Vec<char> = pattern.chars().collect();
-    let t: Vec<char> = text.chars().collect();
-    let (mut pi, mut ti) = (0, 0);
-    let mut star: Option<(usize, usize)> = None;
-    while ti < t.len() {
-        // The wildcard first: a `*` in the text is no reason to take the
-        // pattern's `*` literally (found by fuzzing: `*` did not match `*b`).
-        if pi < p.len() && p[pi] == '*' {
-            star = Some((pi, ti));
-            pi += 1;
-        } else if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
-            pi += 1;
-            ti += 1;
-        } else if let Some((sp, st)) = star {
-            pi = sp + 1;
-            ti = st + 1;
-            star = Some((sp, st + 1));
-        } else {
-            return false;
-        }
-    }
-    p[pi..].iter().all(|&c| c == '*')
-}
-
 /// The query string as decoded `(key, value)` pairs, in order (form
 /// encoding: `+` is a space; an invalid `%` escape stays as it is).
 pub fn parse_query(query: &str) -> Vec<(String, String)> {
@@ -472,10 +452,7 @@ mod tests {
     fn admit(mode: AuthMode, uri: &str, headers: &[(&str, &str)]) -> Result<Admission, Refusal> {
         let settings = settings();
         let auth = auth(mode);
-        let policy = HandshakePolicy {
-            settings: &settings,
-            auth: &auth,
-        };
+        let policy = HandshakePolicy::new(&settings, &auth);
         let mut map = HeaderMap::new();
         for (k, v) in headers {
             map.append(
@@ -637,25 +614,34 @@ mod tests {
     }
 
     #[test]
-    fn globs_and_decoding() {
-        assert!(glob_match("public:*", "public:news"));
-        assert!(glob_match("a?c", "abc"));
-        assert!(!glob_match("public:*", "private:x"));
-        assert!(glob_match("*", ""));
-        // Found by fuzzing (fuzz/corpus/handshake/bug_*): a `*` in the text.
-        assert!(glob_match("*", "*b"));
-        assert!(glob_match("public:*", "public:*x"));
-        assert!(!glob_match("public:*", "private:*"));
-        let value = |query: &str| parse_query(query).remove(0).1;
-        assert_eq!(value("v=a%20b+c%2"), "a b c%2");
-        // A sign where a hex digit belongs stays as it is.
-        assert_eq!(value("v=%+2"), "% 2");
-        assert_eq!(value("v=chat:%+A"), "chat:% A");
-        assert_eq!(value("v=%-1%4a"), "%-1J");
-        assert_eq!(
-            parse_query("channel=a%3Ab&x&&"),
-            vec![("channel".into(), "a:b".into()), ("x".into(), "".into())]
-        );
+    fn public_patterns_are_star_and_question_mark_globs() {
+        let t = token("1", &[]);
+        let joins = |pattern: &str, channel: &str| {
+            let settings = WebSocketConfig {
+                public_channels: vec![pattern.into()],
+                ..WebSocketConfig::default()
+            };
+            let auth = auth(AuthMode::Jwt);
+            let uri = format!("/ws?token={t}&channel={}", urlencode(channel));
+            HandshakePolicy::new(&settings, &auth)
+                .admit(&uri.parse().unwrap(), &HeaderMap::new())
+                .is_ok()
+        };
+        assert!(joins("public:*", "public:news"));
+        assert!(joins("a?c", "abc") && !joins("a?c", "ac") && !joins("a?c", "abbc"));
+        assert!(!joins("public:*", "private:x"));
+        assert!(joins("*", "*b") && joins("*", "a/b"));
+        assert!(joins("public:*", "public:*x"));
+        assert!(!joins("public:*", "private:*"));
+        // `[`, `{` and `\` are plain characters, not glob syntax.
+        assert!(joins("[ab]", "[ab]") && !joins("[ab]", "a"));
+        assert!(joins("{a,b}", "{a,b}") && !joins("{a,b}", "a"));
+        assert!(joins("a\\*", "a\\x"));
+        assert!(!joins("Public:*", "public:x"));
+    }
+
+    fn urlencode(text: &str) -> String {
+        form_urlencoded::byte_serialize(text.as_bytes()).collect()
     }
 
     #[test]
@@ -734,10 +720,7 @@ mod tests {
             ..AuthConfig::default()
         })
         .unwrap();
-        let policy = HandshakePolicy {
-            settings: &settings,
-            auth: &auth,
-        };
+        let policy = HandshakePolicy::new(&settings, &auth);
         let admit_with = |uri: &str, cookie: &str| {
             let mut map = HeaderMap::new();
             map.append("cookie", cookie.parse().unwrap());

@@ -88,10 +88,7 @@ impl WsContext {
     }
 
     pub fn policy(&self) -> HandshakePolicy<'_> {
-        HandshakePolicy {
-            settings: &self.settings,
-            auth: &self.auth,
-        }
+        HandshakePolicy::new(&self.settings, &self.auth)
     }
 }
 
