@@ -37,7 +37,8 @@ use notify_bridge::{
     auth::{self, Authenticator},
     config::{AuthConfig, AuthMode, ChannelPattern, WebSocketConfig},
     message::UserId,
-    ws::handshake::{parse_query, HandshakePolicy},
+    query::parse as parse_query,
+    ws::handshake::HandshakePolicy,
 };
 use std::{borrow::Cow, sync::OnceLock, time::Duration};
 

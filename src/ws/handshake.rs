@@ -1,18 +1,20 @@
 //! Deciding, from the HTTP upgrade request alone, who a client is and what
 //! it may join: path, query, headers, subprotocol, origin, channels. The
-//! result is an [`Admission`] or a [`Refusal`] that becomes a plain HTTP
-//! response with a JSON body.
+//! result is an [`Admission`] or an [`ApiError`] that becomes a plain HTTP
+//! response with the contract's JSON body.
 
 use std::time::SystemTime;
 
 use percent_encoding::percent_decode_str;
-use tokio_tungstenite::tungstenite::http::{self, HeaderMap, StatusCode};
+use tokio_tungstenite::tungstenite::http::{self, HeaderMap};
 
 use crate::{
     auth::{Authenticator, ChannelGrant, Identity},
     config::{AuthMode, WebSocketConfig},
+    error::ApiError,
     message::UserId,
     metrics::Limit,
+    query,
     tickets::TicketError,
 };
 
@@ -37,64 +39,6 @@ pub struct Admission {
     pub since: Option<u64>,
 }
 
-/// A refused handshake: status, error code and a human-readable detail.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Refusal {
-    pub status: StatusCode,
-    pub code: &'static str,
-    pub detail: String,
-    /// The hostile-input limit this refusal enforces, if any: such
-    /// refusals are counted and logged at WARN, ordinary ones at DEBUG.
-    pub limit: Option<Limit>,
-}
-
-impl Refusal {
-    pub fn new(status: StatusCode, code: &'static str, detail: impl Into<String>) -> Self {
-        Self {
-            status,
-            code,
-            detail: detail.into(),
-            limit: None,
-        }
-    }
-
-    /// Marks the refusal as enforcing `limit`.
-    pub fn for_limit(self, limit: Limit) -> Self {
-        Self {
-            limit: Some(limit),
-            ..self
-        }
-    }
-
-    /// The refusal as a complete HTTP/1.1 response: the status, a JSON
-    /// body `{"error": CODE, "detail": TEXT}` with its length (so a client
-    /// need not wait for the close to know it has all of it), `Connection:
-    /// close`, and `Allow: GET` for a 405.
-    pub fn to_http(&self) -> Vec<u8> {
-        let body = serde_json::json!({"error": self.code, "detail": self.detail}).to_string();
-        let allow = if self.status == StatusCode::METHOD_NOT_ALLOWED {
-            "Allow: GET\r\n"
-        } else {
-            ""
-        };
-        format!(
-            "HTTP/1.1 {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
-             Connection: close\r\n{allow}\r\n{body}",
-            self.status,
-            body.len()
-        )
-        .into_bytes()
-    }
-}
-
-fn unauthorized(detail: impl Into<String>) -> Refusal {
-    Refusal::new(StatusCode::UNAUTHORIZED, "unauthorized", detail)
-}
-
-fn forbidden(detail: impl Into<String>) -> Refusal {
-    Refusal::new(StatusCode::FORBIDDEN, "forbidden", detail)
-}
-
 /// Everything the handshake decision depends on besides the request.
 pub struct HandshakePolicy<'a> {
     settings: &'a WebSocketConfig,
@@ -109,7 +53,7 @@ impl<'a> HandshakePolicy<'a> {
     }
 
     /// Decides on one upgrade request.
-    pub fn admit(&self, uri: &http::Uri, headers: &HeaderMap) -> Result<Admission, Refusal> {
+    pub fn admit(&self, uri: &http::Uri, headers: &HeaderMap) -> Result<Admission, ApiError> {
         self.admit_redeemed(uri, headers, None)
     }
 
@@ -121,23 +65,19 @@ impl<'a> HandshakePolicy<'a> {
         uri: &http::Uri,
         headers: &HeaderMap,
         redeemed: Option<Result<Identity, TicketError>>,
-    ) -> Result<Admission, Refusal> {
+    ) -> Result<Admission, ApiError> {
         let path_user = self.path_user(uri.path())?;
-        let query = parse_query(uri.query().unwrap_or(""));
+        let query = query::parse(uri.query().unwrap_or(""));
         let since = match query.iter().find(|(k, _)| k == "since") {
             None => None,
             Some((_, v)) => Some(v.parse::<u64>().map_err(|_| {
-                Refusal::new(
-                    StatusCode::BAD_REQUEST,
-                    "bad_request",
-                    format!("`since` must be a non-negative integer, not {v:?}"),
-                )
+                ApiError::bad_request(format!("`since` must be a non-negative integer, not {v:?}"))
             })?),
         };
 
         if let Some(origin) = header(headers, "origin") {
             if !origin_allowed(&self.settings.allowed_origins, origin) {
-                return Err(forbidden(format!(
+                return Err(ApiError::forbidden(format!(
                     "origin {origin} is not in websocket.allowed_origins"
                 )));
             }
@@ -152,7 +92,7 @@ impl<'a> HandshakePolicy<'a> {
                 self.check_claim(&identity.channels)?;
                 if let Some(path_user) = &path_user {
                     if *path_user != identity.user {
-                        return Err(forbidden(format!(
+                        return Err(ApiError::forbidden(format!(
                             "the path names user {}, the token user {}",
                             shown(path_user.as_str()),
                             identity.user
@@ -162,16 +102,18 @@ impl<'a> HandshakePolicy<'a> {
                 identity
             }
             AuthMode::None => {
-                let query_user = query_value(&query, "user_id").and_then(UserId::new);
+                let query_user = query::user_id(&query);
                 if let (Some(q), Some(p)) = (&query_user, &path_user) {
                     if q != p {
-                        return Err(forbidden(format!(
+                        return Err(ApiError::forbidden(format!(
                             "the path names user {p}, ?user_id names user {q}"
                         )));
                     }
                 }
                 let user = query_user.or(path_user).ok_or_else(|| {
-                    unauthorized("auth.mode is \"none\": give ?user_id=U or connect to /ws/U")
+                    ApiError::unauthorized(
+                        "auth.mode is \"none\": give ?user_id=U or connect to /ws/U",
+                    )
                 })?;
                 Identity {
                     user,
@@ -212,22 +154,22 @@ impl<'a> HandshakePolicy<'a> {
         headers: &HeaderMap,
         offered_bearer: Option<&str>,
         redeemed: Option<Result<Identity, TicketError>>,
-    ) -> Result<Identity, Refusal> {
+    ) -> Result<Identity, ApiError> {
         let token = crate::auth::bearer_token(headers)
-            .or_else(|| query_value(query, "token"))
+            .or_else(|| query::value(query, "token"))
             .or(offered_bearer.filter(|t| !t.is_empty()));
         if let Some(token) = token {
-            return self.auth.verify(token).map_err(unauthorized);
+            return self.auth.verify(token).map_err(ApiError::unauthorized);
         }
-        if let Some(ticket) = query_value(query, "ticket") {
+        if let Some(ticket) = query::value(query, "ticket") {
             let identity = redeemed
                 .unwrap_or_else(|| self.auth.tickets().redeem(ticket))
-                .map_err(|e| unauthorized(e.to_string()))?;
+                .map_err(|e| ApiError::unauthorized(e.to_string()))?;
             if identity
                 .expires_at
                 .is_some_and(|at| at <= SystemTime::now())
             {
-                return Err(unauthorized("token expired"));
+                return Err(ApiError::unauthorized("token expired"));
             }
             return Ok(identity);
         }
@@ -236,12 +178,12 @@ impl<'a> HandshakePolicy<'a> {
             .cookie_name()
             .and_then(|name| cookie_token(headers, name))
             .ok_or_else(|| {
-                unauthorized(
+                ApiError::unauthorized(
                     "no token: send Authorization: Bearer T, ?token=T, \
                      Sec-WebSocket-Protocol: bearer, T, or ?ticket=K",
                 )
             })?;
-        self.auth.verify(&cookie).map_err(unauthorized)
+        self.auth.verify(&cookie).map_err(ApiError::unauthorized)
     }
 
     /// The one rule for joining a channel, at connect (`?channel=`) and in
@@ -254,25 +196,25 @@ impl<'a> HandshakePolicy<'a> {
         grant: &ChannelGrant,
         channel: &str,
         held: &[String],
-    ) -> Result<(), Refusal> {
-        let bad_name =
-            |detail: String| Refusal::new(StatusCode::BAD_REQUEST, "bad_request", detail);
+    ) -> Result<(), ApiError> {
         if channel.is_empty() {
-            return Err(bad_name("`channel` must not be empty".into()));
+            return Err(ApiError::bad_request("`channel` must not be empty"));
         }
         if channel.len() > MAX_CHANNEL_NAME_BYTES {
-            return Err(bad_name(format!(
+            return Err(ApiError::bad_request(format!(
                 "a channel name is at most {MAX_CHANNEL_NAME_BYTES} bytes, this one is {}",
                 channel.len()
             ))
             .for_limit(Limit::ChannelName));
         }
         if !self.may_join(grant, channel) {
-            return Err(forbidden(format!("channel {channel} is not allowed")));
+            return Err(ApiError::forbidden(format!(
+                "channel {channel} is not allowed"
+            )));
         }
         let max = self.settings.max_channels_per_connection;
         if held.len() >= max && !held.iter().any(|c| c == channel) {
-            return Err(forbidden(format!(
+            return Err(ApiError::forbidden(format!(
                 "a connection holds at most {max} channels (websocket.max_channels_per_connection)"
             ))
             .for_limit(Limit::MaxChannels));
@@ -283,13 +225,13 @@ impl<'a> HandshakePolicy<'a> {
     /// A token's `channels` claim obeys the same limits as joined channels:
     /// at most `websocket.max_channels_per_connection` names of 1–255 bytes,
     /// so one token cannot make a connection hold an unbounded grant.
-    fn check_claim(&self, grant: &ChannelGrant) -> Result<(), Refusal> {
+    fn check_claim(&self, grant: &ChannelGrant) -> Result<(), ApiError> {
         let ChannelGrant::Listed(claimed) = grant else {
             return Ok(());
         };
         let max = self.settings.max_channels_per_connection;
         if claimed.len() > max {
-            return Err(forbidden(format!(
+            return Err(ApiError::forbidden(format!(
                 "the token's `channels` claim lists {} channels, more than \
                  websocket.max_channels_per_connection ({max})",
                 claimed.len()
@@ -300,7 +242,7 @@ impl<'a> HandshakePolicy<'a> {
             .iter()
             .any(|c| c.is_empty() || c.len() > MAX_CHANNEL_NAME_BYTES)
         {
-            return Err(forbidden(format!(
+            return Err(ApiError::forbidden(format!(
                 "the token's `channels` claim holds a name outside 1 to \
                  {MAX_CHANNEL_NAME_BYTES} bytes"
             ))
@@ -322,7 +264,7 @@ impl<'a> HandshakePolicy<'a> {
 
     /// `None` for the endpoint itself; the last non-empty segment for a
     /// path below it (older clients: `/ws/1`, `/ws/notifications/1/`).
-    fn path_user(&self, path: &str) -> Result<Option<UserId>, Refusal> {
+    fn path_user(&self, path: &str) -> Result<Option<UserId>, ApiError> {
         let base = self.settings.path.trim_end_matches('/');
         let path = path.trim_end_matches('/');
         if path == base {
@@ -332,14 +274,10 @@ impl<'a> HandshakePolicy<'a> {
             .strip_prefix(base)
             .filter(|rest| rest.starts_with('/'))
             .ok_or_else(|| {
-                Refusal::new(
-                    StatusCode::NOT_FOUND,
-                    "not_found",
-                    format!(
-                        "no WebSocket endpoint here; connect to {}",
-                        self.settings.path
-                    ),
-                )
+                ApiError::not_found(format!(
+                    "no WebSocket endpoint here; connect to {}",
+                    self.settings.path
+                ))
             })?;
         let last = below.rsplit('/').find(|s| !s.is_empty());
         // Percent escapes only: a `+` in a path is a plus, not a space.
@@ -403,25 +341,11 @@ fn origin_allowed(allowed: &[String], origin: &str) -> bool {
             .any(|a| a == "*" || a.trim_end_matches('/').eq_ignore_ascii_case(origin))
 }
 
-/// The query string as decoded `(key, value)` pairs, in order (form
-/// encoding: `+` is a space; an invalid `%` escape stays as it is).
-pub fn parse_query(query: &str) -> Vec<(String, String)> {
-    form_urlencoded::parse(query.as_bytes())
-        .into_owned()
-        .collect()
-}
-
-pub fn query_value<'q>(query: &'q [(String, String)], key: &str) -> Option<&'q str> {
-    query
-        .iter()
-        .find(|(k, v)| k == key && !v.is_empty())
-        .map(|(_, v)| v.as_str())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::AuthConfig;
+    use http::StatusCode;
 
     fn settings() -> WebSocketConfig {
         WebSocketConfig {
@@ -449,7 +373,7 @@ mod tests {
         crate::auth::mint(&cfg, user, &channels, std::time::Duration::from_secs(60)).unwrap()
     }
 
-    fn admit(mode: AuthMode, uri: &str, headers: &[(&str, &str)]) -> Result<Admission, Refusal> {
+    fn admit(mode: AuthMode, uri: &str, headers: &[(&str, &str)]) -> Result<Admission, ApiError> {
         let settings = settings();
         let auth = auth(mode);
         let policy = HandshakePolicy::new(&settings, &auth);
@@ -588,6 +512,8 @@ mod tests {
         assert_eq!(user("/ws/a%2Bb").as_str(), "a+b");
         assert_eq!(user("/ws/a%20b").as_str(), "a b");
         assert_eq!(user("/ws?user_id=a+b").as_str(), "a b");
+        // `?user_id=` is read as everywhere (query::user_id): the first not blank.
+        assert_eq!(user("/ws?user_id=%20&user_id=5").as_str(), "5");
         let t = token("a+b", &[]);
         assert!(admit(AuthMode::Jwt, &format!("/ws/a+b?token={t}"), &[]).is_ok());
     }
