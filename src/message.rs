@@ -17,10 +17,12 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 pub struct UserId(Arc<str>);
 
 impl UserId {
-    /// Parses a user id as it appears in a URL or a token claim.
+    /// Parses a user id as it appears in a URL, a token claim or a message.
+    /// U+0000 is refused wherever it comes from: the PostgreSQL inbox (and
+    /// presence) cannot store it, so such an id could never be served.
     pub fn new(text: &str) -> Option<Self> {
         let text = text.trim();
-        (!text.is_empty()).then(|| Self(Arc::from(text)))
+        (!text.is_empty() && !text.contains('\0')).then(|| Self(Arc::from(text)))
     }
 
     pub fn as_str(&self) -> &str {
@@ -253,18 +255,20 @@ pub fn decode(
     let event = match wire.event {
         None => "notification".to_string(),
         Some(raw) => serde_json::from_str::<String>(raw.get())
-            .map_err(|_| invalid("`event` must be a string"))?,
+            .ok()
+            .filter(|event| !event.contains('\0'))
+            .ok_or_else(|| invalid("`event` must be a string without U+0000"))?,
     };
     let id = match wire.id {
         Some(raw) => {
             let id: String = serde_json::from_str(raw.get())
                 .map_err(|_| invalid("`id` must be a non-empty string"))?;
-            if id.is_empty() {
-                return Err(invalid("`id` must be a non-empty string"));
+            if id.is_empty() || id.contains('\0') {
+                return Err(invalid("`id` must be a non-empty string without U+0000"));
             }
             id
         }
-        None => match fallback_id.filter(|id| !id.is_empty()) {
+        None => match fallback_id.filter(|id| !id.is_empty() && !id.contains('\0')) {
             Some(id) => id.to_string(),
             None => uuid::Uuid::now_v7().to_string(),
         },
@@ -317,7 +321,7 @@ fn parse_user(raw: &RawValue, field: &str) -> Result<UserId, DecodeError> {
         .map_err(|e| invalid(format!("`{field}` is not valid JSON: {e}")))?;
     UserId::from_json(&value).ok_or_else(|| {
         invalid(format!(
-            "`{field}` must be an integer or a non-empty string"
+            "`{field}` must be an integer or a non-empty string without U+0000"
         ))
     })
 }
