@@ -425,8 +425,14 @@ async fn a_failed_batch_leaves_nothing_and_the_connections_usable() {
     bad_event.event = "no\0pe".into();
     let bad_user = msg(&["a", "b\0"], "2");
     for _ in 0..10 {
-        assert!(s.append(&[bad_event.clone()], 0, 100).await.is_err());
-        assert!(s.append(&[bad_user.clone()], 0, 100).await.is_err());
+        assert!(s
+            .append(std::slice::from_ref(&bad_event), 0, 100)
+            .await
+            .is_err());
+        assert!(s
+            .append(std::slice::from_ref(&bad_user), 0, 100)
+            .await
+            .is_err());
     }
     // Every pooled connection is out of the failed transactions, and the
     // reservation went with them: seq 2 is the next one.
