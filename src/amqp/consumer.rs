@@ -198,8 +198,8 @@ async fn consume_once(ctx: &ConsumerContext, connected_before: &mut bool) -> Res
                     match message::decode(&delivery.data, message_id, &limits) {
                         Ok(mut notification) => {
                             notification.reply_to = receipt_publisher::reply_to(&delivery);
-                            let settlement = Some(settler.settlement(delivery.acker).with_receipts(receipts.clone()));
-                            ctx.downstream.submit(RouteRequest::new(notification, settlement)).await;
+                            let settlement = settler.settlement(delivery.acker).with_receipts(receipts.clone());
+                            ctx.downstream.submit(RouteRequest::new(notification, Some(Box::new(settlement)))).await;
                         }
                         Err(reason) => {
                             ctx.metrics.messages_invalid.inc();
