@@ -23,7 +23,7 @@ use std::{
     fmt,
     net::SocketAddr,
     sync::{Arc, OnceLock},
-    time::{Instant, SystemTime},
+    time::Instant,
 };
 
 use tokio::sync::{mpsc, oneshot};
@@ -68,13 +68,12 @@ impl SessionControl {
     }
 }
 
-/// What the router keeps of a session.
+/// What the router and the session task both hold of a session (kept
+/// small: the session task holds it for the connection's whole life).
 #[derive(Debug, Clone)]
 pub struct SessionHandle {
     pub id: ConnectionId,
     pub user: UserId,
-    pub remote_addr: SocketAddr,
-    pub connected_at: SystemTime,
     pub outbound: OutboundSender,
     pub control: Arc<SessionControl>,
 }
@@ -149,6 +148,7 @@ impl RouteRequest {
 enum Command {
     Register {
         session: SessionHandle,
+        remote_addr: SocketAddr,
         channels: Vec<String>,
         registered: oneshot::Sender<()>,
     },
@@ -214,12 +214,19 @@ impl Router {
         &self.names
     }
 
-    /// Registers a session; once this returns, every message routed after
-    /// it reaches the session.
-    pub async fn register(&self, session: SessionHandle, channels: Vec<String>) -> bool {
+    /// Registers a session (connected now, from `remote_addr`, for the
+    /// admin listing); once this returns, every message routed after it
+    /// reaches the session.
+    pub async fn register(
+        &self,
+        session: SessionHandle,
+        remote_addr: SocketAddr,
+        channels: Vec<String>,
+    ) -> bool {
         let (registered, done) = oneshot::channel();
         self.send(Command::Register {
             session,
+            remote_addr,
             channels,
             registered,
         })
@@ -310,6 +317,11 @@ impl Router {
 mod tests {
     use super::*;
 
+    const LOCAL: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
+        std::net::Ipv4Addr::LOCALHOST,
+        1,
+    ));
+
     fn session(
         id: u64,
         user: &str,
@@ -320,8 +332,6 @@ mod tests {
             SessionHandle {
                 id: ConnectionId(id),
                 user: UserId::new(user).unwrap(),
-                remote_addr: "127.0.0.1:1".parse().unwrap(),
-                connected_at: SystemTime::now(),
                 outbound: tx,
                 control: Arc::new(SessionControl::default()),
             },
@@ -380,9 +390,9 @@ mod tests {
         let (a2, mut a2_rx) = session(2, "1", 8);
         let (b, mut b_rx) = session(3, "2", 1);
         let b_control = b.control.clone();
-        assert!(router.register(a1, vec![]).await);
-        assert!(router.register(a2, vec!["news".into()]).await);
-        assert!(router.register(b, vec![]).await);
+        assert!(router.register(a1, LOCAL, vec![]).await);
+        assert!(router.register(a2, LOCAL, vec!["news".into()]).await);
+        assert!(router.register(b, LOCAL, vec![]).await);
 
         let completed = Recorder::default();
         for body in [
@@ -441,7 +451,7 @@ mod tests {
         let (mut big, _) = session(1, "1", 1);
         big.outbound = tx;
         let control = big.control.clone();
-        assert!(router.register(big, vec![]).await);
+        assert!(router.register(big, LOCAL, vec![]).await);
         // Each frame is ~110 bytes of envelope plus 100 of payload: the
         // second fits under 500 bytes, the third does not, though the frame
         // bound (1024) is far away.
@@ -465,8 +475,8 @@ mod tests {
         let (router, _task) = Router::spawn(metrics.clone());
         let (a, mut a_rx) = session(1, "1", 8);
         let (b, mut b_rx) = session(2, "1", 8);
-        assert!(router.register(a, vec![]).await);
-        assert!(router.register(b, vec![]).await);
+        assert!(router.register(a, LOCAL, vec![]).await);
+        assert!(router.register(b, LOCAL, vec![]).await);
         router
             .route(note(r#"{"connection_id":"c-2","payload":"only b"}"#))
             .await;

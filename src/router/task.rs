@@ -4,8 +4,9 @@
 
 use std::{
     collections::{HashMap, HashSet},
+    net::SocketAddr,
     sync::Arc,
-    time::Instant,
+    time::{Instant, SystemTime},
 };
 
 use tokio::sync::mpsc;
@@ -44,6 +45,9 @@ pub(super) async fn run(
 struct Entry {
     handle: SessionHandle,
     channels: HashSet<Arc<str>>,
+    /// For the admin listing.
+    remote_addr: SocketAddr,
+    connected_at: SystemTime,
 }
 
 struct RouterTask {
@@ -84,10 +88,11 @@ impl RouterTask {
         match command {
             Command::Register {
                 session,
+                remote_addr,
                 channels,
                 registered,
             } => {
-                self.register(session, channels);
+                self.register(session, remote_addr, channels);
                 let _ = registered.send(());
             }
             Command::Unregister(id) => self.remove(id),
@@ -118,7 +123,7 @@ impl RouterTask {
         }
     }
 
-    fn register(&mut self, session: SessionHandle, channels: Vec<String>) {
+    fn register(&mut self, session: SessionHandle, remote_addr: SocketAddr, channels: Vec<String>) {
         let id = session.id;
         self.by_user
             .entry(session.user.clone())
@@ -129,6 +134,8 @@ impl RouterTask {
             Entry {
                 handle: session,
                 channels: HashSet::new(),
+                remote_addr,
+                connected_at: SystemTime::now(),
             },
         );
         for channel in channels {
@@ -204,8 +211,8 @@ impl RouterTask {
                 id: e.handle.id,
                 user: e.handle.user.clone(),
                 channels: e.channels.iter().cloned().collect(),
-                remote_addr: e.handle.remote_addr,
-                connected_at: e.handle.connected_at,
+                remote_addr: e.remote_addr,
+                connected_at: e.connected_at,
             })
             .collect()
     }

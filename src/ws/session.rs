@@ -55,13 +55,12 @@ pub async fn run(
     ctx: Arc<WsContext>,
 ) {
     let id = ConnectionId(ctx.next_connection_id.fetch_add(1, Ordering::Relaxed) + 1);
-    let span = tracing::debug_span!("session", connection = %id, user = %admission.user);
+    let span =
+        tracing::debug_span!("session", connection = %id, user = %admission.user, %remote_addr);
     let (outbound, queue) = outbound::queue(ctx.settings.send_queue, ctx.settings.send_queue_bytes);
     let handle = SessionHandle {
         id,
         user: admission.user.clone(),
-        remote_addr,
-        connected_at: SystemTime::now(),
         outbound,
         control: Arc::new(SessionControl::default()),
     };
@@ -71,7 +70,7 @@ pub async fn run(
         last_seq: 0,
         ctx,
     };
-    session.run(ws, queue).instrument(span).await;
+    session.run(ws, remote_addr, queue).instrument(span).await;
     drop(permit);
 }
 
@@ -433,10 +432,19 @@ impl Session {
     }
 
     /// Registers, opens, serves, and closes the session.
-    async fn run(mut self, ws: WebSocketStream<ServerStream>, mut queue: OutboundReceiver) {
+    async fn run(
+        mut self,
+        ws: WebSocketStream<ServerStream>,
+        remote_addr: SocketAddr,
+        mut queue: OutboundReceiver,
+    ) {
         let (id, ctx) = (self.handle.id, self.ctx.clone());
         let channels = self.admission.channels.clone();
-        if !ctx.router.register(self.handle.clone(), channels).await {
+        if !ctx
+            .router
+            .register(self.handle.clone(), remote_addr, channels)
+            .await
+        {
             return;
         }
         if let Err(e) = join_cluster(&ctx, &self.admission).await {
@@ -451,7 +459,7 @@ impl Session {
             let _ = tokio::time::timeout(CLOSE_DEADLINE, ws.close(Some(frame))).await;
             return;
         }
-        debug!(remote_addr = %self.handle.remote_addr, "connected");
+        debug!("connected");
         let (mut sink, mut stream) = ws.split();
         let ending = self
             .open_and_serve(&mut sink, &mut stream, &mut queue)
