@@ -76,8 +76,9 @@ pub struct WebSocketConfig {
     pub path: String,
     #[serde(deserialize_with = "string_list")]
     pub allowed_origins: Vec<String>,
-    #[serde(deserialize_with = "string_list")]
-    pub public_channels: Vec<String>,
+    /// Compiled as they load: matching a `subscribe` costs no parsing.
+    #[serde(deserialize_with = "pattern_list")]
+    pub public_channels: Vec<ChannelPattern>,
     /// Outbound queue per connection, in messages; full means close 1013.
     pub send_queue: usize,
     /// Outbound queue per connection, in bytes of frame text: 1,024 frames
@@ -109,6 +110,48 @@ pub struct WebSocketConfig {
         skip_serializing_if = "Option::is_none"
     )]
     pub tls_key_file: Option<PathBuf>,
+}
+
+/// One of `websocket.public_channels`: `*` matches any run of characters,
+/// `?` exactly one, everything else itself (no escapes, no classes), as
+/// `wildmatch` has it. Compiled once, when the config is loaded or built;
+/// it reads and prints as the text it was written as.
+#[derive(Debug, Clone)]
+pub struct ChannelPattern {
+    text: String,
+    compiled: wildmatch::WildMatch,
+}
+
+impl ChannelPattern {
+    /// Whether `channel` matches the whole pattern.
+    pub fn matches(&self, channel: &str) -> bool {
+        self.compiled.matches(channel)
+    }
+
+    /// The pattern as written.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+}
+
+impl<T: Into<String>> From<T> for ChannelPattern {
+    fn from(text: T) -> Self {
+        let text = text.into();
+        let compiled = wildmatch::WildMatch::new(&text);
+        Self { text, compiled }
+    }
+}
+
+impl PartialEq for ChannelPattern {
+    fn eq(&self, other: &Self) -> bool {
+        self.text == other.text
+    }
+}
+
+impl Serialize for ChannelPattern {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.text)
+    }
 }
 
 /// The HTTP side port.
@@ -989,6 +1032,13 @@ mod duration_text {
 /// A list from TOML (`["a","b"]`), or from one environment string, either
 /// as a TOML array (`'["a","b"]'`, already parsed by figment) or
 /// comma-separated (`a,b`).
+fn pattern_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<ChannelPattern>, D::Error> {
+    Ok(string_list(d)?
+        .into_iter()
+        .map(ChannelPattern::from)
+        .collect())
+}
+
 fn string_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]

@@ -65,6 +65,11 @@ async fn seqs_are_per_user_and_redeliveries_are_recognised() {
         append(&s, &[new("a", "2"), new("a", "3")], 100).await,
         vec![None, Some(3)]
     );
+    // A batch of nothing but redeliveries takes no seq.
+    assert_eq!(
+        append(&s, &[new("a", "3"), new("b", "1")], 100).await,
+        vec![None, None]
+    );
     let replay = s.replay("a", Some(1), ALL).await.unwrap();
     assert_eq!(seqs(&replay.entries), vec![2, 3]);
     let counts = Counts {

@@ -66,9 +66,6 @@ impl WsContext {
     }
 
     pub fn policy(&self) -> HandshakePolicy<'_> {
-        HandshakePolicy {
-            settings: &self.settings,
-            auth: &self.auth,
-        }
+        HandshakePolicy::new(&self.settings, &self.auth)
     }
 }

@@ -22,10 +22,11 @@ use tokio_tungstenite::{
 use tracing::{debug, warn};
 
 use crate::{
+    error::ApiError,
     tls::ServerStream,
     ws::{
         context::WsContext,
-        handshake::{Admission, Refusal, BEARER_PROTOCOL},
+        handshake::{Admission, BEARER_PROTOCOL},
         limits::{PendingHandshake, Permit},
         request_head::{self, HeadError},
         session,
@@ -131,7 +132,7 @@ fn refuse_at_once(stream: TcpStream, remote_addr: SocketAddr) {
             break;
         }
     }
-    let refusal = Refusal::new(
+    let refusal = ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
         "unavailable",
         "too many connections are in their handshake; retry shortly",
@@ -292,16 +293,16 @@ fn decide(
     request: &Request,
     ctx: &WsContext,
     redeemed: Option<Result<crate::auth::Identity, crate::tickets::TicketError>>,
-) -> Result<(Response, Admission, Permit), Refusal> {
+) -> Result<(Response, Admission, Permit), ApiError> {
     if ctx.shutdown.is_cancelled() {
-        return Err(Refusal::new(
+        return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "unavailable",
             "the server is shutting down",
         ));
     }
     let mut response = create_response(request).map_err(|e| {
-        Refusal::new(
+        ApiError::new(
             StatusCode::BAD_REQUEST,
             "bad_request",
             format!("not a WebSocket upgrade: {e}"),
@@ -313,7 +314,7 @@ fn decide(
     let permit = ctx
         .limits
         .acquire(&admission.user)
-        .map_err(|detail| Refusal::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", detail))?;
+        .map_err(|detail| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", detail))?;
     if admission.bearer_protocol {
         response.headers_mut().insert(
             "sec-websocket-protocol",
@@ -325,7 +326,7 @@ fn decide(
 
 /// Writes `refusal`, sends a FIN, then reads and discards what the client
 /// still sends for at most [`LINGER`] (see there), and closes.
-async fn refuse(mut stream: ServerStream, refusal: &Refusal) {
+async fn refuse(mut stream: ServerStream, refusal: &ApiError) {
     let linger = async {
         stream.write_all(&refusal.to_http()).await?;
         stream.shutdown().await?;
