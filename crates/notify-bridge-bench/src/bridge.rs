@@ -63,7 +63,7 @@ pub struct BridgeOptions {
 }
 
 /// The default binary: `notify-bridge` next to this executable
-/// (`target/release/` when run through `cargo run --release`).
+/// (`target/release/` after `cargo build --release --workspace`).
 pub fn default_binary() -> anyhow::Result<PathBuf> {
     let me = std::env::current_exe().context("cannot find the bench's own path")?;
     let dir = me
@@ -72,8 +72,8 @@ pub fn default_binary() -> anyhow::Result<PathBuf> {
     let bin = dir.join("notify-bridge");
     if !bin.is_file() {
         bail!(
-            "{} not found: build it with `cargo build --release --bins` (cargo run --release \
-             --bin notify-bridge-bench builds only the bench), or pass --bridge-bin PATH",
+            "{} not found: build it with `cargo build --release --workspace` (cargo run \
+             --release -p notify-bridge-bench builds only the bench), or pass --bridge-bin PATH",
             bin.display()
         );
     }

@@ -11,11 +11,9 @@ use std::{
 use anyhow::bail;
 use tokio::sync::Mutex;
 
-#[path = "replay_storm.rs"]
 mod replay_storm;
 pub use replay_storm::replay_storm;
 
-#[path = "cluster.rs"]
 mod cluster;
 pub use cluster::{cleanup as cluster_cleanup, cluster};
 
