@@ -26,30 +26,27 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_notify-bridge");
 /// How long a command that should fail (or listen) at once may take.
 pub const COMMAND_WAIT: Duration = Duration::from_secs(20);
 
-/// A fresh working directory, removed on drop, so no config file is found.
-pub struct TempDir(PathBuf);
+/// A fresh working directory (so no config file is found), removed on
+/// drop, also when the test panics.
+pub struct TempDir(tempfile::TempDir);
 
 impl TempDir {
     pub fn new() -> Self {
-        let path = std::env::temp_dir().join(unique("notify-bridge-process-test"));
-        std::fs::create_dir_all(&path).unwrap();
-        Self(path)
+        let dir = tempfile::Builder::new()
+            .prefix("notify-bridge-process-test")
+            .tempdir()
+            .unwrap();
+        Self(dir)
     }
 
     pub fn path(&self) -> &Path {
-        &self.0
+        self.0.path()
     }
 
     pub fn write(&self, name: &str, text: &str) -> PathBuf {
-        let path = self.0.join(name);
+        let path = self.0.path().join(name);
         std::fs::write(&path, text).unwrap();
         path
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
