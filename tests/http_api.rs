@@ -294,6 +294,23 @@ async fn admin_lists_and_closes_connections() {
     .await;
     let list = mine.json()["connections"].as_array().unwrap().clone();
     assert_eq!(list.len(), 1);
+    // `?user_id=` is read as on every route (query::user_id): the first
+    // one not blank, trimmed; a blank one is none given (it was a 400).
+    for query in ["user_id=&user_id=+admin-u1+", "user_id=+admin-u1"] {
+        let path = format!("/api/connections?{query}");
+        let reply = http(&bridge, "GET", &path, &[(name, &admin)], "").await;
+        assert_eq!(reply.json()["connections"], json!(list), "{query}");
+    }
+    let blank = http(
+        &bridge,
+        "GET",
+        "/api/connections?user_id=",
+        &[(name, &admin)],
+        "",
+    )
+    .await;
+    assert_eq!(blank.status, 200, "{}", blank.body);
+    assert_eq!(blank.json()["connections"].as_array().unwrap().len(), 2);
     let conn = &list[0];
     assert_eq!(conn["user_id"], "admin-u1");
     assert_eq!(conn["channels"], json!(["c1"]));

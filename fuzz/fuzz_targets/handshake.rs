@@ -3,9 +3,10 @@
 //! request: path, query string, `Authorization`, `Sec-WebSocket-Protocol`,
 //! `Origin` and any other headers, under both auth modes (`jwt` with a
 //! secret, `none`) and fuzzed `websocket.path`, `allowed_origins` and
-//! `public_channels`. The helpers it uses (`parse_query`, `percent_decode`,
-//! `glob_match`) are also checked on their own against plain reference
-//! implementations written from their doc comments.
+//! `public_channels`. The query parser and the compiled public-channel
+//! patterns (`parse_query`, `ChannelPattern`) are also checked on their own against plain reference
+//! implementations written from their doc comments, and a user taken from
+//! the path against the path's own decoding (`%XX` only: `+` is a plus).
 //!
 //! Input: a text much like the request itself, so seeds are readable and
 //! mutations stay meaningful (`\r\n` or `\n` line ends):
@@ -34,9 +35,10 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri};
 use libfuzzer_sys::fuzz_target;
 use notify_bridge::{
     auth::{self, Authenticator},
-    config::{AuthConfig, AuthMode, WebSocketConfig},
+    config::{AuthConfig, AuthMode, ChannelPattern, WebSocketConfig},
     message::UserId,
-    ws::handshake::{glob_match, parse_query, percent_decode, HandshakePolicy},
+    query::parse as parse_query,
+    ws::handshake::HandshakePolicy,
 };
 use std::{borrow::Cow, sync::OnceLock, time::Duration};
 
@@ -107,7 +109,9 @@ fuzz_target!(|data: &[u8]| {
                 "mode" if value == "none" => mode = AuthMode::None,
                 "path" => settings.path = value.to_string(),
                 "origins" => settings.allowed_origins = list(value),
-                "public" => settings.public_channels = list(value),
+                "public" => {
+                    settings.public_channels = list(value).into_iter().map(Into::into).collect()
+                }
                 "user" => user = Some(value.to_string()),
                 "channels" => channels = list(value),
                 "max" => {
@@ -167,10 +171,7 @@ fuzz_target!(|data: &[u8]| {
         }
     }
 
-    let policy = HandshakePolicy {
-        settings: &settings,
-        auth: authenticator(mode),
-    };
+    let policy = HandshakePolicy::new(&settings, authenticator(mode));
     check_helpers(target, &settings.public_channels);
 
     match policy.admit(&uri, &headers) {
@@ -218,47 +219,56 @@ fuzz_target!(|data: &[u8]| {
                                 || settings
                                     .public_channels
                                     .iter()
-                                    .any(|p| glob_match(p, channel)),
+                                    .any(|p| reference_glob(p.as_str(), channel)),
                             "{channel:?} was granted neither by the token nor publicly"
                         );
                     }
                 }
-                AuthMode::None => assert!(admission.expires_at.is_none()),
+                AuthMode::None => {
+                    assert!(admission.expires_at.is_none());
+                    let from_query = reference_parse_query(query_of(target))
+                        .into_iter()
+                        .any(|(k, v)| k == "user_id" && v.trim() == admission.user.as_str());
+                    let from_path = last_segment(target)
+                        .is_some_and(|s| reference_decode(s, false).trim() == admission.user.as_str());
+                    assert!(from_query || from_path, "user {:?} from neither", admission.user);
+                }
             }
         }
     }
 });
 
+fn query_of(target: &str) -> &str {
+    target.split_once('?').map_or("", |(_, q)| q)
+}
+
+/// The last non-empty segment of the target's path, undecoded.
+fn last_segment(target: &str) -> Option<&str> {
+    let path = target.split_once('?').map_or(target, |(p, _)| p);
+    path.rsplit('/').find(|s| !s.is_empty())
+}
+
 /// The helpers against references written from their doc comments.
-fn check_helpers(target: &str, patterns: &[String]) {
-    let (path, query) = target.split_once('?').unwrap_or((target, ""));
-    for text in [path, query] {
-        // Seeds bug_percent_sign_escape*: `%+A` was once taken as 0x0A.
-        assert_eq!(
-            percent_decode(text),
-            reference_percent_decode(text),
-            "{text:?}"
-        );
-        let mut encoded = String::new();
-        for byte in text.bytes() {
-            encoded.push_str(&format!("%{byte:02X}"));
-        }
-        assert_eq!(percent_decode(&encoded), text);
-    }
+fn check_helpers(target: &str, patterns: &[ChannelPattern]) {
+    let query = query_of(target);
     let pairs = parse_query(query);
     assert_eq!(pairs, reference_parse_query(query), "{query:?}");
+    // Any text, every byte `%XX`-encoded, comes back as it was.
+    let mut encoded = String::from("v=");
+    for byte in target.bytes() {
+        encoded.push_str(&format!("%{byte:02X}"));
+    }
+    assert_eq!(parse_query(&encoded), [("v".to_string(), target.to_string())]);
     for (_, value) in &pairs {
-        // Seeds bug_glob_literal_star*: `*` once failed to match `*b`.
-        assert!(glob_match("*", value));
-        if !value.contains(['*', '?']) {
-            assert!(glob_match(value, value));
-        }
-        for pattern in patterns {
+        assert!(ChannelPattern::from("*").matches(value));
+        let literal = ChannelPattern::from(value.as_str());
+        assert!(literal.matches(value), "{value:?} on itself");
+        for pattern in patterns.iter().chain([&literal]) {
             // Kept small: the reference is a quadratic table.
-            if pattern.len() <= 64 && value.len() <= 64 {
+            if pattern.as_str().len() <= 64 && value.len() <= 64 {
                 assert_eq!(
-                    glob_match(pattern, value),
-                    reference_glob(pattern, value),
+                    pattern.matches(value),
+                    reference_glob(pattern.as_str(), value),
                     "glob {pattern:?} on {value:?}"
                 );
             }
@@ -266,14 +276,14 @@ fn check_helpers(target: &str, patterns: &[String]) {
     }
 }
 
-/// "Form-style decoding: `+` is a space, `%XX` a byte; invalid escapes are
-/// kept as they are."
-fn reference_percent_decode(text: &str) -> String {
+/// "`%XX` a byte; invalid escapes are kept as they are", and in a query
+/// (`form`) `+` is a space.
+fn reference_decode(text: &str, form: bool) -> String {
     let b = text.as_bytes();
     let mut out = Vec::new();
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'+' {
+        if form && b[i] == b'+' {
             out.push(b' ');
             i += 1;
         } else if b[i] == b'%'
@@ -302,7 +312,7 @@ fn reference_parse_query(query: &str) -> Vec<(String, String)> {
             Some(at) => (&part[..at], &part[at + 1..]),
             None => (part, ""),
         };
-        out.push((reference_percent_decode(k), reference_percent_decode(v)));
+        out.push((reference_decode(k, true), reference_decode(v, true)));
     }
     out
 }

@@ -147,10 +147,18 @@ impl Presence {
         let db = self.store.client().await?;
         let holders = db
             .prepare_cached(
-                "SELECT p.user_id, p.instance_id FROM cluster_presence p
-                 JOIN cluster_instances i USING (cluster, instance_id)
-                 WHERE p.cluster = $1 AND p.user_id = ANY($2)
-                   AND i.heartbeat_at > now() - make_interval(secs => $3)",
+                // Probed user by user (the LATERAL subquery, kept apart
+                // by OFFSET 0, runs once per user on the primary key):
+                // written as `user_id = ANY($2)`, the plan cached while the
+                // table was small scanned an instance's every row instead.
+                "SELECT u.user_id, h.instance_id FROM unnest($2::text[]) AS u (user_id)
+                 CROSS JOIN LATERAL (
+                     SELECT p.instance_id FROM cluster_presence p
+                     JOIN cluster_instances i USING (cluster, instance_id)
+                     WHERE p.cluster = $1 AND p.user_id = u.user_id
+                       AND i.heartbeat_at > now() - make_interval(secs => $3)
+                     OFFSET 0
+                 ) h",
             )
             .await?;
         let fresh = db

@@ -13,8 +13,8 @@ use crate::{
     auth::{ChannelGrant, Identity},
     inbox::PgStore,
     message::UserId,
+    query,
     tickets::{TicketError, MAX_OUTSTANDING},
-    ws::handshake::{parse_query, query_value},
 };
 
 /// The cluster's tickets.
@@ -81,8 +81,8 @@ impl SharedTickets {
     /// reached answers as an unknown ticket would (the client gets a 401
     /// and asks for a new one), and is logged.
     pub async fn redeem_in(&self, query: Option<&str>) -> Option<Result<Identity, TicketError>> {
-        let query = parse_query(query?);
-        let ticket = query_value(&query, "ticket")?;
+        let query = query::parse(query?);
+        let ticket = query::value(&query, "ticket")?;
         Some(match self.redeem(ticket).await {
             Ok(found) => found.ok_or(TicketError::Unknown),
             Err(e) => {

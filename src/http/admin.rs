@@ -11,7 +11,7 @@ use axum::{
 use serde_json::{json, Value};
 
 use super::{ApiError, HttpState};
-use crate::{message::UserId, ws::handshake::parse_query};
+use crate::query;
 
 /// `GET /api/connections[?user_id=U]`.
 pub async fn list(
@@ -20,17 +20,7 @@ pub async fn list(
     uri: Uri,
 ) -> Result<Json<Value>, ApiError> {
     state.keys.check_admin(&headers)?;
-    let query = parse_query(uri.query().unwrap_or(""));
-    let user = match query.iter().find(|(k, _)| k == "user_id") {
-        None => None,
-        Some((_, value)) => Some(UserId::new(value).ok_or_else(|| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                "`user_id` must not be empty",
-            )
-        })?),
-    };
+    let user = query::user_id(&query::parse(uri.query().unwrap_or("")));
     let connections = match &state.cluster {
         None => state.router.list(user).await,
         Some(cluster) => crate::cluster::admin::list(cluster, user.as_ref())
@@ -47,13 +37,7 @@ pub async fn disconnect(
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     state.keys.check_admin(&headers)?;
-    let not_found = || {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("no open connection {id}"),
-        )
-    };
+    let not_found = || ApiError::not_found(format!("no open connection {id}"));
     let found = match &state.cluster {
         Some(cluster) => crate::cluster::admin::disconnect(cluster, &id)
             .await
@@ -72,9 +56,5 @@ pub async fn disconnect(
 
 fn cluster_unavailable(e: anyhow::Error) -> ApiError {
     tracing::warn!(error = %e, "admin call across the cluster failed");
-    ApiError::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "unavailable",
-        "the cluster cannot be reached; try again",
-    )
+    ApiError::unavailable("the cluster cannot be reached; try again")
 }

@@ -10,14 +10,14 @@ use std::sync::Arc;
 
 use axum::{
     extract::State,
-    http::{header, HeaderName, StatusCode, Uri},
+    http::{header, HeaderName, Uri},
     response::{Html, IntoResponse},
     Json,
 };
 use serde_json::{json, Value};
 
 use super::{ApiError, HttpState};
-use crate::{config::AuthMode, ws::handshake::parse_query};
+use crate::{config::AuthMode, query};
 
 /// What the page needs to know to reach the WebSocket listener.
 #[derive(Debug, Clone)]
@@ -115,18 +115,12 @@ pub async fn dev_token(
 ) -> Result<Json<Value>, ApiError> {
     let demo = &state.demo;
     if !demo.dev_tokens {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
+        return Err(ApiError::not_found(
             "development tokens are off (http.dev_tokens = false)",
         ));
     }
-    let query = parse_query(uri.query().unwrap_or(""));
-    let user = query
-        .iter()
-        .find(|(k, v)| k == "user_id" && !v.trim().is_empty())
-        .map(|(_, v)| v.trim().to_string())
-        .ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", "give ?user_id=U"))?;
+    let query = query::parse(uri.query().unwrap_or(""));
+    let user = query::user_id(&query).ok_or_else(|| ApiError::bad_request("give ?user_id=U"))?;
     let channels: Vec<String> = query
         .iter()
         .filter(|(k, v)| k == "channel" && !v.is_empty())
@@ -134,19 +128,13 @@ pub async fn dev_token(
         .collect();
     let token = crate::auth::mint(
         &demo.auth,
-        &user,
+        user.as_str(),
         &channels,
         std::time::Duration::from_secs(3600),
     )
-    .map_err(|e| {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            e.to_string(),
-        )
-    })?;
+    .map_err(|e| ApiError::unavailable(e.to_string()))?;
     Ok(Json(
-        json!({ "token": token, "user_id": user, "expires_in": 3600 }),
+        json!({ "token": token, "user_id": user.as_str(), "expires_in": 3600 }),
     ))
 }
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use axum::{
     body::{Body, Bytes},
     extract::{Path, State},
-    http::{header, HeaderMap, StatusCode, Uri},
+    http::{header, HeaderMap, Uri},
     response::Response,
     Json,
 };
@@ -19,56 +19,38 @@ use crate::{
     config::AuthMode,
     inbox::{Change, Counts, Entry, Inbox, ListQuery},
     message::UserId,
-    ws::handshake::parse_query,
+    query,
 };
 
 /// The most entries one listing returns.
 pub const MAX_LIMIT: usize = 500;
 const DEFAULT_LIMIT: usize = 50;
 
-fn bad_request(detail: impl Into<String>) -> ApiError {
-    ApiError::new(StatusCode::BAD_REQUEST, "bad_request", detail)
-}
-
 fn inbox(state: &HttpState) -> Result<&Inbox, ApiError> {
     state.inbox.as_ref().ok_or_else(|| {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            "the inbox is not enabled on this server (inbox.enabled = false)",
-        )
+        ApiError::not_found("the inbox is not enabled on this server (inbox.enabled = false)")
     })
 }
 
 fn unavailable(e: anyhow::Error) -> ApiError {
     tracing::error!(error = %e, "inbox request failed");
-    ApiError::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "unavailable",
-        "the inbox store is unavailable",
-    )
+    ApiError::unavailable("the inbox store is unavailable")
 }
 
 /// The user a request speaks for: the JWT's user (or, in `auth.mode =
 /// "none"`, `?user_id=`).
 fn caller(state: &HttpState, headers: &HeaderMap, uri: &Uri) -> Result<UserId, ApiError> {
-    let unauthorized =
-        |detail: String| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", detail);
     if state.auth.mode() == AuthMode::None {
-        let query = parse_query(uri.query().unwrap_or(""));
-        return query
-            .iter()
-            .find(|(k, _)| k == "user_id")
-            .and_then(|(_, v)| UserId::new(v))
-            .ok_or_else(|| unauthorized("auth.mode is \"none\": give ?user_id=U".into()));
+        return query::user_id(&query::parse(uri.query().unwrap_or("")))
+            .ok_or_else(|| ApiError::unauthorized("auth.mode is \"none\": give ?user_id=U"));
     }
     let token = crate::auth::bearer_token(headers)
-        .ok_or_else(|| unauthorized("send your token as Authorization: Bearer T".into()))?;
+        .ok_or_else(|| ApiError::unauthorized("send your token as Authorization: Bearer T"))?;
     state
         .auth
         .verify(token)
         .map(|identity| identity.user)
-        .map_err(unauthorized)
+        .map_err(ApiError::unauthorized)
 }
 
 fn parse_list_query(uri: &Uri) -> Result<ListQuery, ApiError> {
@@ -77,20 +59,19 @@ fn parse_list_query(uri: &Uri) -> Result<ListQuery, ApiError> {
         before: None,
         limit: DEFAULT_LIMIT,
     };
-    for (key, value) in parse_query(uri.query().unwrap_or("")) {
+    for (key, value) in query::parse(uri.query().unwrap_or("")) {
         match key.as_str() {
             "unread" => {
                 query.unread_only = match value.as_str() {
                     "true" | "1" => true,
                     "false" | "0" => false,
-                    _ => return Err(bad_request("`unread` must be true or false")),
+                    _ => return Err(ApiError::bad_request("`unread` must be true or false")),
                 }
             }
             "before" => {
-                query.before =
-                    Some(value.parse().map_err(|_| {
-                        bad_request("`before` must be a non-negative integer (a seq)")
-                    })?)
+                query.before = Some(value.parse().map_err(|_| {
+                    ApiError::bad_request("`before` must be a non-negative integer (a seq)")
+                })?)
             }
             "limit" => {
                 query.limit = value
@@ -98,7 +79,9 @@ fn parse_list_query(uri: &Uri) -> Result<ListQuery, ApiError> {
                     .ok()
                     .filter(|n| (1..=MAX_LIMIT).contains(n))
                     .ok_or_else(|| {
-                        bad_request(format!("`limit` must be an integer from 1 to {MAX_LIMIT}"))
+                        ApiError::bad_request(format!(
+                            "`limit` must be an integer from 1 to {MAX_LIMIT}"
+                        ))
                     })?
             }
             _ => {}
@@ -224,7 +207,8 @@ pub async fn list_for_user(
 ) -> Result<Response, ApiError> {
     let inbox = inbox(&state)?;
     state.keys.check_admin(&headers)?;
-    let user = UserId::new(&user).ok_or_else(|| bad_request("the user id must not be empty"))?;
+    let user =
+        UserId::new(&user).ok_or_else(|| ApiError::bad_request("the user id must not be empty"))?;
     list(inbox, &user, &uri).await
 }
 
@@ -265,16 +249,16 @@ pub async fn change_mine(
 
 fn parse_change(body: &[u8]) -> Result<Change, ApiError> {
     let value: Value = serde_json::from_slice(body)
-        .map_err(|e| bad_request(format!("body is not valid JSON: {e}")))?;
+        .map_err(|e| ApiError::bad_request(format!("body is not valid JSON: {e}")))?;
     let ids = || -> Result<Vec<String>, ApiError> {
         match value.get("ids") {
             Some(Value::Array(items)) => items
                 .iter()
                 .map(|id| id.as_str().map(String::from))
                 .collect::<Option<Vec<_>>>()
-                .ok_or_else(|| bad_request("`ids` must be an array of strings")),
-            Some(_) => Err(bad_request("`ids` must be an array of strings")),
-            None => Err(bad_request("this action needs `ids`")),
+                .ok_or_else(|| ApiError::bad_request("`ids` must be an array of strings")),
+            Some(_) => Err(ApiError::bad_request("`ids` must be an array of strings")),
+            None => Err(ApiError::bad_request("this action needs `ids`")),
         }
     };
     match value.get("action").and_then(Value::as_str) {
@@ -282,9 +266,9 @@ fn parse_change(body: &[u8]) -> Result<Change, ApiError> {
         Some("remove") => Ok(Change::Remove(ids()?)),
         Some("mark_all_read") => Ok(Change::MarkAllRead),
         Some("remove_all") => Ok(Change::RemoveAll),
-        Some(other) => Err(bad_request(format!(
+        Some(other) => Err(ApiError::bad_request(format!(
             "unknown action {other:?}; expected mark_read, remove, mark_all_read or remove_all"
         ))),
-        None => Err(bad_request("missing `action`")),
+        None => Err(ApiError::bad_request("missing `action`")),
     }
 }

@@ -1,7 +1,7 @@
 //! API keys for the side port: `Authorization: Bearer K` or `Token K`
 //! (the latter is what Django REST framework clients send).
 
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap};
 
 use super::ApiError;
 use crate::config::HttpConfig;
@@ -33,7 +33,7 @@ impl ApiKeys {
         if self.api.iter().chain(&self.admin).any(|k| same(k, key)) {
             Ok(())
         } else {
-            Err(unauthorized("the API key is not valid"))
+            Err(ApiError::unauthorized("the API key is not valid"))
         }
     }
 
@@ -43,7 +43,7 @@ impl ApiKeys {
         if self.admin.iter().any(|k| same(k, key)) {
             Ok(())
         } else {
-            Err(unauthorized("an admin key is required"))
+            Err(ApiError::unauthorized("an admin key is required"))
         }
     }
 
@@ -53,21 +53,16 @@ impl ApiKeys {
     }
 }
 
-fn unauthorized(detail: &str) -> ApiError {
-    ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", detail)
-}
-
 fn presented(headers: &HeaderMap) -> Result<&str, ApiError> {
     let value = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .ok_or_else(|| unauthorized("send Authorization: Bearer KEY (or Token KEY)"))?;
-    let (scheme, key) = value
-        .trim()
-        .split_once(' ')
-        .ok_or_else(|| unauthorized("Authorization must be `Bearer KEY` or `Token KEY`"))?;
+        .ok_or_else(|| ApiError::unauthorized("send Authorization: Bearer KEY (or Token KEY)"))?;
+    let (scheme, key) = value.trim().split_once(' ').ok_or_else(|| {
+        ApiError::unauthorized("Authorization must be `Bearer KEY` or `Token KEY`")
+    })?;
     if !(scheme.eq_ignore_ascii_case("bearer") || scheme.eq_ignore_ascii_case("token")) {
-        return Err(unauthorized(
+        return Err(ApiError::unauthorized(
             "Authorization must be `Bearer KEY` or `Token KEY`",
         ));
     }

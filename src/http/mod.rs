@@ -9,7 +9,6 @@ mod activity;
 mod admin;
 mod deadline;
 pub mod demo;
-mod error;
 mod health;
 mod inbox;
 mod keys;
@@ -29,9 +28,8 @@ use axum::{
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-pub use error::ApiError;
+pub use crate::error::ApiError;
 pub use keys::ApiKeys;
-pub use openapi::document as openapi_document;
 pub use side_port::SidePortLimits;
 
 use crate::{
@@ -110,11 +108,7 @@ async fn metrics(
 }
 
 async fn not_found(uri: axum::http::Uri) -> ApiError {
-    ApiError::new(
-        StatusCode::NOT_FOUND,
-        "not_found",
-        format!("no route for {}", uri.path()),
-    )
+    ApiError::not_found(format!("no route for {}", uri.path()))
 }
 
 async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {

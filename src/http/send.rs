@@ -54,11 +54,9 @@ pub async fn send(
                 if let Some(unlogged) = state.metrics.refused_to_log(Limit::MaxRecipients) {
                     tracing::warn!(reason = %e, refused_since_last_log = unlogged, "send refused");
                 }
-                ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.to_string())
+                ApiError::bad_request(e.to_string())
             }
-            DecodeError::Invalid(reason) => {
-                ApiError::new(StatusCode::BAD_REQUEST, "bad_request", reason)
-            }
+            DecodeError::Invalid(reason) => ApiError::bad_request(reason),
         })?;
 
     state
@@ -67,11 +65,7 @@ pub async fn send(
         .await
         .map_err(|e| {
             tracing::warn!(error = %e, "send refused: broker unavailable");
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
-                format!("{e}; nothing was queued, retry later"),
-            )
+            ApiError::unavailable(format!("{e}; nothing was queued, retry later"))
         })?;
     Ok((
         StatusCode::ACCEPTED,

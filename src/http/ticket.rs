@@ -20,17 +20,13 @@ pub async fn issue(
     headers: HeaderMap,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     if state.auth.mode() == AuthMode::None {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
+        return Err(ApiError::not_found(
             "tickets stand for tokens: they exist only in auth.mode = \"jwt\"",
         ));
     }
-    let unauthorized =
-        |detail: String| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", detail);
     let token = crate::auth::bearer_token(&headers)
-        .ok_or_else(|| unauthorized("send your token as Authorization: Bearer T".into()))?;
-    let identity = state.auth.verify(token).map_err(unauthorized)?;
+        .ok_or_else(|| ApiError::unauthorized("send your token as Authorization: Bearer T"))?;
+    let identity = state.auth.verify(token).map_err(ApiError::unauthorized)?;
     let (issued, ttl) = match &state.cluster {
         None => {
             let tickets = state.auth.tickets();
@@ -39,22 +35,14 @@ pub async fn issue(
         Some(cluster) => {
             let issued = cluster.tickets.issue(&identity).await.map_err(|e| {
                 tracing::warn!(error = %e, "cannot store a ticket");
-                ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "unavailable",
-                    "tickets cannot be stored; try again",
-                )
+                ApiError::unavailable("tickets cannot be stored; try again")
             })?;
             (issued, cluster.tickets.ttl())
         }
     };
     let ticket = issued.map_err(|e| match e {
-        TicketError::TooMany => ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            e.to_string(),
-        ),
-        TicketError::Unknown => unauthorized(e.to_string()),
+        TicketError::TooMany => ApiError::unavailable(e.to_string()),
+        TicketError::Unknown => ApiError::unauthorized(e.to_string()),
     })?;
     Ok((
         StatusCode::CREATED,

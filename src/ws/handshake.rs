@@ -1,17 +1,20 @@
 //! Deciding, from the HTTP upgrade request alone, who a client is and what
 //! it may join: path, query, headers, subprotocol, origin, channels. The
-//! result is an [`Admission`] or a [`Refusal`] that becomes a plain HTTP
-//! response with a JSON body.
+//! result is an [`Admission`] or an [`ApiError`] that becomes a plain HTTP
+//! response with the contract's JSON body.
 
 use std::time::SystemTime;
 
-use tokio_tungstenite::tungstenite::http::{self, HeaderMap, StatusCode};
+use percent_encoding::percent_decode_str;
+use tokio_tungstenite::tungstenite::http::{self, HeaderMap};
 
 use crate::{
     auth::{Authenticator, ChannelGrant, Identity},
     config::{AuthMode, WebSocketConfig},
+    error::ApiError,
     message::UserId,
     metrics::Limit,
+    query,
     tickets::TicketError,
 };
 
@@ -36,73 +39,21 @@ pub struct Admission {
     pub since: Option<u64>,
 }
 
-/// A refused handshake: status, error code and a human-readable detail.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Refusal {
-    pub status: StatusCode,
-    pub code: &'static str,
-    pub detail: String,
-    /// The hostile-input limit this refusal enforces, if any: such
-    /// refusals are counted and logged at WARN, ordinary ones at DEBUG.
-    pub limit: Option<Limit>,
-}
-
-impl Refusal {
-    pub fn new(status: StatusCode, code: &'static str, detail: impl Into<String>) -> Self {
-        Self {
-            status,
-            code,
-            detail: detail.into(),
-            limit: None,
-        }
-    }
-
-    /// Marks the refusal as enforcing `limit`.
-    pub fn for_limit(self, limit: Limit) -> Self {
-        Self {
-            limit: Some(limit),
-            ..self
-        }
-    }
-
-    /// The refusal as a complete HTTP/1.1 response: the status, a JSON
-    /// body `{"error": CODE, "detail": TEXT}` with its length (so a client
-    /// need not wait for the close to know it has all of it), `Connection:
-    /// close`, and `Allow: GET` for a 405.
-    pub fn to_http(&self) -> Vec<u8> {
-        let body = serde_json::json!({"error": self.code, "detail": self.detail}).to_string();
-        let allow = if self.status == StatusCode::METHOD_NOT_ALLOWED {
-            "Allow: GET\r\n"
-        } else {
-            ""
-        };
-        format!(
-            "HTTP/1.1 {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
-             Connection: close\r\n{allow}\r\n{body}",
-            self.status,
-            body.len()
-        )
-        .into_bytes()
-    }
-}
-
-fn unauthorized(detail: impl Into<String>) -> Refusal {
-    Refusal::new(StatusCode::UNAUTHORIZED, "unauthorized", detail)
-}
-
-fn forbidden(detail: impl Into<String>) -> Refusal {
-    Refusal::new(StatusCode::FORBIDDEN, "forbidden", detail)
-}
-
 /// Everything the handshake decision depends on besides the request.
 pub struct HandshakePolicy<'a> {
-    pub settings: &'a WebSocketConfig,
-    pub auth: &'a Authenticator,
+    settings: &'a WebSocketConfig,
+    auth: &'a Authenticator,
 }
 
-impl HandshakePolicy<'_> {
+impl<'a> HandshakePolicy<'a> {
+    /// The policy of a listener: its settings (public channel patterns
+    /// compiled at load) and its token verifier.
+    pub fn new(settings: &'a WebSocketConfig, auth: &'a Authenticator) -> Self {
+        Self { settings, auth }
+    }
+
     /// Decides on one upgrade request.
-    pub fn admit(&self, uri: &http::Uri, headers: &HeaderMap) -> Result<Admission, Refusal> {
+    pub fn admit(&self, uri: &http::Uri, headers: &HeaderMap) -> Result<Admission, ApiError> {
         self.admit_redeemed(uri, headers, None)
     }
 
@@ -114,23 +65,19 @@ impl HandshakePolicy<'_> {
         uri: &http::Uri,
         headers: &HeaderMap,
         redeemed: Option<Result<Identity, TicketError>>,
-    ) -> Result<Admission, Refusal> {
+    ) -> Result<Admission, ApiError> {
         let path_user = self.path_user(uri.path())?;
-        let query = parse_query(uri.query().unwrap_or(""));
+        let query = query::parse(uri.query().unwrap_or(""));
         let since = match query.iter().find(|(k, _)| k == "since") {
             None => None,
             Some((_, v)) => Some(v.parse::<u64>().map_err(|_| {
-                Refusal::new(
-                    StatusCode::BAD_REQUEST,
-                    "bad_request",
-                    format!("`since` must be a non-negative integer, not {v:?}"),
-                )
+                ApiError::bad_request(format!("`since` must be a non-negative integer, not {v:?}"))
             })?),
         };
 
         if let Some(origin) = header(headers, "origin") {
             if !origin_allowed(&self.settings.allowed_origins, origin) {
-                return Err(forbidden(format!(
+                return Err(ApiError::forbidden(format!(
                     "origin {origin} is not in websocket.allowed_origins"
                 )));
             }
@@ -145,7 +92,7 @@ impl HandshakePolicy<'_> {
                 self.check_claim(&identity.channels)?;
                 if let Some(path_user) = &path_user {
                     if *path_user != identity.user {
-                        return Err(forbidden(format!(
+                        return Err(ApiError::forbidden(format!(
                             "the path names user {}, the token user {}",
                             shown(path_user.as_str()),
                             identity.user
@@ -155,16 +102,18 @@ impl HandshakePolicy<'_> {
                 identity
             }
             AuthMode::None => {
-                let query_user = query_value(&query, "user_id").and_then(UserId::new);
+                let query_user = query::user_id(&query);
                 if let (Some(q), Some(p)) = (&query_user, &path_user) {
                     if q != p {
-                        return Err(forbidden(format!(
+                        return Err(ApiError::forbidden(format!(
                             "the path names user {p}, ?user_id names user {q}"
                         )));
                     }
                 }
                 let user = query_user.or(path_user).ok_or_else(|| {
-                    unauthorized("auth.mode is \"none\": give ?user_id=U or connect to /ws/U")
+                    ApiError::unauthorized(
+                        "auth.mode is \"none\": give ?user_id=U or connect to /ws/U",
+                    )
                 })?;
                 Identity {
                     user,
@@ -205,22 +154,22 @@ impl HandshakePolicy<'_> {
         headers: &HeaderMap,
         offered_bearer: Option<&str>,
         redeemed: Option<Result<Identity, TicketError>>,
-    ) -> Result<Identity, Refusal> {
+    ) -> Result<Identity, ApiError> {
         let token = crate::auth::bearer_token(headers)
-            .or_else(|| query_value(query, "token"))
+            .or_else(|| query::value(query, "token"))
             .or(offered_bearer.filter(|t| !t.is_empty()));
         if let Some(token) = token {
-            return self.auth.verify(token).map_err(unauthorized);
+            return self.auth.verify(token).map_err(ApiError::unauthorized);
         }
-        if let Some(ticket) = query_value(query, "ticket") {
+        if let Some(ticket) = query::value(query, "ticket") {
             let identity = redeemed
                 .unwrap_or_else(|| self.auth.tickets().redeem(ticket))
-                .map_err(|e| unauthorized(e.to_string()))?;
+                .map_err(|e| ApiError::unauthorized(e.to_string()))?;
             if identity
                 .expires_at
                 .is_some_and(|at| at <= SystemTime::now())
             {
-                return Err(unauthorized("token expired"));
+                return Err(ApiError::unauthorized("token expired"));
             }
             return Ok(identity);
         }
@@ -229,12 +178,12 @@ impl HandshakePolicy<'_> {
             .cookie_name()
             .and_then(|name| cookie_token(headers, name))
             .ok_or_else(|| {
-                unauthorized(
+                ApiError::unauthorized(
                     "no token: send Authorization: Bearer T, ?token=T, \
                      Sec-WebSocket-Protocol: bearer, T, or ?ticket=K",
                 )
             })?;
-        self.auth.verify(&cookie).map_err(unauthorized)
+        self.auth.verify(&cookie).map_err(ApiError::unauthorized)
     }
 
     /// The one rule for joining a channel, at connect (`?channel=`) and in
@@ -247,25 +196,25 @@ impl HandshakePolicy<'_> {
         grant: &ChannelGrant,
         channel: &str,
         held: &[String],
-    ) -> Result<(), Refusal> {
-        let bad_name =
-            |detail: String| Refusal::new(StatusCode::BAD_REQUEST, "bad_request", detail);
+    ) -> Result<(), ApiError> {
         if channel.is_empty() {
-            return Err(bad_name("`channel` must not be empty".into()));
+            return Err(ApiError::bad_request("`channel` must not be empty"));
         }
         if channel.len() > MAX_CHANNEL_NAME_BYTES {
-            return Err(bad_name(format!(
+            return Err(ApiError::bad_request(format!(
                 "a channel name is at most {MAX_CHANNEL_NAME_BYTES} bytes, this one is {}",
                 channel.len()
             ))
             .for_limit(Limit::ChannelName));
         }
         if !self.may_join(grant, channel) {
-            return Err(forbidden(format!("channel {channel} is not allowed")));
+            return Err(ApiError::forbidden(format!(
+                "channel {channel} is not allowed"
+            )));
         }
         let max = self.settings.max_channels_per_connection;
         if held.len() >= max && !held.iter().any(|c| c == channel) {
-            return Err(forbidden(format!(
+            return Err(ApiError::forbidden(format!(
                 "a connection holds at most {max} channels (websocket.max_channels_per_connection)"
             ))
             .for_limit(Limit::MaxChannels));
@@ -276,13 +225,13 @@ impl HandshakePolicy<'_> {
     /// A token's `channels` claim obeys the same limits as joined channels:
     /// at most `websocket.max_channels_per_connection` names of 1–255 bytes,
     /// so one token cannot make a connection hold an unbounded grant.
-    fn check_claim(&self, grant: &ChannelGrant) -> Result<(), Refusal> {
+    fn check_claim(&self, grant: &ChannelGrant) -> Result<(), ApiError> {
         let ChannelGrant::Listed(claimed) = grant else {
             return Ok(());
         };
         let max = self.settings.max_channels_per_connection;
         if claimed.len() > max {
-            return Err(forbidden(format!(
+            return Err(ApiError::forbidden(format!(
                 "the token's `channels` claim lists {} channels, more than \
                  websocket.max_channels_per_connection ({max})",
                 claimed.len()
@@ -293,7 +242,7 @@ impl HandshakePolicy<'_> {
             .iter()
             .any(|c| c.is_empty() || c.len() > MAX_CHANNEL_NAME_BYTES)
         {
-            return Err(forbidden(format!(
+            return Err(ApiError::forbidden(format!(
                 "the token's `channels` claim holds a name outside 1 to \
                  {MAX_CHANNEL_NAME_BYTES} bytes"
             ))
@@ -310,12 +259,12 @@ impl HandshakePolicy<'_> {
                 .settings
                 .public_channels
                 .iter()
-                .any(|pattern| glob_match(pattern, channel))
+                .any(|pattern| pattern.matches(channel))
     }
 
     /// `None` for the endpoint itself; the last non-empty segment for a
     /// path below it (older clients: `/ws/1`, `/ws/notifications/1/`).
-    fn path_user(&self, path: &str) -> Result<Option<UserId>, Refusal> {
+    fn path_user(&self, path: &str) -> Result<Option<UserId>, ApiError> {
         let base = self.settings.path.trim_end_matches('/');
         let path = path.trim_end_matches('/');
         if path == base {
@@ -325,17 +274,15 @@ impl HandshakePolicy<'_> {
             .strip_prefix(base)
             .filter(|rest| rest.starts_with('/'))
             .ok_or_else(|| {
-                Refusal::new(
-                    StatusCode::NOT_FOUND,
-                    "not_found",
-                    format!(
-                        "no WebSocket endpoint here; connect to {}",
-                        self.settings.path
-                    ),
-                )
+                ApiError::not_found(format!(
+                    "no WebSocket endpoint here; connect to {}",
+                    self.settings.path
+                ))
             })?;
         let last = below.rsplit('/').find(|s| !s.is_empty());
-        Ok(last.map(percent_decode).as_deref().and_then(UserId::new))
+        // Percent escapes only: a `+` in a path is a plus, not a space.
+        let last = last.map(|segment| percent_decode_str(segment).decode_utf8_lossy());
+        Ok(last.as_deref().and_then(UserId::new))
     }
 }
 
@@ -394,81 +341,11 @@ fn origin_allowed(allowed: &[String], origin: &str) -> bool {
             .any(|a| a == "*" || a.trim_end_matches('/').eq_ignore_ascii_case(origin))
 }
 
-/// `*` matches any run of characters, `?` exactly one.
-pub fn glob_match(pattern: &str, text: &str) -> bool {
-    let p: Vec<char> = pattern.chars().collect();
-    let t: Vec<char> = text.chars().collect();
-    let (mut pi, mut ti) = (0, 0);
-    let mut star: Option<(usize, usize)> = None;
-    while ti < t.len() {
-        // The wildcard first: a `*` in the text is no reason to take the
-        // pattern's `*` literally (found by fuzzing: `*` did not match `*b`).
-        if pi < p.len() && p[pi] == '*' {
-            star = Some((pi, ti));
-            pi += 1;
-        } else if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
-            pi += 1;
-            ti += 1;
-        } else if let Some((sp, st)) = star {
-            pi = sp + 1;
-            ti = st + 1;
-            star = Some((sp, st + 1));
-        } else {
-            return false;
-        }
-    }
-    p[pi..].iter().all(|&c| c == '*')
-}
-
-/// The query string as decoded `(key, value)` pairs, in order.
-pub fn parse_query(query: &str) -> Vec<(String, String)> {
-    query
-        .split('&')
-        .filter(|part| !part.is_empty())
-        .map(|part| {
-            let (k, v) = part.split_once('=').unwrap_or((part, ""));
-            (percent_decode(k), percent_decode(v))
-        })
-        .collect()
-}
-
-pub fn query_value<'q>(query: &'q [(String, String)], key: &str) -> Option<&'q str> {
-    query
-        .iter()
-        .find(|(k, v)| k == key && !v.is_empty())
-        .map(|(_, v)| v.as_str())
-}
-
-/// Form-style decoding: `+` is a space, `%XX` a byte; invalid escapes are
-/// kept as they are.
-pub fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            // Two hex digits exactly: `u8::from_str_radix` alone would also
-            // take a sign (`%+A` as 0x0A; found by fuzzing).
-            b'%' if i + 2 < bytes.len()
-                && bytes[i + 1].is_ascii_hexdigit()
-                && bytes[i + 2].is_ascii_hexdigit() =>
-            {
-                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).expect("ASCII");
-                out.push(u8::from_str_radix(hex, 16).expect("two hex digits"));
-                i += 2;
-            }
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::AuthConfig;
+    use http::StatusCode;
 
     fn settings() -> WebSocketConfig {
         WebSocketConfig {
@@ -496,13 +373,10 @@ mod tests {
         crate::auth::mint(&cfg, user, &channels, std::time::Duration::from_secs(60)).unwrap()
     }
 
-    fn admit(mode: AuthMode, uri: &str, headers: &[(&str, &str)]) -> Result<Admission, Refusal> {
+    fn admit(mode: AuthMode, uri: &str, headers: &[(&str, &str)]) -> Result<Admission, ApiError> {
         let settings = settings();
         let auth = auth(mode);
-        let policy = HandshakePolicy {
-            settings: &settings,
-            auth: &auth,
-        };
+        let policy = HandshakePolicy::new(&settings, &auth);
         let mut map = HeaderMap::new();
         for (k, v) in headers {
             map.append(
@@ -630,6 +504,21 @@ mod tests {
     }
 
     #[test]
+    fn a_plus_in_the_path_is_a_plus() {
+        // `+` means a space only in a query string (form encoding), never in
+        // a path: `/ws/a+b` is user `a+b`, `/ws/a%20b` user `a b`.
+        let user = |uri: &str| admit(AuthMode::None, uri, &[]).unwrap().user;
+        assert_eq!(user("/ws/a+b").as_str(), "a+b");
+        assert_eq!(user("/ws/a%2Bb").as_str(), "a+b");
+        assert_eq!(user("/ws/a%20b").as_str(), "a b");
+        assert_eq!(user("/ws?user_id=a+b").as_str(), "a b");
+        // `?user_id=` is read as everywhere (query::user_id): the first not blank.
+        assert_eq!(user("/ws?user_id=%20&user_id=5").as_str(), "5");
+        let t = token("a+b", &[]);
+        assert!(admit(AuthMode::Jwt, &format!("/ws/a+b?token={t}"), &[]).is_ok());
+    }
+
+    #[test]
     fn since_must_be_a_non_negative_integer() {
         let t = token("1", &[]);
         assert_eq!(
@@ -651,24 +540,34 @@ mod tests {
     }
 
     #[test]
-    fn globs_and_decoding() {
-        assert!(glob_match("public:*", "public:news"));
-        assert!(glob_match("a?c", "abc"));
-        assert!(!glob_match("public:*", "private:x"));
-        assert!(glob_match("*", ""));
-        // Found by fuzzing (fuzz/corpus/handshake/bug_*): a `*` in the text.
-        assert!(glob_match("*", "*b"));
-        assert!(glob_match("public:*", "public:*x"));
-        assert!(!glob_match("public:*", "private:*"));
-        assert_eq!(percent_decode("a%20b+c%2"), "a b c%2");
-        // ... and a sign where a hex digit belongs stays as it is.
-        assert_eq!(percent_decode("%+2"), "% 2");
-        assert_eq!(percent_decode("chat:%+A"), "chat:% A");
-        assert_eq!(percent_decode("%-1%4a"), "%-1J");
-        assert_eq!(
-            parse_query("channel=a%3Ab&x"),
-            vec![("channel".into(), "a:b".into()), ("x".into(), "".into())]
-        );
+    fn public_patterns_are_star_and_question_mark_globs() {
+        let t = token("1", &[]);
+        let joins = |pattern: &str, channel: &str| {
+            let settings = WebSocketConfig {
+                public_channels: vec![pattern.into()],
+                ..WebSocketConfig::default()
+            };
+            let auth = auth(AuthMode::Jwt);
+            let uri = format!("/ws?token={t}&channel={}", urlencode(channel));
+            HandshakePolicy::new(&settings, &auth)
+                .admit(&uri.parse().unwrap(), &HeaderMap::new())
+                .is_ok()
+        };
+        assert!(joins("public:*", "public:news"));
+        assert!(joins("a?c", "abc") && !joins("a?c", "ac") && !joins("a?c", "abbc"));
+        assert!(!joins("public:*", "private:x"));
+        assert!(joins("*", "*b") && joins("*", "a/b"));
+        assert!(joins("public:*", "public:*x"));
+        assert!(!joins("public:*", "private:*"));
+        // `[`, `{` and `\` are plain characters, not glob syntax.
+        assert!(joins("[ab]", "[ab]") && !joins("[ab]", "a"));
+        assert!(joins("{a,b}", "{a,b}") && !joins("{a,b}", "a"));
+        assert!(joins("a\\*", "a\\x"));
+        assert!(!joins("Public:*", "public:x"));
+    }
+
+    fn urlencode(text: &str) -> String {
+        form_urlencoded::byte_serialize(text.as_bytes()).collect()
     }
 
     #[test]
@@ -747,10 +646,7 @@ mod tests {
             ..AuthConfig::default()
         })
         .unwrap();
-        let policy = HandshakePolicy {
-            settings: &settings,
-            auth: &auth,
-        };
+        let policy = HandshakePolicy::new(&settings, &auth);
         let admit_with = |uri: &str, cookie: &str| {
             let mut map = HeaderMap::new();
             map.append("cookie", cookie.parse().unwrap());

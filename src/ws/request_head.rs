@@ -17,7 +17,7 @@ use tokio_tungstenite::tungstenite::{
     http::StatusCode,
 };
 
-use crate::ws::handshake::Refusal;
+use crate::error::ApiError;
 
 /// The longest request target (path and query, where `?token=` lives)
 /// accepted: longer gets 414. A JWT with a long `channels` claim stays far
@@ -58,29 +58,29 @@ pub enum HeadError {
     /// (port scanners, TCP health checks).
     Gone,
     /// Answer with this, then close.
-    Refused(Refusal),
+    Refused(ApiError),
 }
 
-impl From<Refusal> for HeadError {
-    fn from(refusal: Refusal) -> Self {
+impl From<ApiError> for HeadError {
+    fn from(refusal: ApiError) -> Self {
         HeadError::Refused(refusal)
     }
 }
 
-fn bad_request(detail: impl Into<String>) -> Refusal {
-    Refusal::new(StatusCode::BAD_REQUEST, "bad_request", detail)
+fn bad_request(detail: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, "bad_request", detail)
 }
 
-fn uri_too_long() -> Refusal {
-    Refusal::new(
+fn uri_too_long() -> ApiError {
+    ApiError::new(
         StatusCode::URI_TOO_LONG,
         "too_large",
         format!("the request target is longer than {MAX_REQUEST_TARGET_BYTES} bytes"),
     )
 }
 
-fn head_too_large(detail: String) -> Refusal {
-    Refusal::new(
+fn head_too_large(detail: String) -> ApiError {
+    ApiError::new(
         StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
         "too_large",
         detail,
@@ -100,7 +100,7 @@ struct Scan {
 
 impl Scan {
     /// Checks what arrived so far; `Some(len)` once the head is complete.
-    fn advance(&mut self, buf: &[u8]) -> Result<Option<usize>, Refusal> {
+    fn advance(&mut self, buf: &[u8]) -> Result<Option<usize>, ApiError> {
         let target_start = match self.target_start {
             Some(at) => at,
             None => match method_end(buf)? {
@@ -140,7 +140,7 @@ impl Scan {
 /// The index of the space after the method, `None` while it may still come;
 /// a refusal when the bytes cannot be an HTTP request (a TLS hello on the
 /// plain port, binary noise).
-fn method_end(buf: &[u8]) -> Result<Option<usize>, Refusal> {
+fn method_end(buf: &[u8]) -> Result<Option<usize>, ApiError> {
     // RFC 9112: a server should ignore empty lines before the request line.
     let start = buf
         .iter()
@@ -165,7 +165,7 @@ fn is_token_char(b: u8) -> bool {
 }
 
 /// `line` is the request line after `METHOD `: `TARGET HTTP/1.1\r`.
-fn check_request_line(line: &[u8]) -> Result<(), Refusal> {
+fn check_request_line(line: &[u8]) -> Result<(), ApiError> {
     let target_len = line.iter().rposition(|&b| b == b' ').unwrap_or(line.len());
     if target_len > MAX_REQUEST_TARGET_BYTES {
         return Err(uri_too_long());
@@ -217,7 +217,7 @@ fn parse(mut buf: Vec<u8>, end: usize) -> Result<Head, HeadError> {
         WsError::Capacity(CapacityError::TooManyHeaders) => {
             head_too_large(format!("more than {MAX_HEADERS} header lines"))
         }
-        WsError::Protocol(ProtocolError::WrongHttpMethod) => Refusal::new(
+        WsError::Protocol(ProtocolError::WrongHttpMethod) => ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
             "a WebSocket upgrade is a GET request",
