@@ -495,18 +495,18 @@ impl ConfigError {
     }
 }
 
+/// One check of [`Config::validate`]: whether it holds, the key, and
+/// what the key must be otherwise.
+type Rule = (bool, &'static str, &'static str);
+
+const AT_LEAST_1: &str = "must be at least 1";
+const LONGER_THAN_0: &str = "must be longer than 0s";
+
 impl Config {
     /// Loads defaults, then `path` (or the default file if present), then the
     /// environment, and validates the result.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
         Self::from_figment(Self::figment(path)?)
-    }
-
-    /// Loads from defaults plus environment only, for tests and embedding.
-    pub fn from_env() -> Result<Self, ConfigError> {
-        Self::from_figment(
-            Figment::from(Serialized::defaults(Config::default())).merge(env_provider()),
-        )
     }
 
     /// Loads defaults, then `text` as the TOML file, and validates the
@@ -554,167 +554,20 @@ impl Config {
     }
 
     /// Checks that figment cannot express as types; every problem is listed,
-    /// not only the first.
+    /// not only the first, each naming where its value came from.
     fn validate(&self, figment: &Figment) -> Result<(), ConfigError> {
-        let mut problems = Vec::new();
-        let mut check = |ok: bool, key: &str, detail: &str| {
-            if !ok {
-                problems.push(format!(
-                    "{key}: {detail} (from {})",
-                    source_of(figment, key)
-                ));
-            }
-        };
-        let a = &self.amqp;
-        check(!a.url.is_empty(), "amqp.url", "must not be empty");
-        check(
-            a.url.starts_with("amqp://") || a.url.starts_with("amqps://"),
-            "amqp.url",
-            "must start with amqp:// or amqps://",
-        );
-        check(!a.exchange.is_empty(), "amqp.exchange", "must not be empty");
-        check(
-            matches!(
-                a.exchange_type.as_str(),
-                "direct" | "fanout" | "topic" | "headers"
-            ),
-            "amqp.exchange_type",
-            "must be one of direct, fanout, topic, headers",
-        );
-        check(a.prefetch > 0, "amqp.prefetch", "must be at least 1");
-        check(
-            a.max_message_bytes > 0,
-            "amqp.max_message_bytes",
-            "must be at least 1",
-        );
-        check(
-            a.max_recipients > 0,
-            "amqp.max_recipients",
-            "must be at least 1",
-        );
-        check(
-            !a.reconnect_max_backoff.is_zero(),
-            "amqp.reconnect_max_backoff",
-            "must be longer than 0s",
-        );
-        let w = &self.websocket;
-        check(
-            w.path.starts_with('/'),
-            "websocket.path",
-            "must start with '/'",
-        );
-        check(
-            w.send_queue > 0,
-            "websocket.send_queue",
-            "must be at least 1",
-        );
-        check(
-            w.send_queue_bytes > 0,
-            "websocket.send_queue_bytes",
-            "must be at least 1",
-        );
-        check(
-            w.max_channels_per_connection > 0,
-            "websocket.max_channels_per_connection",
-            "must be at least 1",
-        );
-        check(
-            w.max_message_bytes >= 16,
-            "websocket.max_message_bytes",
-            "must be at least 16",
-        );
-        check(
-            !w.ping_interval.is_zero(),
-            "websocket.ping_interval",
-            "must be longer than 0s",
-        );
-        check(
-            w.max_connections > 0,
-            "websocket.max_connections",
-            "must be at least 1",
-        );
-        check(
-            w.max_connections_per_user > 0,
-            "websocket.max_connections_per_user",
-            "must be at least 1",
-        );
-        check(
-            !w.handshake_timeout.is_zero(),
-            "websocket.handshake_timeout",
-            "must be longer than 0s",
-        );
-        check(
-            !self.http.request_timeout.is_zero(),
-            "http.request_timeout",
-            "must be longer than 0s",
-        );
-        check(
-            self.http.max_connections > 0,
-            "http.max_connections",
-            "must be at least 1",
-        );
-        check(
-            self.inbox.max_per_user > 0,
-            "inbox.max_per_user",
-            "must be at least 1",
-        );
-        check(
-            !self.inbox.ttl.is_zero(),
-            "inbox.ttl",
-            "must be longer than 0s",
-        );
-        check(
-            !self.receipts.routing_key.is_empty(),
-            "receipts.routing_key",
-            "must not be empty",
-        );
-        check(
-            !self.auth.user_claim.is_empty(),
-            "auth.user_claim",
-            "must not be empty",
-        );
-        if self.auth.mode == AuthMode::Jwt {
-            check(
-                self.auth.jwt_secret.is_some() || self.auth.jwt_public_key_file.is_some(),
-                "auth.jwt_secret",
-                "auth.mode = \"jwt\" needs auth.jwt_secret or auth.jwt_public_key_file \
-                 (or set auth.mode = \"none\" for local development)",
-            );
-        }
-        check(
-            !self.auth.ticket_ttl.is_zero(),
-            "auth.ticket_ttl",
-            "must be longer than 0s",
-        );
-        // Any site's page makes the browser send the cookie: only the
-        // origin check keeps other sites out.
-        check(
-            self.auth.cookie_name.is_empty() || !self.websocket.allowed_origins.is_empty(),
-            "auth.cookie_name",
-            "cookie authentication needs a non-empty websocket.allowed_origins: a browser \
-             sends the cookie from any site's page, and only the origin check refuses them",
-        );
-        check(
-            !self.shutdown_timeout.is_zero(),
-            "shutdown_timeout",
-            "must be longer than 0s",
-        );
-        for (cert, key, cert_key, key_key) in [
-            (
-                &w.tls_cert_file,
-                &w.tls_key_file,
-                "websocket.tls_cert_file",
-                "websocket.tls_key_file",
-            ),
-            (
-                &self.http.tls_cert_file,
-                &self.http.tls_key_file,
-                "http.tls_cert_file",
-                "http.tls_key_file",
-            ),
-        ] {
-            problems.extend(half_a_pair(figment, (cert, cert_key), (key, key_key)));
-        }
+        let rules = [
+            self.amqp_rules(),
+            self.websocket_rules(),
+            self.other_rules(),
+        ];
+        let mut problems: Vec<String> = rules
+            .iter()
+            .flatten()
+            .filter(|(ok, _, _)| !ok)
+            .map(|(_, key, detail)| format!("{key}: {detail} (from {})", source_of(figment, key)))
+            .collect();
+        problems.extend(self.tls_problems(figment));
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             problems.push(format!(
                 "log.level: {:?} is not a valid filter such as \"info\" or \"notify_bridge=debug\" (from {})",
@@ -722,29 +575,188 @@ impl Config {
                 source_of(figment, "log.level")
             ));
         }
-        if self.inbox.store == InboxStoreKind::Postgres {
-            // Missing, the key has no source of its own: name the one that
-            // asked for it.
-            let problem = match &self.inbox.postgres_url {
-                None => Some(format!(
-                    "inbox.postgres_url: is required when inbox.store = \"postgres\" \
-                     (inbox.store from {})",
-                    source_of(figment, "inbox.store")
-                )),
-                Some(url) => url.parse::<tokio_postgres::Config>().err().map(|e| {
-                    format!(
-                        "inbox.postgres_url: is not a PostgreSQL connection string ({e}) (from {})",
-                        source_of(figment, "inbox.postgres_url")
-                    )
-                }),
-            };
-            problems.extend(problem);
-        }
+        problems.extend(self.postgres_problem(figment));
         problems.extend(self.cluster_problems(figment));
         if problems.is_empty() {
             Ok(())
         } else {
             Err(ConfigError { problems })
+        }
+    }
+
+    fn amqp_rules(&self) -> Vec<Rule> {
+        let a = &self.amqp;
+        vec![
+            (!a.url.is_empty(), "amqp.url", "must not be empty"),
+            (
+                a.url.starts_with("amqp://") || a.url.starts_with("amqps://"),
+                "amqp.url",
+                "must start with amqp:// or amqps://",
+            ),
+            (!a.exchange.is_empty(), "amqp.exchange", "must not be empty"),
+            (
+                matches!(
+                    a.exchange_type.as_str(),
+                    "direct" | "fanout" | "topic" | "headers"
+                ),
+                "amqp.exchange_type",
+                "must be one of direct, fanout, topic, headers",
+            ),
+            (a.prefetch > 0, "amqp.prefetch", AT_LEAST_1),
+            (
+                a.max_message_bytes > 0,
+                "amqp.max_message_bytes",
+                AT_LEAST_1,
+            ),
+            (a.max_recipients > 0, "amqp.max_recipients", AT_LEAST_1),
+            (
+                !a.reconnect_max_backoff.is_zero(),
+                "amqp.reconnect_max_backoff",
+                LONGER_THAN_0,
+            ),
+        ]
+    }
+
+    fn websocket_rules(&self) -> Vec<Rule> {
+        let w = &self.websocket;
+        vec![
+            (
+                w.path.starts_with('/'),
+                "websocket.path",
+                "must start with '/'",
+            ),
+            (w.send_queue > 0, "websocket.send_queue", AT_LEAST_1),
+            (
+                w.send_queue_bytes > 0,
+                "websocket.send_queue_bytes",
+                AT_LEAST_1,
+            ),
+            (
+                w.max_channels_per_connection > 0,
+                "websocket.max_channels_per_connection",
+                AT_LEAST_1,
+            ),
+            (
+                w.max_message_bytes >= 16,
+                "websocket.max_message_bytes",
+                "must be at least 16",
+            ),
+            (
+                !w.ping_interval.is_zero(),
+                "websocket.ping_interval",
+                LONGER_THAN_0,
+            ),
+            (
+                w.max_connections > 0,
+                "websocket.max_connections",
+                AT_LEAST_1,
+            ),
+            (
+                w.max_connections_per_user > 0,
+                "websocket.max_connections_per_user",
+                AT_LEAST_1,
+            ),
+            (
+                !w.handshake_timeout.is_zero(),
+                "websocket.handshake_timeout",
+                LONGER_THAN_0,
+            ),
+        ]
+    }
+
+    /// The http, inbox, receipts, auth and top-level rules, in that order.
+    fn other_rules(&self) -> Vec<Rule> {
+        let auth = &self.auth;
+        vec![
+            (
+                !self.http.request_timeout.is_zero(),
+                "http.request_timeout",
+                LONGER_THAN_0,
+            ),
+            (
+                self.http.max_connections > 0,
+                "http.max_connections",
+                AT_LEAST_1,
+            ),
+            (
+                self.inbox.max_per_user > 0,
+                "inbox.max_per_user",
+                AT_LEAST_1,
+            ),
+            (!self.inbox.ttl.is_zero(), "inbox.ttl", LONGER_THAN_0),
+            (
+                !self.receipts.routing_key.is_empty(),
+                "receipts.routing_key",
+                "must not be empty",
+            ),
+            (
+                !auth.user_claim.is_empty(),
+                "auth.user_claim",
+                "must not be empty",
+            ),
+            (
+                auth.mode != AuthMode::Jwt
+                    || auth.jwt_secret.is_some()
+                    || auth.jwt_public_key_file.is_some(),
+                "auth.jwt_secret",
+                "auth.mode = \"jwt\" needs auth.jwt_secret or auth.jwt_public_key_file \
+                 (or set auth.mode = \"none\" for local development)",
+            ),
+            (!auth.ticket_ttl.is_zero(), "auth.ticket_ttl", LONGER_THAN_0),
+            // Any site's page makes the browser send the cookie: only the
+            // origin check keeps other sites out.
+            (
+                auth.cookie_name.is_empty() || !self.websocket.allowed_origins.is_empty(),
+                "auth.cookie_name",
+                "cookie authentication needs a non-empty websocket.allowed_origins: a browser \
+                 sends the cookie from any site's page, and only the origin check refuses them",
+            ),
+            (
+                !self.shutdown_timeout.is_zero(),
+                "shutdown_timeout",
+                LONGER_THAN_0,
+            ),
+        ]
+    }
+
+    /// A certificate without its key, or the other way round.
+    fn tls_problems(&self, figment: &Figment) -> Vec<String> {
+        let (w, h) = (&self.websocket, &self.http);
+        let pairs = [
+            (
+                (&w.tls_cert_file, "websocket.tls_cert_file"),
+                (&w.tls_key_file, "websocket.tls_key_file"),
+            ),
+            (
+                (&h.tls_cert_file, "http.tls_cert_file"),
+                (&h.tls_key_file, "http.tls_key_file"),
+            ),
+        ];
+        pairs
+            .into_iter()
+            .flat_map(|(cert, key)| half_a_pair(figment, cert, key))
+            .collect()
+    }
+
+    /// `inbox.store = "postgres"` needs a parseable `inbox.postgres_url`.
+    fn postgres_problem(&self, figment: &Figment) -> Option<String> {
+        if self.inbox.store != InboxStoreKind::Postgres {
+            return None;
+        }
+        // Missing, the key has no source of its own: name the one that
+        // asked for it.
+        match &self.inbox.postgres_url {
+            None => Some(format!(
+                "inbox.postgres_url: is required when inbox.store = \"postgres\" \
+                 (inbox.store from {})",
+                source_of(figment, "inbox.store")
+            )),
+            Some(url) => url.parse::<tokio_postgres::Config>().err().map(|e| {
+                format!(
+                    "inbox.postgres_url: is not a PostgreSQL connection string ({e}) (from {})",
+                    source_of(figment, "inbox.postgres_url")
+                )
+            }),
         }
     }
 

@@ -17,10 +17,12 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 pub struct UserId(Arc<str>);
 
 impl UserId {
-    /// Parses a user id as it appears in a URL or a token claim.
+    /// Parses a user id as it appears in a URL, a token claim or a message.
+    /// U+0000 is refused wherever it comes from: the PostgreSQL inbox (and
+    /// presence) cannot store it, so such an id could never be served.
     pub fn new(text: &str) -> Option<Self> {
         let text = text.trim();
-        (!text.is_empty()).then(|| Self(Arc::from(text)))
+        (!text.is_empty() && !text.contains('\0')).then(|| Self(Arc::from(text)))
     }
 
     pub fn as_str(&self) -> &str {
@@ -175,7 +177,8 @@ fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::
     <&RawValue>::deserialize(d).map(Some)
 }
 
-/// Decodes and validates one message body.
+/// Decodes and validates one message body: the body's shape, then its
+/// target, then the optional fields.
 ///
 /// `fallback_id` is the AMQP `message_id` (or an HTTP-assigned id), used
 /// when the body has no `id`; with neither, a UUID v7 is made.
@@ -184,6 +187,37 @@ pub fn decode(
     fallback_id: Option<&str>,
     limits: &DecodeLimits,
 ) -> Result<Notification, DecodeError> {
+    let text = json_object_text(body, limits)?;
+    let wire: Wire<'_> =
+        serde_json::from_str(text).map_err(|e| invalid(format!("body is not valid JSON: {e}")))?;
+    let payload = wire
+        .payload
+        .ok_or_else(|| invalid("missing field `payload`"))?;
+    let target = target_of(&wire, limits)?;
+    let event = match wire.event {
+        None => "notification".to_string(),
+        Some(raw) => serde_json::from_str::<String>(raw.get())
+            .ok()
+            .filter(|event| !event.contains('\0'))
+            .ok_or_else(|| invalid("`event` must be a string without U+0000"))?,
+    };
+    let id = match wire.id {
+        Some(raw) => without_nul(non_empty_string(raw, "id")?, "id")?,
+        None => match fallback_id.filter(|id| !id.is_empty() && !id.contains('\0')) {
+            Some(id) => id.to_string(),
+            None => uuid::Uuid::now_v7().to_string(),
+        },
+    };
+    let store = flag(wire.store, "store")?;
+    let receipt = flag(wire.receipt, "receipt")?;
+    let mut notification = Notification::new(id, event, target, store, payload.to_owned());
+    notification.receipt = receipt;
+    Ok(notification)
+}
+
+/// The body as text, once it is within the size limit, UTF-8, and looks
+/// like a JSON object (so that the error says which of these it is not).
+fn json_object_text<'a>(body: &'a [u8], limits: &DecodeLimits) -> Result<&'a str, DecodeError> {
     if body.len() > limits.max_bytes {
         return Err(DecodeError::TooLarge {
             size: body.len(),
@@ -192,20 +226,17 @@ pub fn decode(
     }
     let text = std::str::from_utf8(body).map_err(|e| invalid(format!("body is not UTF-8: {e}")))?;
     let trimmed = text.trim_start();
-    if !trimmed.starts_with('{') {
-        return Err(invalid(if trimmed.is_empty() {
-            "body is empty; expected a JSON object".to_string()
-        } else {
-            "body is not a JSON object".to_string()
-        }));
+    if trimmed.is_empty() {
+        return Err(invalid("body is empty; expected a JSON object"));
     }
-    let wire: Wire<'_> =
-        serde_json::from_str(text).map_err(|e| invalid(format!("body is not valid JSON: {e}")))?;
+    if !trimmed.starts_with('{') {
+        return Err(invalid("body is not a JSON object"));
+    }
+    Ok(text)
+}
 
-    let payload = wire
-        .payload
-        .ok_or_else(|| invalid("missing field `payload`"))?;
-
+/// The one target the body names.
+fn target_of(wire: &Wire<'_>, limits: &DecodeLimits) -> Result<Target, DecodeError> {
     let mut targets = Vec::with_capacity(1);
     if let Some(raw) = wire.user_id {
         targets.push(Target::User(parse_user(raw, "user_id")?));
@@ -214,19 +245,12 @@ pub fn decode(
         targets.push(Target::Users(parse_users(raw, limits.max_recipients)?));
     }
     if let Some(raw) = wire.channel {
-        let channel: String = serde_json::from_str(raw.get())
-            .map_err(|_| invalid("`channel` must be a non-empty string"))?;
-        if channel.is_empty() {
-            return Err(invalid("`channel` must be a non-empty string"));
-        }
-        targets.push(Target::Channel(Arc::from(channel)));
+        targets.push(Target::Channel(Arc::from(non_empty_string(
+            raw, "channel",
+        )?)));
     }
     if let Some(raw) = wire.connection_id {
-        let id: String = serde_json::from_str(raw.get())
-            .map_err(|_| invalid("`connection_id` must be a non-empty string"))?;
-        if id.is_empty() {
-            return Err(invalid("`connection_id` must be a non-empty string"));
-        }
+        let id = non_empty_string(raw, "connection_id")?;
         targets.push(Target::Connection(Arc::from(id)));
     }
     if let Some(raw) = wire.broadcast {
@@ -236,53 +260,43 @@ pub fn decode(
             _ => return Err(invalid("`broadcast` must be true or false")),
         }
     }
-    let target = match targets.len() {
-        0 => {
-            return Err(invalid(
-                "no target: give one of `user_id`, `user_ids`, `channel`, `connection_id` or `broadcast: true`",
-            ))
-        }
-        1 => targets.pop().expect("one target"),
-        _ => {
-            return Err(invalid(
-                "more than one kind of target: give only one of `user_id`, `user_ids`, `channel`, `connection_id`, `broadcast`",
-            ))
-        }
-    };
+    match targets.len() {
+        0 => Err(invalid(
+            "no target: give one of `user_id`, `user_ids`, `channel`, `connection_id` or `broadcast: true`",
+        )),
+        1 => Ok(targets.pop().expect("one target")),
+        _ => Err(invalid(
+            "more than one kind of target: give only one of `user_id`, `user_ids`, `channel`, `connection_id`, `broadcast`",
+        )),
+    }
+}
 
-    let event = match wire.event {
-        None => "notification".to_string(),
-        Some(raw) => serde_json::from_str::<String>(raw.get())
-            .map_err(|_| invalid("`event` must be a string"))?,
-    };
-    let id = match wire.id {
-        Some(raw) => {
-            let id: String = serde_json::from_str(raw.get())
-                .map_err(|_| invalid("`id` must be a non-empty string"))?;
-            if id.is_empty() {
-                return Err(invalid("`id` must be a non-empty string"));
-            }
-            id
-        }
-        None => match fallback_id.filter(|id| !id.is_empty()) {
-            Some(id) => id.to_string(),
-            None => uuid::Uuid::now_v7().to_string(),
-        },
-    };
-    let store = match wire.store.map(RawValue::get) {
-        None | Some("true") => true,
-        Some("false") => false,
-        Some(_) => return Err(invalid("`store` must be true or false")),
-    };
-    let receipt = match wire.receipt.map(RawValue::get) {
-        None | Some("true") => true,
-        Some("false") => false,
-        Some(_) => return Err(invalid("`receipt` must be true or false")),
-    };
+/// A string field that must not be empty.
+fn non_empty_string(raw: &RawValue, field: &str) -> Result<String, DecodeError> {
+    let refused = || invalid(format!("`{field}` must be a non-empty string"));
+    let text: String = serde_json::from_str(raw.get()).map_err(|_| refused())?;
+    if text.is_empty() {
+        return Err(refused());
+    }
+    Ok(text)
+}
 
-    let mut notification = Notification::new(id, event, target, store, payload.to_owned());
-    notification.receipt = receipt;
-    Ok(notification)
+/// A stored field must be free of U+0000: PostgreSQL's text cannot hold
+/// it, and the commit would fail on every retry.
+fn without_nul(text: String, field: &str) -> Result<String, DecodeError> {
+    if text.contains('\0') {
+        return Err(invalid(format!("`{field}` must not contain U+0000")));
+    }
+    Ok(text)
+}
+
+/// A boolean field that defaults to `true`.
+fn flag(raw: Option<&RawValue>, field: &str) -> Result<bool, DecodeError> {
+    match raw.map(RawValue::get) {
+        None | Some("true") => Ok(true),
+        Some("false") => Ok(false),
+        Some(_) => Err(invalid(format!("`{field}` must be true or false"))),
+    }
 }
 
 /// What the `invalid` receipt of a refused body can say about it: its `id`
@@ -317,7 +331,7 @@ fn parse_user(raw: &RawValue, field: &str) -> Result<UserId, DecodeError> {
         .map_err(|e| invalid(format!("`{field}` is not valid JSON: {e}")))?;
     UserId::from_json(&value).ok_or_else(|| {
         invalid(format!(
-            "`{field}` must be an integer or a non-empty string"
+            "`{field}` must be an integer or a non-empty string without U+0000"
         ))
     })
 }
@@ -427,7 +441,8 @@ fn notification_frame(
 
 /// Appends `text` as a JSON string literal.
 pub fn push_json_string(out: &mut String, text: &str) {
-    // serde_json's escaping, without an intermediate allocation per call site.
+    // serde_json's escaping; it allocates one short-lived String per call
+    // (ids and event names are short, and this runs once per message).
     out.push_str(&serde_json::to_string(text).expect("a str always serializes"));
 }
 

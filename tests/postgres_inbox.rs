@@ -209,3 +209,39 @@ async fn the_binary_waits_for_a_database_that_cannot_be_reached() {
     assert!(log.contains("PostgreSQL"), "{log}");
     assert!(!log.contains("hunter2"), "the password leaked: {log}");
 }
+
+/// PostgreSQL's text cannot hold U+0000, which JSON can escape: a message
+/// carrying one in `event`, `id` or `user_id` must be refused as invalid
+/// at decode (as any bad message is), not reach the commit, where it
+/// would fail every retry and hold up everything behind it.
+#[tokio::test]
+async fn a_nul_in_a_stored_field_is_refused_and_nothing_behind_it_waits() {
+    let Some(db) = pg::fresh_schema().await else {
+        return;
+    };
+    let bridge = Bridge::start_with(with_postgres(db)).await;
+    let mut client = bridge.connect("nul-ok").await;
+    assert_eq!(next_json(&mut client).await["type"], "inbox");
+    let publisher = Publisher::connect().await;
+    for hostile in [
+        r#"{"user_id":"nul-ok","event":"a\u0000b","payload":1}"#,
+        r#"{"user_id":"nul-ok","id":"a\u0000b","payload":2}"#,
+        r#"{"user_ids":["nul-ok","b\u0000"],"payload":3}"#,
+    ] {
+        bridge.publish(&publisher, hostile).await;
+    }
+    bridge
+        .publish(
+            &publisher,
+            r#"{"user_id":"nul-ok","id":"fine","payload":4}"#,
+        )
+        .await;
+    let frame = next_json_within(&mut client, Duration::from_secs(10))
+        .await
+        .expect("the good message behind the hostile ones arrives");
+    assert_eq!(
+        (frame["id"].clone(), frame["seq"].clone()),
+        (json!("fine"), json!(1))
+    );
+    assert_eq!(bridge.running().metrics.inbox_stored.get(), 1);
+}

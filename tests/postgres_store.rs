@@ -413,3 +413,30 @@ async fn appends_removals_and_expiry_at_once_do_not_deadlock() {
         assert!(got.len() <= 5, "{user}: retention kept {got:?}");
     }
 }
+
+#[tokio::test]
+async fn a_failed_batch_leaves_nothing_and_the_connections_usable() {
+    let Some((s, _)) = store().await else { return };
+    assert_eq!(append(&s, &[new("a", "1")], 100).await, vec![Some(1)]);
+    // PostgreSQL's text refuses NUL: in an event, the insert fails after
+    // the lock took the user's row and reserved a seq for the batch; in a
+    // user id, the lock itself fails, before any COMMIT was sent.
+    let mut bad_event = new("a", "2");
+    bad_event.event = "no\0pe".into();
+    let bad_user = msg(&["a", "b\0"], "2");
+    for _ in 0..10 {
+        assert!(s
+            .append(std::slice::from_ref(&bad_event), 0, 100)
+            .await
+            .is_err());
+        assert!(s
+            .append(std::slice::from_ref(&bad_user), 0, 100)
+            .await
+            .is_err());
+    }
+    // Every pooled connection is out of the failed transactions, and the
+    // reservation went with them: seq 2 is the next one.
+    assert_eq!(append(&s, &[new("a", "3")], 100).await, vec![Some(2)]);
+    let replay = s.replay("a", Some(0), ALL).await.unwrap();
+    assert_eq!(seqs(&replay.entries), vec![1, 2]);
+}

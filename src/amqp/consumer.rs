@@ -10,13 +10,14 @@ use std::{sync::Arc, time::Duration};
 
 use futures_util::StreamExt;
 use lapin::{
+    message::Delivery,
     options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions},
     types::FieldTable,
     ConnectionProperties,
 };
 use tokio::time::{sleep, timeout, Instant};
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{error, info, warn, Instrument};
 
 use crate::{
     amqp::{
@@ -103,44 +104,69 @@ pub async fn run(ctx: ConsumerContext) {
     ctx.readiness.set_not_ready("shutting down");
 }
 
-/// One connection's life. `Ok` means shutdown was asked for; `Err` carries
-/// the reason the broker connection was lost.
+/// Waits up to [`CONNECT_TIMEOUT`] for one setup step; the error names the
+/// step (`what`), as readiness and the log show it.
+async fn step<T, E: std::fmt::Display>(
+    what: &str,
+    work: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, String> {
+    match timeout(CONNECT_TIMEOUT, work).await {
+        Ok(Ok(done)) => Ok(done),
+        Ok(Err(e)) => Err(format!("cannot {what}: {e}")),
+        Err(_) => Err(format!("cannot {what}: timed out")),
+    }
+}
+
+/// One broker connection, set up and consuming.
+struct Connected {
+    connection: lapin::Connection,
+    channel: lapin::Channel,
+    receipts: DeliveryReceipts,
+    /// Cancelled when receipts were not confirmed.
+    receipts_failed: CancellationToken,
+}
+
+/// One connection's life, in a `consumer` span naming the queue. `Ok`
+/// means shutdown was asked for; `Err` carries the reason the broker
+/// connection was lost.
 async fn consume_once(ctx: &ConsumerContext, connected_before: &mut bool) -> Result<(), String> {
-    let config = &ctx.config;
-    let properties = ConnectionProperties::default()
-        .with_connection_name(format!("notify-bridge {}", ctx.queue.name).into());
-    let connection = tokio::select! {
-        _ = ctx.shutdown.cancelled() => return Ok(()),
-        c = timeout(CONNECT_TIMEOUT, super::connect::connect(config, properties)) => match c {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => return Err(format!("cannot connect to the broker: {e}")),
-            Err(_) => return Err("cannot connect to the broker: timed out".into()),
-        },
-    };
-    let channel = match timeout(
-        CONNECT_TIMEOUT,
-        topology::declare(&connection, config, &ctx.queue),
-    )
+    let span = tracing::info_span!("consumer", queue = %ctx.queue.name);
+    async {
+        let (connected, consumer) = tokio::select! {
+            _ = ctx.shutdown.cancelled() => return Ok(()),
+            connected = connect(ctx) => connected?,
+        };
+        if *connected_before {
+            ctx.metrics.amqp_reconnects.inc();
+        }
+        *connected_before = true;
+        ctx.metrics.amqp_connected.set(1);
+        ctx.readiness.set_ready();
+        let config = &ctx.config;
+        info!(exchange = %config.exchange, routing_key = %config.routing_key, prefetch = config.prefetch, "consuming");
+        let settler = Settler::spawn(usize::from(config.prefetch) / 4);
+        let result = consume(ctx, &connected, consumer, &settler).await;
+        stop(ctx, &connected, &settler, &result).await;
+        result
+    }
+    .instrument(span)
     .await
-    {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => return Err(format!("cannot declare the topology: {e}")),
-        Err(_) => return Err("cannot declare the topology: timed out".into()),
-    };
+}
+
+/// Connects, declares the topology, opens the receipts' channel and starts
+/// consuming, each step within [`CONNECT_TIMEOUT`].
+async fn connect(ctx: &ConsumerContext) -> Result<(Connected, lapin::Consumer), String> {
+    let config = &ctx.config;
     let queue = &ctx.queue.name;
-    let setup = async {
-        channel
-            .basic_qos(config.prefetch, BasicQosOptions::default())
-            .await?;
-        channel
-            .basic_consume(
-                queue.as_str().into(),
-                "notify-bridge".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-    };
+    let properties = ConnectionProperties::default()
+        .with_connection_name(format!("notify-bridge {queue}").into());
+    let connection = step(
+        "connect to the broker",
+        super::connect::connect(config, properties),
+    )
+    .await?;
+    let declare = topology::declare(&connection, config, &ctx.queue);
+    let channel = step("declare the topology", declare).await?;
     let receipts_failed = CancellationToken::new();
     let receipts_name = format!("notify-bridge receipts {queue}");
     let receipts = DeliveryReceipts::open(
@@ -154,105 +180,130 @@ async fn consume_once(ctx: &ConsumerContext, connected_before: &mut bool) -> Res
         ctx.metrics.clone(),
         receipts_failed.clone(),
     );
-    let receipts = match timeout(CONNECT_TIMEOUT, receipts).await {
-        Ok(Ok(r)) => r,
-        Ok(Err(e)) => return Err(format!("cannot open the receipts channel: {e}")),
-        Err(_) => return Err("cannot open the receipts channel: timed out".into()),
+    let receipts = step("open the receipts channel", receipts).await?;
+    let setup = async {
+        channel
+            .basic_qos(config.prefetch, BasicQosOptions::default())
+            .await?;
+        channel
+            .basic_consume(
+                queue.as_str().into(),
+                "notify-bridge".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
     };
-    let mut consumer = match timeout(CONNECT_TIMEOUT, setup).await {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => return Err(format!("cannot consume from {queue}: {e}")),
-        Err(_) => return Err(format!("cannot consume from {queue}: timed out")),
+    let consumer = step(&format!("consume from {queue}"), setup).await?;
+    let connected = Connected {
+        connection,
+        channel,
+        receipts,
+        receipts_failed,
     };
-    if *connected_before {
-        ctx.metrics.amqp_reconnects.inc();
-    }
-    *connected_before = true;
-    ctx.metrics.amqp_connected.set(1);
-    ctx.readiness.set_ready();
-    info!(
-        queue = %queue,
-        exchange = %config.exchange,
-        routing_key = %config.routing_key,
-        prefetch = config.prefetch,
-        "consuming"
-    );
+    Ok((connected, consumer))
+}
 
-    let settler = Settler::spawn(usize::from(config.prefetch) / 4);
-    let limits = message::DecodeLimits::from_config(config);
+/// Hands each delivery on until shutdown (`Ok`) or the connection fails.
+async fn consume(
+    ctx: &ConsumerContext,
+    connected: &Connected,
+    mut consumer: lapin::Consumer,
+    settler: &Settler,
+) -> Result<(), String> {
+    let limits = message::DecodeLimits::from_config(&ctx.config);
     let mut health_check = tokio::time::interval(Duration::from_secs(1));
-    let result = loop {
+    loop {
         tokio::select! {
-            _ = ctx.shutdown.cancelled() => break Ok(()),
-            _ = receipts_failed.cancelled() => {
-                break Err("receipts were not confirmed; reconnecting so their messages come back".to_string());
+            _ = ctx.shutdown.cancelled() => return Ok(()),
+            _ = connected.receipts_failed.cancelled() => {
+                return Err("receipts were not confirmed; reconnecting so their messages come back".to_string());
             }
             _ = health_check.tick() => {
-                if !connection.status().connected() {
-                    break Err("broker connection lost".to_string());
+                if !connected.connection.status().connected() {
+                    return Err("broker connection lost".to_string());
                 }
             }
             delivery = consumer.next() => match delivery {
-                Some(Ok(delivery)) => {
-                    let message_id = delivery.properties.message_id().as_ref().map(|id| id.as_str());
-                    match message::decode(&delivery.data, message_id, &limits) {
-                        Ok(mut notification) => {
-                            notification.reply_to = receipt_publisher::reply_to(&delivery);
-                            let settlement = Some(settler.settlement(delivery.acker).with_receipts(receipts.clone()));
-                            ctx.downstream.submit(RouteRequest::new(notification, settlement)).await;
-                        }
-                        Err(reason) => {
-                            ctx.metrics.messages_invalid.inc();
-                            if matches!(reason, message::DecodeError::TooManyRecipients { .. }) {
-                                ctx.metrics.refused(Limit::MaxRecipients);
-                            }
-                            warn!(
-                                %reason,
-                                routing_key = %delivery.routing_key,
-                                bytes = delivery.data.len(),
-                                "invalid message rejected to {}", topology::DEAD_LETTER_EXCHANGE
-                            );
-                            match receipts.invalid(&delivery, &reason, &limits) {
-                                Some(confirmed) => settler.reject_after(delivery.acker, confirmed),
-                                None => settler.reject(delivery.acker),
-                            }
-                        }
-                    }
-                }
-                Some(Err(e)) => break Err(format!("broker connection lost: {e}")),
-                None => break Err("the broker cancelled the consumer".to_string()),
+                Some(Ok(delivery)) => on_delivery(ctx, delivery, settler, &connected.receipts, &limits).await,
+                Some(Err(e)) => return Err(format!("broker connection lost: {e}")),
+                None => return Err("the broker cancelled the consumer".to_string()),
             },
         }
-    };
-    match &result {
+    }
+}
+
+/// Decodes one delivery and hands it on (acked once routed), or rejects it
+/// to the dead-letter exchange (after its `invalid` receipt, if any).
+async fn on_delivery(
+    ctx: &ConsumerContext,
+    delivery: Delivery,
+    settler: &Settler,
+    receipts: &DeliveryReceipts,
+    limits: &message::DecodeLimits,
+) {
+    let message_id = delivery
+        .properties
+        .message_id()
+        .as_ref()
+        .map(|id| id.as_str());
+    match message::decode(&delivery.data, message_id, limits) {
+        Ok(mut notification) => {
+            notification.reply_to = receipt_publisher::reply_to(&delivery);
+            let settlement = settler
+                .settlement(delivery.acker)
+                .with_receipts(receipts.clone());
+            let request = RouteRequest::new(notification, Some(Box::new(settlement)));
+            ctx.downstream.submit(request).await;
+        }
+        Err(reason) => {
+            ctx.metrics.messages_invalid.inc();
+            if matches!(reason, message::DecodeError::TooManyRecipients { .. }) {
+                ctx.metrics.refused(Limit::MaxRecipients);
+            }
+            warn!(
+                %reason,
+                routing_key = %delivery.routing_key,
+                bytes = delivery.data.len(),
+                "invalid message rejected to {}", topology::DEAD_LETTER_EXCHANGE
+            );
+            match receipts.invalid(&delivery, &reason, limits) {
+                Some(confirmed) => settler.reject_after(delivery.acker, confirmed),
+                None => settler.reject(delivery.acker),
+            }
+        }
+    }
+}
+
+/// Closes the connection. At shutdown, first stop taking new deliveries
+/// and settle what was routed: anything still unacknowledged returns to
+/// the queue.
+async fn stop(
+    ctx: &ConsumerContext,
+    connected: &Connected,
+    settler: &Settler,
+    result: &Result<(), String>,
+) {
+    let connection = &connected.connection;
+    match result {
         Ok(()) => {
-            // Stop taking new deliveries, settle what was routed, then close:
-            // anything still unacknowledged returns to the queue.
-            let _ = timeout(
-                Duration::from_secs(2),
-                channel.basic_cancel("notify-bridge".into(), BasicCancelOptions::default()),
-            )
-            .await;
+            let cancel = connected
+                .channel
+                .basic_cancel("notify-bridge".into(), BasicCancelOptions::default());
+            let _ = timeout(Duration::from_secs(2), cancel).await;
             let _ = timeout(Duration::from_secs(2), async {
                 ctx.router.barrier().await;
                 settler.flush().await;
             })
             .await;
-            let _ = timeout(
-                Duration::from_secs(2),
-                connection.close(200, "notify-bridge shutting down".into()),
-            )
-            .await;
+            let close = connection.close(200, "notify-bridge shutting down".into());
+            let _ = timeout(Duration::from_secs(2), close).await;
             info!("stopped consuming");
         }
         Err(reason) => {
             error!(%reason, "lost the broker");
-            let _ = timeout(
-                Duration::from_secs(1),
-                connection.close(200, "reconnecting".into()),
-            )
-            .await;
+            let close = connection.close(200, "reconnecting".into());
+            let _ = timeout(Duration::from_secs(1), close).await;
         }
     }
-    result
 }

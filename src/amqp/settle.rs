@@ -23,7 +23,10 @@ use tokio::{
 };
 use tracing::debug;
 
-use crate::{amqp::receipt_publisher::DeliveryReceipts, message::Notification, receipts::Outcome};
+use crate::{
+    amqp::receipt_publisher::DeliveryReceipts, message::Notification, receipts::Outcome,
+    router::Completion,
+};
 
 /// What to tell the broker about one delivery.
 #[derive(Debug)]
@@ -49,31 +52,33 @@ pub struct Settlement {
 }
 
 impl Settlement {
-    /// The message was handed to every recipient's queue: ack it.
-    pub fn ack(self) {
-        let _ = self.queue.send(Op::Ack(self.acker));
-    }
-
     /// Publishes the message's receipts through `receipts` before it is acked.
     pub fn with_receipts(mut self, receipts: DeliveryReceipts) -> Self {
         self.receipts = Some(receipts);
         self
     }
+}
 
-    /// Whether routing must work out `n`'s per-recipient outcome.
-    pub fn receipts_wanted(&self, n: &Notification) -> bool {
+/// The router's completion of a delivery: its receipts, then its ack.
+impl Completion for Settlement {
+    fn receipts_wanted(&self, n: &Notification) -> bool {
         self.receipts.as_ref().is_some_and(|r| r.rules().wanted(n))
     }
 
     /// The message was handed to every recipient's queue: publish its
-    /// receipts (if any), then ack it once they are confirmed. Never waits.
-    pub fn routed(self, n: &Notification, outcome: Option<Outcome>) {
+    /// receipts (if any), then ack it once they are confirmed.
+    fn routed(self: Box<Self>, n: &Notification, outcome: Option<Outcome>) {
         let confirmed = outcome.and_then(|o| self.receipts.as_ref()?.submit(n, &o));
         let op = match confirmed {
             Some(confirmed) => Op::AckAfter(self.acker, confirmed),
             None => Op::Ack(self.acker),
         };
         let _ = self.queue.send(op);
+    }
+
+    /// Nothing to route: ack it.
+    fn done(self: Box<Self>) {
+        let _ = self.queue.send(Op::Ack(self.acker));
     }
 }
 

@@ -394,7 +394,7 @@ impl LiveLink {
                     metrics.cluster_live_received.add(requests.len() as u64);
                     // Acked once the last of them was handed over.
                     if let Some(last) = requests.last_mut() {
-                        last.settlement = Some(settlement);
+                        last.settlement = Some(Box::new(settlement));
                     } else {
                         router.settle_after(settlement).await;
                     }

@@ -31,7 +31,6 @@ use tokio_util::sync::CancellationToken;
 
 pub use crate::error::ApiError;
 pub use keys::ApiKeys;
-pub use openapi::document as openapi_document;
 pub use side_port::SidePortLimits;
 
 use crate::{

@@ -9,7 +9,7 @@ use std::{sync::Arc, time::Duration};
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::error;
+use tracing::{error, Instrument};
 
 use crate::{
     inbox::{Inbox, NewMessage},
@@ -47,7 +47,8 @@ impl InboxStage {
         capacity: usize,
     ) -> Self {
         let (tx, rx) = mpsc::channel(capacity.max(1));
-        tokio::spawn(run(rx, inbox, next, metrics, readiness, shutdown));
+        let stage = run(rx, inbox, next, metrics, readiness, shutdown);
+        tokio::spawn(stage.instrument(tracing::info_span!("inbox_stage")));
         Self { requests: tx }
     }
 

@@ -1,8 +1,9 @@
 //! The browser-facing WebSocket server: accept and limit connections
 //! (`server`), decide who a client is and what it may join (`handshake`),
 //! then run one task per connection (`session`) speaking the frames of
-//! `frames`.
+//! `frames`; what they all share is the [`WsContext`] (`context`).
 
+pub mod context;
 pub mod frames;
 pub mod handshake;
 pub mod limits;
@@ -10,4 +11,5 @@ pub mod request_head;
 pub mod server;
 pub mod session;
 
-pub use server::{serve, WsContext};
+pub use context::WsContext;
+pub use server::serve;

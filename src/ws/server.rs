@@ -4,11 +4,7 @@
 //! the refusal written here), the connection limits, then one session task
 //! per admitted client over the [`ServerStream`], plain or TLS.
 
-use std::{
-    net::SocketAddr,
-    sync::{atomic::AtomicU64, Arc},
-    time::Duration,
-};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -19,79 +15,23 @@ use tokio_tungstenite::{
     tungstenite::{
         handshake::server::{create_response, write_response, Request, Response},
         http::{HeaderValue, StatusCode},
-        protocol::{Role, WebSocketConfig as TungsteniteConfig},
+        protocol::Role,
     },
     WebSocketStream,
 };
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, warn};
 
 use crate::{
-    auth::Authenticator,
-    config::WebSocketConfig,
     error::ApiError,
-    inbox::Inbox,
-    metrics::Metrics,
-    router::Router,
-    tls::{ListenerTls, ServerStream},
+    tls::ServerStream,
     ws::{
-        handshake::{Admission, HandshakePolicy, BEARER_PROTOCOL},
-        limits::{ConnectionLimits, PendingHandshake, Permit},
+        context::WsContext,
+        handshake::{Admission, BEARER_PROTOCOL},
+        limits::{PendingHandshake, Permit},
         request_head::{self, HeadError},
         session,
     },
 };
-
-/// Per-connection read buffer. tungstenite's default (128 KiB) would cost
-/// 1.8 GiB at 15,000 idle sockets; client frames are small (pings,
-/// subscribes), so 512 bytes is enough and the buffer still grows for a
-/// larger frame up to `websocket.max_message_bytes` (measured: 4 KiB → 512 B
-/// took idle RSS from 12.4 to 8.9 KiB per socket).
-pub const READ_BUFFER_BYTES: usize = 512;
-
-/// Frames are gathered up to this size before a write: with 0, tungstenite
-/// writes every frame the moment it is fed and the session's "feed many,
-/// flush once" batching never happens (measured: one `sendto` per frame,
-/// 72 % of the bridge's CPU in broadcasts; with 2 KiB, broadcast to 10,000
-/// sockets went from ~230k to ~840k frames/s). Idle sockets keep no buffer.
-pub const WRITE_BUFFER_BYTES: usize = 2 * 1024;
-
-/// Everything the WebSocket side shares across connections.
-pub struct WsContext {
-    pub settings: WebSocketConfig,
-    pub auth: Arc<Authenticator>,
-    pub limits: Arc<ConnectionLimits>,
-    pub router: Router,
-    pub metrics: Arc<Metrics>,
-    pub next_connection_id: AtomicU64,
-    pub shutdown: CancellationToken,
-    /// Session tasks, so that shutdown can wait for their close frames.
-    pub sessions: TaskTracker,
-    /// The inbox, when `inbox.enabled`.
-    pub inbox: Option<Inbox>,
-    /// Cluster mode: presence, channel bindings, counts across instances.
-    pub cluster: Option<Arc<crate::cluster::Cluster>>,
-    /// The listener speaks wss when set (`websocket.tls_cert_file`).
-    pub tls: Option<Arc<ListenerTls>>,
-}
-
-impl WsContext {
-    /// The tungstenite settings for every connection.
-    pub fn tungstenite_config(&self) -> TungsteniteConfig {
-        TungsteniteConfig::default()
-            .read_buffer_size(READ_BUFFER_BYTES)
-            // Batched writes; the bound keeps a stuck peer from growing the
-            // buffer without limit.
-            .write_buffer_size(WRITE_BUFFER_BYTES)
-            .max_write_buffer_size(self.settings.send_queue.max(64) * 64 * 1024)
-            .max_message_size(Some(self.settings.max_message_bytes))
-            .max_frame_size(Some(self.settings.max_message_bytes))
-    }
-
-    pub fn policy(&self) -> HandshakePolicy<'_> {
-        HandshakePolicy::new(&self.settings, &self.auth)
-    }
-}
 
 /// How long a refused client gets to take its answer: after the response
 /// and a FIN, what it still sends (the rest of an oversized head) is read

@@ -3,6 +3,7 @@
 //! right code when told to or when the client misbehaves.
 
 use std::{
+    future::Future,
     net::SocketAddr,
     sync::{atomic::Ordering, Arc},
     time::{Duration, SystemTime},
@@ -12,24 +13,23 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::time::Instant;
 use tokio_tungstenite::{
     tungstenite::{
-        error::{CapacityError, Error as WsError},
+        error::Error as WsError,
         protocol::{frame::coding::CloseCode, CloseFrame},
         Message, Utf8Bytes,
     },
     WebSocketStream,
 };
-use tracing::debug;
+use tracing::{debug, Instrument};
 
 use crate::{
-    inbox::{Entry, Inbox},
-    metrics::Limit,
-    outbound::{self, Outbound, OutboundReceiver, OutboundSender, PushError},
+    inbox::{Change, Entry, Inbox},
+    outbound::{self, Outbound, OutboundReceiver},
     router::{ConnectionId, SessionControl, SessionHandle},
     ws::{
+        context::WsContext,
         frames::{self, ClientFrame},
         handshake::Admission,
         limits::Permit,
-        server::WsContext,
     },
 };
 // Plain or TLS (wss): the session is the same over both.
@@ -44,7 +44,9 @@ const WRITE_BATCH: usize = 64;
 /// then each page of the replay) may take.
 const OPENING_DEADLINE: Duration = Duration::from_secs(10);
 
-/// Runs one admitted connection to its end.
+/// Runs one admitted connection to its end, in a `session` span naming
+/// the connection and its user (a debug span: free at the default level,
+/// where an idle socket's every byte counts).
 pub async fn run(
     ws: WebSocketStream<ServerStream>,
     admission: Admission,
@@ -53,95 +55,23 @@ pub async fn run(
     ctx: Arc<WsContext>,
 ) {
     let id = ConnectionId(ctx.next_connection_id.fetch_add(1, Ordering::Relaxed) + 1);
-    let (outbound, mut queue) =
-        outbound::queue(ctx.settings.send_queue, ctx.settings.send_queue_bytes);
-    let control = Arc::new(SessionControl::default());
+    let span =
+        tracing::debug_span!("session", connection = %id, user = %admission.user, %remote_addr);
+    let (outbound, queue) = outbound::queue(ctx.settings.send_queue, ctx.settings.send_queue_bytes);
     let handle = SessionHandle {
         id,
         user: admission.user.clone(),
-        remote_addr,
-        connected_at: SystemTime::now(),
-        outbound: outbound.clone(),
-        control: control.clone(),
-    };
-    if !ctx
-        .router
-        .register(handle, admission.channels.clone())
-        .await
-    {
-        return;
-    }
-    if let Err(e) = join_cluster(&ctx, &admission).await {
-        tracing::error!(error = %e, user = %admission.user, "cannot write presence; closing 1011");
-        ctx.router.unregister(id).await;
-        leave_cluster(&ctx, &admission.user, &admission.channels).await;
-        let mut ws = ws;
-        let _ = tokio::time::timeout(
-            CLOSE_DEADLINE,
-            ws.close(Some(CloseFrame {
-                code: CloseCode::from(1011),
-                reason: Utf8Bytes::from_static("inbox unavailable"),
-            })),
-        )
-        .await;
-        return;
-    }
-    debug!(connection = %id, user = %admission.user, %remote_addr, "connected");
-
-    let (mut sink, mut stream) = ws.split();
-    let mut session = Session {
-        id,
-        admission,
         outbound,
+        control: Arc::new(SessionControl::default()),
+    };
+    let session = Session {
+        handle,
+        admission,
         last_seq: 0,
-        ctx: ctx.clone(),
+        ctx,
     };
-    // Boxed: the opening's state would otherwise enlarge every session's
-    // task for its whole life.
-    let opened = tokio::select! {
-        biased;
-        _ = control.closed() => Err(control.reason().map_or(Ending::Drop, |(c, r)| Ending::Close(c, r))),
-        opened = Box::pin(session.write_opening(&mut sink)) => opened,
-    };
-    let ending = match opened {
-        Ok(frames) => {
-            ctx.metrics.frames_sent.add(frames);
-            session
-                .serve(&mut sink, &mut stream, &mut queue, &control)
-                .await
-        }
-        Err(ending) => ending,
-    };
-
-    ctx.router.unregister(id).await;
-    leave_cluster(&ctx, &session.admission.user, &session.admission.channels).await;
-    match ending {
-        Ending::Close(code, reason) => {
-            let frame = CloseFrame {
-                code: CloseCode::from(code),
-                reason: Utf8Bytes::from_static(reason),
-            };
-            // Write the close frame, then give the client the same deadline
-            // to answer it, so the close is not lost to a TCP reset.
-            let _ = tokio::time::timeout(CLOSE_DEADLINE, async {
-                if sink.send(Message::Close(Some(frame))).await.is_ok() {
-                    while let Some(Ok(m)) = stream.next().await {
-                        if m.is_close() {
-                            break;
-                        }
-                    }
-                }
-            })
-            .await;
-        }
-        Ending::ClientClosed => {
-            // tungstenite queued the close reply; write it out.
-            let _ = tokio::time::timeout(CLOSE_DEADLINE, sink.close()).await;
-        }
-        Ending::Drop => {}
-    }
+    session.run(ws, remote_addr, queue).instrument(span).await;
     drop(permit);
-    debug!(connection = %id, "disconnected");
 }
 
 /// Cluster mode: the user's presence row (before the replay is read, so
@@ -176,11 +106,139 @@ enum Ending {
     Drop,
 }
 
+impl Ending {
+    /// The close `control` asks for (a plain drop when it gave no reason).
+    fn asked_by(control: &SessionControl) -> Self {
+        control
+            .reason()
+            .map_or(Ending::Drop, |(code, reason)| Ending::Close(code, reason))
+    }
+}
+
+/// Resolves once the session was told to close (by the router for a slow
+/// client, an admin, shutdown): the one place that turns it into an ending.
+async fn told_to_close(control: &SessionControl) -> Ending {
+    control.closed().await;
+    Ending::asked_by(control)
+}
+
+/// Runs `work` unless the session is told to close first; the close wins,
+/// also over a write that a peer which stopped reading keeps blocked.
+async fn unless_closed<T>(
+    control: &SessionControl,
+    work: impl Future<Output = Result<T, Ending>>,
+) -> Result<T, Ending> {
+    tokio::select! {
+        biased;
+        ending = told_to_close(control) => Err(ending),
+        done = work => done,
+    }
+}
+
+/// A write the peer must take within `stalled_after`: one it does not
+/// take means it stopped reading, and it is dropped like a peer that
+/// stopped answering pings (with fewer frames pending than `send_queue`,
+/// nobody else would end it: while it blocks, no ping is sent and no
+/// answer is read).
+async fn write_within<T>(
+    control: &SessionControl,
+    stalled_after: Duration,
+    write: impl Future<Output = Result<T, WsError>>,
+) -> Result<T, Ending> {
+    unless_closed(control, async {
+        match tokio::time::timeout(stalled_after, write).await {
+            Ok(written) => written.map_err(|_| Ending::Drop),
+            Err(_) => {
+                debug!("peer stopped reading; dropping");
+                Err(Ending::Drop)
+            }
+        }
+    })
+    .await
+}
+
+/// Writes the close frame for `ending`, then gives the client the same
+/// deadline to answer it, so the close is not lost to a TCP reset.
+async fn finish(sink: &mut Sink, stream: &mut Stream, ending: Ending) {
+    match ending {
+        Ending::Close(code, reason) => {
+            let frame = CloseFrame {
+                code: CloseCode::from(code),
+                reason: Utf8Bytes::from_static(reason),
+            };
+            let _ = tokio::time::timeout(CLOSE_DEADLINE, async {
+                if sink.send(Message::Close(Some(frame))).await.is_ok() {
+                    while let Some(Ok(m)) = stream.next().await {
+                        if m.is_close() {
+                            break;
+                        }
+                    }
+                }
+            })
+            .await;
+        }
+        Ending::ClientClosed => {
+            // tungstenite queued the close reply; write it out.
+            let _ = tokio::time::timeout(CLOSE_DEADLINE, sink.close()).await;
+        }
+        Ending::Drop => {}
+    }
+}
+
+/// Pings, and the peer that stopped answering them.
+struct Heartbeat {
+    interval: Duration,
+    ticks: tokio::time::Interval,
+    last_seen: Instant,
+    /// How long a write (frames or a ping) may stay untaken: two intervals.
+    stalled_after: Duration,
+}
+
+impl Heartbeat {
+    fn new(id: ConnectionId, interval: Duration) -> Self {
+        // The first ping at a per-connection offset within one interval, so
+        // sockets that connected together (all clients of a restarted
+        // instance) do not ping in one burst (measured: p99 2.26 → 1.98 ms
+        // at 5,000 msg/s over 10,000 sockets).
+        let spread = id.0.wrapping_mul(0x9E37_79B9_7F4A_7C15) % interval.as_nanos().max(1) as u64;
+        let first_ping = Instant::now() + Duration::from_nanos(spread).max(interval / 4);
+        Self {
+            interval,
+            ticks: tokio::time::interval_at(first_ping, interval),
+            last_seen: Instant::now(),
+            stalled_after: interval * 2,
+        }
+    }
+
+    /// Sends the next ping, or ends a session whose peer stopped answering.
+    async fn ping(&self, sink: &mut Sink, control: &SessionControl) -> Result<(), Ending> {
+        if self.last_seen.elapsed() > self.interval * 2 {
+            debug!("no answer to pings; dropping");
+            return Err(Ending::Drop);
+        }
+        let ping = sink.send(Message::Ping(Default::default()));
+        write_within(control, self.stalled_after, ping).await
+    }
+}
+
+/// When the session's token expires; never for an `exp` further away than
+/// an `Instant` reaches.
+async fn expiry(expires_at: Option<SystemTime>) {
+    let at = expires_at.and_then(|at| {
+        let left = at.duration_since(SystemTime::now()).unwrap_or_default();
+        Instant::now().checked_add(left)
+    });
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 struct Session {
-    id: ConnectionId,
+    /// What the router has of this session too: its id, its queue (for the
+    /// session's own pongs and error frames), its close control.
+    handle: SessionHandle,
     admission: Admission,
-    /// The session's own handle on its queue, for pongs and error frames.
-    outbound: OutboundSender,
     /// The highest inbox seq the client has, or that the store had
     /// assigned when the opening read it ("through"): stored frames up to
     /// it are duplicates, and one past `last_seq + 1` is a gap to repair.
@@ -290,7 +348,7 @@ impl Session {
     async fn opening_frames(&mut self) -> Result<(Vec<Outbound>, Option<(u64, u64)>), Ending> {
         let user = &self.admission.user;
         let mut frames = vec![Outbound::control(frames::welcome(
-            self.ctx.router.names().name(self.id),
+            self.ctx.router.names().name(self.handle.id),
             user,
             &self.admission.channels,
         ))];
@@ -373,6 +431,66 @@ impl Session {
         }
     }
 
+    /// Registers, opens, serves, and closes the session.
+    async fn run(
+        mut self,
+        ws: WebSocketStream<ServerStream>,
+        remote_addr: SocketAddr,
+        mut queue: OutboundReceiver,
+    ) {
+        let (id, ctx) = (self.handle.id, self.ctx.clone());
+        let channels = self.admission.channels.clone();
+        if !ctx
+            .router
+            .register(self.handle.clone(), remote_addr, channels)
+            .await
+        {
+            return;
+        }
+        if let Err(e) = join_cluster(&ctx, &self.admission).await {
+            tracing::error!(error = %e, user = %self.admission.user, "cannot write presence; closing 1011");
+            ctx.router.unregister(id).await;
+            leave_cluster(&ctx, &self.admission.user, &self.admission.channels).await;
+            let mut ws = ws;
+            let frame = CloseFrame {
+                code: CloseCode::from(1011),
+                reason: Utf8Bytes::from_static("inbox unavailable"),
+            };
+            let _ = tokio::time::timeout(CLOSE_DEADLINE, ws.close(Some(frame))).await;
+            return;
+        }
+        debug!("connected");
+        let (mut sink, mut stream) = ws.split();
+        let ending = self
+            .open_and_serve(&mut sink, &mut stream, &mut queue)
+            .await;
+        ctx.router.unregister(id).await;
+        leave_cluster(&ctx, &self.admission.user, &self.admission.channels).await;
+        finish(&mut sink, &mut stream, ending).await;
+        debug!("disconnected");
+    }
+
+    async fn open_and_serve(
+        &mut self,
+        sink: &mut Sink,
+        stream: &mut Stream,
+        queue: &mut OutboundReceiver,
+    ) -> Ending {
+        let control = self.handle.control.clone();
+        // Boxed: the opening's state would otherwise enlarge every session's
+        // task for its whole life.
+        match unless_closed(&control, Box::pin(self.write_opening(sink))).await {
+            Ok(frames) => {
+                self.ctx.metrics.frames_sent.add(frames);
+                self.serve(sink, stream, queue, &control).await
+            }
+            Err(ending) => ending,
+        }
+    }
+
+    /// The session's life after the opening: what the router queued goes
+    /// out, client frames are answered, pings keep the peer honest, until
+    /// something ends it.
     async fn serve(
         &mut self,
         sink: &mut Sink,
@@ -380,204 +498,177 @@ impl Session {
         queue: &mut OutboundReceiver,
         control: &SessionControl,
     ) -> Ending {
-        let ping_interval = self.ctx.settings.ping_interval;
-        // The first ping at a per-connection offset within one interval, so
-        // sockets that connected together (all clients of a restarted
-        // instance) do not ping in one burst (measured: p99 2.26 → 1.98 ms at
-        // 5,000 msg/s over 10,000 sockets).
-        let spread =
-            self.id.0.wrapping_mul(0x9E37_79B9_7F4A_7C15) % ping_interval.as_nanos().max(1) as u64;
-        let first_ping = Instant::now() + Duration::from_nanos(spread).max(ping_interval / 4);
-        let mut ping = tokio::time::interval_at(first_ping, ping_interval);
-        let mut last_seen = Instant::now();
-        // A write (frames or a ping) the peer has not taken within two ping
-        // intervals means it stopped reading: it is dropped like a peer that
-        // stopped answering pings.
-        let stalled_after = ping_interval * 2;
-        // An `exp` further away than an `Instant` reaches never comes.
-        let expiry = self.admission.expires_at.and_then(|at| {
-            let left = at.duration_since(SystemTime::now()).unwrap_or_default();
-            Instant::now().checked_add(left)
-        });
-        let expired = async {
-            match expiry {
-                Some(at) => tokio::time::sleep_until(at).await,
-                None => std::future::pending().await,
-            }
-        };
+        let mut heartbeat = Heartbeat::new(self.handle.id, self.ctx.settings.ping_interval);
+        let expired = expiry(self.admission.expires_at);
         tokio::pin!(expired);
         // Allocated on the first write: an idle socket costs nothing here.
         let mut batch: Vec<Outbound> = Vec::new();
         let mut latencies: Vec<std::time::Instant> = Vec::new();
-
         loop {
-            tokio::select! {
+            let step = tokio::select! {
                 biased;
-                _ = control.closed() => {
-                    return control.reason().map_or(Ending::Drop, |(c, r)| Ending::Close(c, r));
-                }
-                _ = &mut expired => return Ending::Close(1008, "token expired"),
+                ending = told_to_close(control) => Err(ending),
+                _ = &mut expired => Err(Ending::Close(1008, "token expired")),
                 n = queue.recv_many(&mut batch, WRITE_BATCH) => {
-                    if n == 0 {
-                        return Ending::Close(1011, "internal error");
-                    }
-                    let mut seqs = SeqCursor {
-                        last: &mut self.last_seq,
-                        repair: self.ctx.inbox.as_ref().map(|inbox| (inbox, self.admission.user.as_str())),
-                        metrics: &self.ctx.metrics,
-                    };
-                    // A peer that stops reading blocks the write; the router
-                    // then finds the queue full and asks us to close, which
-                    // must win over the blocked write.
-                    tokio::select! {
-                        biased;
-                        _ = control.closed() => {
-                            return control.reason().map_or(Ending::Drop, |(c, r)| Ending::Close(c, r));
-                        }
-                        written = write_batch(sink, &mut batch, &mut latencies, &mut seqs) => match written {
-                            Ok(frames) => {
-                                let metrics = &self.ctx.metrics;
-                                metrics.frames_sent.add(frames);
-                                for at in latencies.drain(..) {
-                                    metrics.delivery_seconds.observe(at.elapsed());
-                                }
-                            }
-                            Err(_) => return Ending::Drop,
-                        },
-                        // With fewer frames pending than `send_queue`, nobody
-                        // else ends a write the peer never takes: while it
-                        // blocks, no ping is sent and no answer is read.
-                        _ = tokio::time::sleep(stalled_after) => {
-                            debug!(connection = %self.id, "peer stopped reading; dropping");
-                            return Ending::Drop;
-                        }
-                    }
+                    let stalled_after = heartbeat.stalled_after;
+                    self.write_queued(n, sink, &mut batch, &mut latencies, control, stalled_after).await
                 }
                 incoming = stream.next() => {
-                    last_seen = Instant::now();
-                    match incoming {
-                        Some(Ok(Message::Text(text))) => {
-                            if let Some(ending) = Box::pin(self.on_text(&text)).await {
-                                return ending;
-                            }
-                        }
-                        Some(Ok(Message::Binary(_))) => {
-                            return Ending::Close(1003, "binary frames are not accepted");
-                        }
-                        Some(Ok(Message::Close(_))) => return Ending::ClientClosed,
-                        Some(Ok(_)) => {} // ping (answered by tungstenite), pong
-                        Some(Err(WsError::Capacity(CapacityError::MessageTooLong { .. }))) => {
-                            return Ending::Close(1009, "message too big");
-                        }
-                        Some(Err(WsError::Capacity(_))) => return Ending::Close(1009, "message too big"),
-                        Some(Err(WsError::Utf8(_))) => return Ending::Close(1007, "invalid UTF-8"),
-                        Some(Err(WsError::Protocol(_))) => return Ending::Close(1002, "protocol error"),
-                        Some(Err(_)) | None => return Ending::Drop,
-                    }
+                    heartbeat.last_seen = Instant::now();
+                    self.on_incoming(incoming).await
                 }
-                _ = ping.tick() => {
-                    if last_seen.elapsed() > ping_interval * 2 {
-                        debug!(connection = %self.id, "no answer to pings; dropping");
-                        return Ending::Drop;
-                    }
-                    tokio::select! {
-                        biased;
-                        _ = control.closed() => {
-                            return control.reason().map_or(Ending::Drop, |(c, r)| Ending::Close(c, r));
-                        }
-                        sent = sink.send(Message::Ping(Default::default())) => {
-                            if sent.is_err() {
-                                return Ending::Drop;
-                            }
-                        }
-                        _ = tokio::time::sleep(stalled_after) => {
-                            debug!(connection = %self.id, "peer stopped reading; dropping");
-                            return Ending::Drop;
-                        }
-                    }
-                }
+                _ = heartbeat.ticks.tick() => heartbeat.ping(sink, control).await,
+            };
+            if let Err(ending) = step {
+                return ending;
             }
         }
     }
 
-    /// Handles one client text frame; `Some` ends the session.
-    async fn on_text(&mut self, text: &str) -> Option<Ending> {
-        let reply = match frames::parse_client(text) {
-            Ok(ClientFrame::Ping) => frames::pong(),
-            Ok(ClientFrame::Subscribe(channel)) => {
-                let held = &self.admission.channels;
-                match self
-                    .ctx
-                    .policy()
-                    .check_join(&self.admission.grant, &channel, held)
-                {
-                    Ok(()) => {
-                        if !held.contains(&channel) {
-                            if let Some(cluster) = &self.ctx.cluster {
-                                cluster.link.join_channel(&channel).await;
-                            }
-                            self.admission.channels.push(channel.clone());
-                        }
-                        // The router answers `subscribed`, in order with the
-                        // channel's messages.
-                        self.ctx.router.subscribe(self.id, channel).await;
-                        return None;
-                    }
-                    Err(refusal) => {
-                        if let Some(limit) = refusal.limit {
-                            if let Some(unlogged) = self.ctx.metrics.refused_to_log(limit) {
-                                tracing::warn!(connection = %self.id, limit = limit.label(), detail = %refusal.detail, refused_since_last_log = unlogged, "subscribe refused: limit reached");
-                            }
-                        }
-                        frames::error(refusal.code, &refusal.detail)
-                    }
-                }
-            }
-            Ok(ClientFrame::Unsubscribe(channel)) => {
-                let held = self.admission.channels.len();
-                self.admission.channels.retain(|held| *held != channel);
-                let left = held != self.admission.channels.len();
-                self.ctx.router.unsubscribe(self.id, channel.clone()).await;
-                if let (true, Some(cluster)) = (left, &self.ctx.cluster) {
-                    cluster.link.leave_channel(&channel).await;
-                }
-                return None;
-            }
-            Ok(ClientFrame::Inbox(change)) => match &self.ctx.inbox {
-                None => frames::error("bad_request", "the inbox is not enabled on this server"),
-                Some(inbox) => {
-                    let user = &self.admission.user;
-                    match inbox.change(user.as_str(), change).await {
-                        Ok((true, counts)) => {
-                            // Every tab of the user learns the new counts.
-                            crate::cluster::announce_counts(
-                                self.ctx.cluster.as_deref(),
-                                &self.ctx.router,
-                                user,
-                                counts,
-                            )
-                            .await;
-                            return None;
-                        }
-                        Ok((false, _)) => return None,
-                        Err(e) => {
-                            tracing::error!(error = %e, "inbox change failed");
-                            frames::error("unavailable", "the inbox is unavailable; try again")
-                        }
-                    }
-                }
-            },
-            Err(detail) => frames::error("bad_request", &detail),
+    /// Writes the `n` frames the router queued (0: every sender is gone).
+    async fn write_queued(
+        &mut self,
+        n: usize,
+        sink: &mut Sink,
+        batch: &mut Vec<Outbound>,
+        latencies: &mut Vec<std::time::Instant>,
+        control: &SessionControl,
+        stalled_after: Duration,
+    ) -> Result<(), Ending> {
+        if n == 0 {
+            return Err(Ending::Close(1011, "internal error"));
+        }
+        let metrics = &self.ctx.metrics;
+        let mut seqs = SeqCursor {
+            last: &mut self.last_seq,
+            repair: self
+                .ctx
+                .inbox
+                .as_ref()
+                .map(|inbox| (inbox, self.admission.user.as_str())),
+            metrics,
         };
-        match self.outbound.try_push(Outbound::control(reply)) {
-            Ok(()) => None,
-            Err(PushError::Closed) => Some(Ending::Drop),
-            Err(full) => {
-                if full == PushError::BytesFull {
-                    self.ctx.metrics.refused(Limit::SendQueueBytes);
+        let write = write_batch(sink, batch, latencies, &mut seqs);
+        let frames = write_within(control, stalled_after, write).await?;
+        metrics.frames_sent.add(frames);
+        for at in latencies.drain(..) {
+            metrics.delivery_seconds.observe(at.elapsed());
+        }
+        Ok(())
+    }
+
+    /// What the client sent: a text frame is answered, the rest may end
+    /// the session with the contract's close code.
+    async fn on_incoming(
+        &mut self,
+        incoming: Option<Result<Message, WsError>>,
+    ) -> Result<(), Ending> {
+        match incoming {
+            Some(Ok(Message::Text(text))) => Box::pin(self.on_text(&text)).await,
+            Some(Ok(Message::Binary(_))) => {
+                Err(Ending::Close(1003, "binary frames are not accepted"))
+            }
+            Some(Ok(Message::Close(_))) => Err(Ending::ClientClosed),
+            Some(Ok(_)) => Ok(()), // ping (answered by tungstenite), pong
+            Some(Err(WsError::Capacity(_))) => Err(Ending::Close(1009, "message too big")),
+            Some(Err(WsError::Utf8(_))) => Err(Ending::Close(1007, "invalid UTF-8")),
+            Some(Err(WsError::Protocol(_))) => Err(Ending::Close(1002, "protocol error")),
+            Some(Err(_)) | None => Err(Ending::Drop),
+        }
+    }
+
+    /// Handles one client text frame (parse, then apply); an `Err` ends
+    /// the session.
+    async fn on_text(&mut self, text: &str) -> Result<(), Ending> {
+        let reply = match frames::parse_client(text) {
+            Ok(ClientFrame::Ping) => Some(frames::pong()),
+            Ok(ClientFrame::Subscribe(channel)) => self.subscribe(channel).await,
+            Ok(ClientFrame::Unsubscribe(channel)) => {
+                self.unsubscribe(channel).await;
+                None
+            }
+            Ok(ClientFrame::Inbox(change)) => self.change_inbox(change).await,
+            Err(detail) => Some(frames::error("bad_request", &detail)),
+        };
+        let Some(reply) = reply else {
+            return Ok(());
+        };
+        if self
+            .handle
+            .offer(Outbound::control(reply), &self.ctx.metrics)
+        {
+            Ok(())
+        } else {
+            Err(Ending::asked_by(&self.handle.control))
+        }
+    }
+
+    /// Joins a channel if the grant allows it: the router answers
+    /// `subscribed`, in order with the channel's messages; a refusal is the
+    /// `error` frame returned.
+    async fn subscribe(&mut self, channel: String) -> Option<Utf8Bytes> {
+        let held = &self.admission.channels;
+        let policy = self.ctx.policy();
+        if let Err(refusal) = policy.check_join(&self.admission.grant, &channel, held) {
+            if let Some(limit) = refusal.limit {
+                if let Some(unlogged) = self.ctx.metrics.refused_to_log(limit) {
+                    tracing::warn!(connection = %self.handle.id, limit = limit.label(), detail = %refusal.detail, refused_since_last_log = unlogged, "subscribe refused: limit reached");
                 }
-                self.ctx.metrics.slow_client_closes.inc();
-                Some(Ending::Close(1013, "client reads too slowly"))
+            }
+            return Some(frames::error(refusal.code, &refusal.detail));
+        }
+        if !held.contains(&channel) {
+            if let Some(cluster) = &self.ctx.cluster {
+                cluster.link.join_channel(&channel).await;
+            }
+            self.admission.channels.push(channel.clone());
+        }
+        let confirmation = frames::subscribed(&channel);
+        self.ctx
+            .router
+            .subscribe(self.handle.id, channel, confirmation)
+            .await;
+        None
+    }
+
+    /// Leaves a channel; the router answers `unsubscribed`.
+    async fn unsubscribe(&mut self, channel: String) {
+        let held = self.admission.channels.len();
+        self.admission.channels.retain(|held| *held != channel);
+        let left = held != self.admission.channels.len();
+        let confirmation = frames::unsubscribed(&channel);
+        self.ctx
+            .router
+            .unsubscribe(self.handle.id, channel.clone(), confirmation)
+            .await;
+        if let (true, Some(cluster)) = (left, &self.ctx.cluster) {
+            cluster.link.leave_channel(&channel).await;
+        }
+    }
+
+    /// Applies a read-state change; every tab of the user learns the new
+    /// counts. An `error` frame when it could not be applied.
+    async fn change_inbox(&self, change: Change) -> Option<Utf8Bytes> {
+        let Some(inbox) = &self.ctx.inbox else {
+            return Some(frames::error(
+                "bad_request",
+                "the inbox is not enabled on this server",
+            ));
+        };
+        let user = &self.admission.user;
+        match inbox.change(user.as_str(), change).await {
+            Ok((true, counts)) => {
+                let cluster = self.ctx.cluster.as_deref();
+                crate::cluster::announce_counts(cluster, &self.ctx.router, user, counts).await;
+                None
+            }
+            Ok((false, _)) => None,
+            Err(e) => {
+                tracing::error!(error = %e, "inbox change failed");
+                Some(frames::error(
+                    "unavailable",
+                    "the inbox is unavailable; try again",
+                ))
             }
         }
     }
