@@ -64,7 +64,11 @@ impl Tickets {
 
     /// A new ticket for `identity`.
     pub fn issue(&self, identity: Identity) -> Result<String, TicketError> {
-        let now = Instant::now();
+        self.issue_at(identity, Instant::now())
+    }
+
+    /// [`Self::issue`] at `now` (the tests' clock).
+    fn issue_at(&self, identity: Identity, now: Instant) -> Result<String, TicketError> {
         let mut outstanding = self.outstanding.lock().expect("tickets lock");
         if outstanding.len() >= MAX_OUTSTANDING {
             outstanding.retain(|_, (_, expires)| *expires > now);
@@ -126,17 +130,19 @@ mod tests {
 
     #[test]
     fn outstanding_tickets_are_bounded_and_expired_ones_make_room() {
-        // Long enough that none expires while the map fills (a debug build
-        // takes a few hundred milliseconds for it).
+        // One clock for the whole test: none expires while the map fills,
+        // however slow the machine (it used to be real time, and a loaded
+        // machine took over the 2 s ttl to fill it).
         let tickets = Tickets::new(Duration::from_secs(2));
+        let start = Instant::now();
         for _ in 0..MAX_OUTSTANDING {
-            tickets.issue(identity("1")).unwrap();
+            tickets.issue_at(identity("1"), start).unwrap();
         }
         assert_eq!(
-            tickets.issue(identity("1")).unwrap_err(),
+            tickets.issue_at(identity("1"), start).unwrap_err(),
             TicketError::TooMany
         );
-        std::thread::sleep(Duration::from_millis(2100));
-        assert!(tickets.issue(identity("1")).is_ok());
+        let later = start + Duration::from_millis(2100);
+        assert!(tickets.issue_at(identity("1"), later).is_ok());
     }
 }
