@@ -18,6 +18,7 @@ use std::{
     time::Duration,
 };
 
+use base64::Engine as _;
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use notify_bridge::config::AuthMode;
@@ -63,15 +64,18 @@ fn chromium_binary() -> Option<PathBuf> {
 /// process group and removes the profile.
 struct Browser {
     child: Child,
-    profile: PathBuf,
+    /// Removed when dropped (after Drop::drop has killed the browser).
+    profile: tempfile::TempDir,
     devtools: SocketAddr,
 }
 
 impl Browser {
     fn launch(binary: &Path) -> Self {
-        let profile = std::env::temp_dir().join(unique("notify-bridge-chromium"));
-        std::fs::create_dir_all(&profile).unwrap();
-        let log = std::fs::File::create(profile.join("chromium.log")).unwrap();
+        let profile = tempfile::Builder::new()
+            .prefix("notify-bridge-chromium")
+            .tempdir()
+            .unwrap();
+        let log = std::fs::File::create(profile.path().join("chromium.log")).unwrap();
         let child = {
             use std::os::unix::process::CommandExt;
             Command::new(binary)
@@ -87,7 +91,7 @@ impl Browser {
                     "--remote-debugging-port=0",
                     "--window-size=1280,900",
                 ])
-                .arg(format!("--user-data-dir={}", profile.display()))
+                .arg(format!("--user-data-dir={}", profile.path().display()))
                 .arg("about:blank")
                 .stdin(Stdio::null())
                 .stdout(log.try_clone().unwrap())
@@ -109,7 +113,7 @@ impl Browser {
 
     /// Chromium writes its DevTools port to `DevToolsActivePort` in the profile.
     fn wait_for_devtools_port(&mut self) -> SocketAddr {
-        let file = self.profile.join("DevToolsActivePort");
+        let file = self.profile.path().join("DevToolsActivePort");
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(text) = std::fs::read_to_string(&file) {
@@ -139,7 +143,7 @@ impl Browser {
 
     fn log(&self) -> String {
         let mut text = String::new();
-        if let Ok(mut f) = std::fs::File::open(self.profile.join("chromium.log")) {
+        if let Ok(mut f) = std::fs::File::open(self.profile.path().join("chromium.log")) {
             let _ = f.read_to_string(&mut text);
         }
         text
@@ -179,7 +183,6 @@ impl Drop for Browser {
             .status();
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.profile);
     }
 }
 
@@ -326,7 +329,9 @@ impl Cdp {
                 }),
             )
             .await;
-        let png = base64_decode(shot["data"].as_str().expect("screenshot data"));
+        let png = base64::engine::general_purpose::STANDARD
+            .decode(shot["data"].as_str().expect("screenshot data"))
+            .expect("base64 screenshot data");
         assert!(png.starts_with(b"\x89PNG"), "not a PNG");
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(path, &png).unwrap();
@@ -347,63 +352,12 @@ impl Cdp {
     }
 }
 
-/// GET on Chromium's DevTools HTTP endpoint, which keeps the connection
-/// open: the body is read by its Content-Length.
+/// GET on Chromium's DevTools HTTP endpoint (which keeps the connection
+/// open: the body is read by its Content-Length).
 async fn devtools_get(addr: SocketAddr, path: &str) -> String {
-    let exchange = async {
-        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n");
-        stream.write_all(request.as_bytes()).await.unwrap();
-        let mut raw = Vec::new();
-        let mut buf = [0u8; 8192];
-        loop {
-            let n = stream.read(&mut buf).await.unwrap();
-            assert!(n > 0, "DevTools closed the connection early");
-            raw.extend_from_slice(&buf[..n]);
-            let text = String::from_utf8_lossy(&raw);
-            if let Some((head, body)) = text.split_once("\r\n\r\n") {
-                assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-                let length: usize = head
-                    .lines()
-                    .find_map(|l| {
-                        let (k, v) = l.split_once(':')?;
-                        k.eq_ignore_ascii_case("content-length")
-                            .then(|| v.trim().parse().ok())?
-                    })
-                    .expect("Content-Length");
-                if body.len() >= length {
-                    return body[..length].to_string();
-                }
-            }
-        }
-    };
-    tokio::time::timeout(WAIT, exchange)
-        .await
-        .expect("DevTools HTTP answer in time")
-}
-
-fn base64_decode(text: &str) -> Vec<u8> {
-    let value = |c: u8| -> u32 {
-        match c {
-            b'A'..=b'Z' => (c - b'A') as u32,
-            b'a'..=b'z' => (c - b'a' + 26) as u32,
-            b'0'..=b'9' => (c - b'0' + 52) as u32,
-            b'+' => 62,
-            b'/' => 63,
-            _ => panic!("not base64: {c}"),
-        }
-    };
-    let digits: Vec<u8> = text.bytes().filter(|&c| c != b'=').collect();
-    let mut out = Vec::with_capacity(digits.len() * 3 / 4);
-    for chunk in digits.chunks(4) {
-        let n = chunk
-            .iter()
-            .enumerate()
-            .fold(0u32, |acc, (i, &c)| acc | value(c) << (18 - 6 * i));
-        let bytes = n.to_be_bytes();
-        out.extend_from_slice(&bytes[1..chunk.len()]);
-    }
-    out
+    let reply = http_request(addr, "GET", path, &[], "").await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    reply.body
 }
 
 fn target_dir() -> PathBuf {
@@ -978,9 +932,8 @@ async fn demo_page_with_the_inbox_replays_counts_marks_read_and_resumes_after_a_
     let Some(binary) = chromium_binary() else {
         return;
     };
-    let store = std::env::temp_dir()
-        .join(unique("nb-demo-inbox"))
-        .join("inbox.db");
+    let scratch = tempfile::tempdir().unwrap();
+    let store = scratch.path().join("inbox.db");
     let bridge = start_bridge(|c| {
         c.inbox.enabled = true;
         c.inbox.path = store;

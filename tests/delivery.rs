@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::*;
+use common::{inbox::ScratchStore, *};
 use futures_util::StreamExt;
 use lapin::{
     types::{AMQPValue, FieldTable},
@@ -419,7 +419,8 @@ async fn an_existing_non_durable_exchange_is_used_as_it_is() {
 
 #[tokio::test]
 async fn a_connection_target_reaches_that_one_socket_and_is_never_stored() {
-    let store = inbox_store_path("nb-connection-target");
+    let scratch = ScratchStore::new();
+    let store = scratch.path();
     let bridge = Bridge::start_with(|c| {
         c.inbox.enabled = true;
         c.inbox.path = store;

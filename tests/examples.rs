@@ -15,10 +15,10 @@ use std::{
     time::Duration,
 };
 
-use common::*;
+use common::{inbox::ScratchStore, *};
 use serde_json::Value;
 use tokio::{
-    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Lines},
+    io::{AsyncBufReadExt, BufReader, Lines},
     process::{Child, ChildStderr, ChildStdout, Command},
     sync::OnceCell,
 };
@@ -261,23 +261,9 @@ fn json_lines(text: &str) -> Vec<Value> {
 
 /// A bodiless request with the admin key: status and body.
 async fn admin(addr: std::net::SocketAddr, method: &str, path: &str) -> (u16, String) {
-    let exchange = async {
-        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let request = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {ADMIN_KEY}\r\n\
-             Content-Length: 0\r\nConnection: close\r\n\r\n"
-        );
-        stream.write_all(request.as_bytes()).await.unwrap();
-        let mut raw = String::new();
-        stream.read_to_string(&mut raw).await.unwrap();
-        raw
-    };
-    let raw = tokio::time::timeout(WAIT, exchange).await.expect("answer");
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
-    (
-        head.split(' ').nth(1).unwrap().parse().unwrap(),
-        body.to_string(),
-    )
+    let key = format!("Bearer {ADMIN_KEY}");
+    let reply = http_request(addr, method, path, &[("authorization", &key)], "").await;
+    (reply.status, reply.body)
 }
 
 // ---------------------------------------------------------------------------
@@ -681,11 +667,12 @@ async fn client_js_passes_node_check_and_receives_under_node() {
 /// e-mail (and only that one).
 #[tokio::test]
 async fn fallback_worker_py_emails_only_the_offline_user_who_did_not_read() {
+    let store = ScratchStore::new();
     let python = python().await;
     let bridge = Bridge::start_with(|c| {
         c.receipts.enabled = true;
         c.inbox.enabled = true;
-        c.inbox.path = inbox_store_path("nb-fallback");
+        c.inbox.path = store.path();
     })
     .await;
     let queue = unique("fallback");

@@ -808,8 +808,8 @@ fn sample_peak_rss(
     let task = tokio::spawn(async move {
         let mut peak = 0;
         loop {
-            if let Some(kib) = rss_of(pid) {
-                peak = peak.max(kib);
+            if let Ok(bytes) = testkit::proc::rss_bytes(testkit::proc::Pid::Of(pid)) {
+                peak = peak.max(bytes / 1024);
             }
             tokio::select! {
                 _ = &mut stopped => return peak,
@@ -818,14 +818,6 @@ fn sample_peak_rss(
         }
     });
     (stop, task)
-}
-
-fn rss_of(pid: u32) -> Option<u64> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()?
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
 }
 
 #[tokio::test]

@@ -5,15 +5,11 @@ mod common;
 
 use std::{path::PathBuf, time::Duration};
 
-use common::*;
+use common::{inbox::ScratchStore, *};
 use notify_bridge::config::Config;
 use serde_json::{json, Value};
 
 const ADMIN_KEY: &str = "inbox-admin-key";
-
-fn store_path() -> PathBuf {
-    inbox_store_path("nb-inbox")
-}
 
 fn with_inbox(path: PathBuf) -> impl FnOnce(&mut Config) {
     move |c: &mut Config| {
@@ -55,7 +51,8 @@ async fn wait_for_stored(bridge: &Bridge, at_least: u64) {
 
 #[tokio::test]
 async fn offline_messages_arrive_on_connect_in_order() {
-    let bridge = Bridge::start_with(with_inbox(store_path())).await;
+    let store = ScratchStore::new();
+    let bridge = Bridge::start_with(with_inbox(store.path())).await;
     let publisher = Publisher::connect().await;
     publish_many(&bridge, &publisher, "off", 0..5).await;
     wait_for_stored(&bridge, 5).await;
@@ -82,14 +79,16 @@ async fn offline_messages_arrive_on_connect_in_order() {
 
 #[tokio::test]
 async fn reconnecting_with_since_during_a_stream_loses_and_duplicates_nothing() {
-    let bridge = Bridge::start_with(with_inbox(store_path())).await;
+    let store = ScratchStore::new();
+    let bridge = Bridge::start_with(with_inbox(store.path())).await;
     common::inbox::since_reconnects_during_a_stream_lose_and_duplicate_nothing(&bridge).await;
     bridge.stop().await;
 }
 
 #[tokio::test]
 async fn retention_produces_a_gap_frame() {
-    let path = store_path();
+    let store = ScratchStore::new();
+    let path = store.path();
     let bridge = Bridge::start_with(|c| {
         with_inbox(path)(c);
         c.inbox.max_per_user = 3;
@@ -128,7 +127,8 @@ async fn retention_produces_a_gap_frame() {
 
 #[tokio::test]
 async fn read_state_changes_reach_every_tab_and_never_another_user() {
-    let bridge = Bridge::start_with(with_inbox(store_path())).await;
+    let store = ScratchStore::new();
+    let bridge = Bridge::start_with(with_inbox(store.path())).await;
     let publisher = Publisher::connect().await;
     publish_many(&bridge, &publisher, "tabs", 0..4).await;
     publish_many(&bridge, &publisher, "other", 0..1).await;
@@ -178,7 +178,8 @@ async fn read_state_changes_reach_every_tab_and_never_another_user() {
 
 #[tokio::test]
 async fn redeliveries_are_not_stored_twice_and_store_false_is_never_stored() {
-    let bridge = Bridge::start_with(with_inbox(store_path())).await;
+    let store = ScratchStore::new();
+    let bridge = Bridge::start_with(with_inbox(store.path())).await;
     let publisher = Publisher::connect().await;
     let (mut client, _) = connect_since(&bridge, "dup", None).await;
 
@@ -215,7 +216,8 @@ async fn redeliveries_are_not_stored_twice_and_store_false_is_never_stored() {
 
 #[tokio::test]
 async fn the_store_survives_a_restart() {
-    let path = store_path();
+    let store = ScratchStore::new();
+    let path = store.path();
     let mut config = test_config();
     with_inbox(path.clone())(&mut config);
     let queue = config.amqp.queue.clone();
@@ -245,9 +247,8 @@ async fn the_store_survives_a_restart() {
 
 #[tokio::test]
 async fn an_unusable_store_stops_startup_naming_inbox_path() {
-    let dir = std::env::temp_dir().join(unique("nb-bad-store"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("inbox.db");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("inbox.db");
     std::fs::write(&path, vec![0x5au8; 16384]).unwrap();
     let mut config = test_config();
     with_inbox(path)(&mut config);
@@ -282,7 +283,8 @@ async fn http(
 
 #[tokio::test]
 async fn http_list_and_patch() {
-    let bridge = Bridge::start_with(with_inbox(store_path())).await;
+    let store = ScratchStore::new();
+    let bridge = Bridge::start_with(with_inbox(store.path())).await;
     let publisher = Publisher::connect().await;
     publish_many(&bridge, &publisher, "h", 0..6).await;
     wait_for_stored(&bridge, 6).await;

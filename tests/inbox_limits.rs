@@ -7,13 +7,9 @@ mod common;
 
 use std::{path::PathBuf, time::Duration};
 
-use common::*;
+use common::{inbox::ScratchStore, *};
 use notify_bridge::config::Config;
 use serde_json::{json, Value};
-
-fn store_path() -> PathBuf {
-    inbox_store_path("nb-inbox-limits")
-}
 
 fn with_inbox(path: PathBuf) -> impl FnOnce(&mut Config) {
     move |c: &mut Config| {
@@ -61,7 +57,8 @@ fn open_raw(path: &std::path::Path) -> rusqlite::Connection {
 
 #[tokio::test]
 async fn a_message_to_many_users_stores_its_payload_once() {
-    let path = store_path();
+    let store = ScratchStore::new();
+    let path = store.path();
     let bridge = Bridge::start_with(with_inbox(path.clone())).await;
     let publisher = Publisher::connect().await;
     let users: Vec<String> = (0..200).map(|i| format!("many-{i}")).collect();
@@ -113,7 +110,8 @@ async fn a_message_to_many_users_stores_its_payload_once() {
 
 #[tokio::test]
 async fn since_beyond_i64_replays_nothing_and_live_frames_still_arrive() {
-    let bridge = Bridge::start_with(with_inbox(store_path())).await;
+    let store = ScratchStore::new();
+    let bridge = Bridge::start_with(with_inbox(store.path())).await;
     let publisher = Publisher::connect().await;
     for i in 0..2 {
         bridge
@@ -151,7 +149,8 @@ async fn since_beyond_i64_replays_nothing_and_live_frames_still_arrive() {
 
 #[tokio::test]
 async fn a_patch_with_40000_ids_works() {
-    let bridge = Bridge::start_with(with_inbox(store_path())).await;
+    let store = ScratchStore::new();
+    let bridge = Bridge::start_with(with_inbox(store.path())).await;
     let publisher = Publisher::connect().await;
     for i in 0..3 {
         bridge
@@ -188,7 +187,8 @@ async fn a_patch_with_40000_ids_works() {
 #[tokio::test]
 async fn the_inbox_folder_and_files_are_private() {
     use std::os::unix::fs::PermissionsExt;
-    let path = store_path();
+    let store = ScratchStore::new();
+    let path = store.path();
     let bridge = Bridge::start_with(with_inbox(path.clone())).await;
     let publisher = Publisher::connect().await;
     bridge
@@ -257,7 +257,8 @@ fn write_v1_store(path: &std::path::Path) {
 
 #[tokio::test]
 async fn a_store_written_by_the_first_schema_is_migrated() {
-    let path = store_path();
+    let store = ScratchStore::new();
+    let path = store.path();
     write_v1_store(&path);
     let bridge = Bridge::start_with(with_inbox(path.clone())).await;
 
@@ -324,7 +325,8 @@ async fn a_store_written_by_the_first_schema_is_migrated() {
 
 #[tokio::test]
 async fn long_listings_and_replays_come_whole_and_in_order_across_pages() {
-    let path = store_path();
+    let store = ScratchStore::new();
+    let path = store.path();
     let bridge = Bridge::start_with(with_inbox(path)).await;
     let publisher = Publisher::connect().await;
     let pad = "p".repeat(40 * 1024);

@@ -9,7 +9,7 @@ mod pg;
 
 use std::time::Duration;
 
-use common::{receipts::ReceiptQueue as Inbox, *};
+use common::{inbox::ScratchStore, receipts::ReceiptQueue as Inbox, *};
 use lapin::{
     types::{AMQPValue, FieldTable},
     BasicProperties,
@@ -21,10 +21,13 @@ fn receipts_on(c: &mut Config) {
     c.receipts.enabled = true;
 }
 
-fn with_sqlite_inbox(c: &mut Config) {
-    receipts_on(c);
-    c.inbox.enabled = true;
-    c.inbox.path = inbox_store_path("nb-receipts");
+fn with_sqlite_inbox(store: &ScratchStore) -> impl FnOnce(&mut Config) {
+    let path = store.path();
+    move |c: &mut Config| {
+        receipts_on(c);
+        c.inbox.enabled = true;
+        c.inbox.path = path;
+    }
 }
 
 async fn wait_for_metric(bridge: &Bridge, line: &str, at_least: f64) {
@@ -44,7 +47,8 @@ async fn wait_for_metric(bridge: &Bridge, line: &str, at_least: f64) {
 
 #[tokio::test]
 async fn user_channel_and_broadcast_receipts_have_the_contracts_bodies() {
-    let bridge = Bridge::start_with(with_sqlite_inbox).await;
+    let store = ScratchStore::new();
+    let bridge = Bridge::start_with(with_sqlite_inbox(&store)).await;
     let mut results = Inbox::results(&bridge).await;
     let publisher = Publisher::connect().await;
     let _tab1 = bridge.connect("1").await;
@@ -283,7 +287,8 @@ async fn read_receipts_are_sent_once(bridge: &Bridge) {
 
 #[tokio::test]
 async fn read_receipts_once_per_entry_sqlite() {
-    let bridge = Bridge::start_with(with_sqlite_inbox).await;
+    let store = ScratchStore::new();
+    let bridge = Bridge::start_with(with_sqlite_inbox(&store)).await;
     read_receipts_are_sent_once(&bridge).await;
     bridge.stop().await;
 }

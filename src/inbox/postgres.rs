@@ -12,9 +12,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use deadpool_postgres::{
-    ClientWrapper, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Transaction,
-};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Transaction};
 use tokio_postgres::{error::SqlState, types::ToSql, NoTls};
 
 use super::{
@@ -145,38 +143,13 @@ impl PgStore {
     }
 
     /// Stores a batch atomically (see [`super::InboxStore::append`]).
-    ///
-    /// The commit path's transaction is pipelined: `BEGIN` goes out with the
-    /// lock and the lookup, `COMMIT` with the writes, so a batch costs two
-    /// round trips instead of four. Deadlocks and serialization failures
-    /// are tried again, as [`transact!`] does for the other writes.
     pub async fn append(
         &self,
         batch: &[NewMessage],
         now_ms: i64,
         max_per_user: usize,
     ) -> anyhow::Result<Vec<Vec<Option<u64>>>> {
-        let mut tries = 0;
-        loop {
-            let mut open = OpenTransaction(Some(self.client().await?));
-            match append_in(open.client(), batch, now_ms, max_per_user).await {
-                Ok(seqs) => {
-                    open.finish();
-                    return Ok(seqs);
-                }
-                Err(e) => {
-                    open.roll_back().await;
-                    if !(retryable(&e) && tries + 1 < TRIES) {
-                        return Err(e.into());
-                    }
-                    tries += 1;
-                    tracing::warn!(
-                        tries,
-                        "inbox write hit a deadlock or conflict; trying again"
-                    );
-                }
-            }
-        }
+        transact!(self, tx => append_in(&tx, batch, now_ms, max_per_user))
     }
 
     /// Applies a read-state change; `true` when anything changed.
@@ -221,40 +194,6 @@ async fn query_one(
 ) -> Result<tokio_postgres::Row, tokio_postgres::Error> {
     let stmt = tx.prepare_cached(sql).await?;
     tx.query_one(&stmt, params).await
-}
-
-/// A pooled connection inside a transaction begun by hand (pipelined
-/// `BEGIN`/`COMMIT`, see [`PgStore::append`]). Dropped unfinished (an error
-/// not rolled back, or the future cancelled), the connection is closed
-/// rather than returned to the pool mid-transaction: the server rolls it
-/// back, and no later user of the pool inherits it.
-struct OpenTransaction(Option<deadpool_postgres::Object>);
-
-impl OpenTransaction {
-    fn client(&self) -> &ClientWrapper {
-        self.0.as_ref().expect("open until finished")
-    }
-
-    /// Committed: the connection goes back to the pool.
-    fn finish(&mut self) {
-        self.0.take();
-    }
-
-    /// Failed: rolled back, then back to the pool (closed when even the
-    /// rollback fails).
-    async fn roll_back(&mut self) {
-        if self.client().batch_execute("ROLLBACK").await.is_ok() {
-            self.finish();
-        }
-    }
-}
-
-impl Drop for OpenTransaction {
-    fn drop(&mut self) {
-        if let Some(client) = self.0.take() {
-            drop(deadpool_postgres::Object::take(client));
-        }
-    }
 }
 
 fn retryable(e: &tokio_postgres::Error) -> bool {
@@ -312,12 +251,12 @@ struct Reserved {
     reserved_end: i64,
 }
 
-/// Begins the transaction, locks the users' rows (reserving their seqs),
-/// then finds the batch's (user, id) pairs already stored. The three are
-/// pipelined (sent together, run by the server in that order, so the
-/// lookup sees what the lock waited for).
+/// Locks the users' rows (reserving their seqs), then finds the batch's
+/// (user, id) pairs already stored. The two statements are pipelined (sent
+/// together, run by the server in that order, so the lookup sees what the
+/// lock waited for).
 async fn lock_and_find(
-    tx: &ClientWrapper,
+    tx: &Transaction<'_>,
     users: &[(&str, i64)],
     batch: &[NewMessage],
 ) -> Result<(HashMap<String, Reserved>, HashSet<(String, String)>), tokio_postgres::Error> {
@@ -330,11 +269,8 @@ async fn lock_and_find(
     let find = tx.prepare_cached(HELD).await?;
     let lock_params: [&(dyn ToSql + Sync); 2] = [&names, &counts];
     let find_params: [&(dyn ToSql + Sync); 2] = [&pair_users, &ids];
-    let ((), locked, held) = futures_util::try_join!(
-        tx.batch_execute("BEGIN"),
-        tx.query(&lock, &lock_params),
-        tx.query(&find, &find_params)
-    )?;
+    let (locked, held) =
+        futures_util::try_join!(tx.query(&lock, &lock_params), tx.query(&find, &find_params))?;
     let reserved_for: HashMap<&str, i64> = users.iter().copied().collect();
     let reserved = locked
         .iter()
@@ -360,7 +296,7 @@ struct Row<'a> {
 }
 
 async fn append_in(
-    tx: &ClientWrapper,
+    tx: &Transaction<'_>,
     batch: &[NewMessage],
     now_ms: i64,
     max_per_user: usize,
@@ -432,12 +368,11 @@ const TRIM: &str = "WITH cut AS (
      UPDATE inbox_users u SET dropped_through = GREATEST(u.dropped_through, cut.seq)
      FROM cut WHERE cut.seq IS NOT NULL AND u.user_id = cut.user_id";
 
-/// Inserts, moves back over-reserved `next_seq`s, applies retention and
-/// commits: the statements needed and `COMMIT`, pipelined, run by the
-/// server in that order (retention sees the new entries). Should one fail,
-/// the `COMMIT` behind it only ends the aborted transaction.
+/// Inserts, moves back over-reserved `next_seq`s and applies retention:
+/// the statements needed, pipelined, run by the server in that order
+/// (retention sees the new entries).
 async fn write(
-    tx: &ClientWrapper,
+    tx: &Transaction<'_>,
     needed: &[&NewMessage],
     rows: &[Row<'_>],
     reserved: &HashMap<String, Reserved>,
@@ -475,14 +410,12 @@ async fn write(
     if !rows.is_empty() {
         statements.push((tx.prepare_cached(TRIM).await?, &trim_params[..]));
     }
-    futures_util::try_join!(
-        futures_util::future::try_join_all(
-            statements
-                .iter()
-                .map(|(statement, params)| tx.execute(statement, params)),
-        ),
-        tx.batch_execute("COMMIT"),
-    )?;
+    futures_util::future::try_join_all(
+        statements
+            .iter()
+            .map(|(statement, params)| tx.execute(statement, params)),
+    )
+    .await?;
     Ok(())
 }
 

@@ -10,6 +10,7 @@ use std::{
     time::Duration,
 };
 
+use testkit::proc::Pid;
 use tokio::{
     io::{AsyncBufReadExt, BufReader},
     process::{Child, Command},
@@ -25,30 +26,27 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_notify-bridge");
 /// How long a command that should fail (or listen) at once may take.
 pub const COMMAND_WAIT: Duration = Duration::from_secs(20);
 
-/// A fresh working directory, removed on drop, so no config file is found.
-pub struct TempDir(PathBuf);
+/// A fresh working directory (so no config file is found), removed on
+/// drop, also when the test panics.
+pub struct TempDir(tempfile::TempDir);
 
 impl TempDir {
     pub fn new() -> Self {
-        let path = std::env::temp_dir().join(unique("notify-bridge-process-test"));
-        std::fs::create_dir_all(&path).unwrap();
-        Self(path)
+        let dir = tempfile::Builder::new()
+            .prefix("notify-bridge-process-test")
+            .tempdir()
+            .unwrap();
+        Self(dir)
     }
 
     pub fn path(&self) -> &Path {
-        &self.0
+        self.0.path()
     }
 
     pub fn write(&self, name: &str, text: &str) -> PathBuf {
-        let path = self.0.join(name);
+        let path = self.0.path().join(name);
         std::fs::write(&path, text).unwrap();
         path
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
@@ -232,32 +230,19 @@ impl Daemon {
         self.child.id().expect("the daemon is still running")
     }
 
-    /// Resident memory in KiB, from /proc.
+    /// Resident memory in KiB.
     pub fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
-            .expect("read /proc/PID/status");
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .expect("VmRSS in /proc/PID/status")
+        testkit::proc::rss_bytes(Pid::Of(self.pid())).expect("the daemon's RSS") / 1024
     }
 
-    /// Open file descriptors, from /proc.
+    /// Open file descriptors.
     pub fn open_fds(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
-            .expect("read /proc/PID/fd")
-            .count()
+        testkit::proc::open_fds(Pid::Of(self.pid())).expect("the daemon's fds") as usize
     }
 
-    /// User plus system CPU time in clock ticks, from /proc.
+    /// User plus system CPU time in clock ticks.
     pub fn cpu_ticks(&self) -> u64 {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid()))
-            .expect("read /proc/PID/stat");
-        // Fields after the command name (which may hold spaces), 14 and 15 in all.
-        let rest = &stat[stat.rfind(')').expect("(comm)") + 2..];
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+        testkit::proc::cpu_ticks(Pid::Of(self.pid())).expect("the daemon's CPU time")
     }
 
     /// The CPU ticks the daemon spends over the next `period`.

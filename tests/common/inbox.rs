@@ -1,11 +1,34 @@
 //! Inbox helpers shared by the SQLite and PostgreSQL inbox tests, so both
 //! stores are held to the very same checks.
 
-use std::time::Duration;
+use std::{path::PathBuf, time::Duration};
 
 use serde_json::Value;
 
 use super::{next_json, next_json_within, token, Bridge, Client, Publisher};
+
+/// A SQLite inbox store in a scratch folder that is removed when this is
+/// dropped, also when the test panics; the two folders above the store
+/// (`store/data/`) do not exist yet, so the bridge must create them (as
+/// private folders: tests/inbox_limits.rs checks both).
+pub struct ScratchStore(tempfile::TempDir);
+
+impl ScratchStore {
+    pub fn new() -> Self {
+        Self(
+            tempfile::Builder::new()
+                .prefix("nb-inbox")
+                .tempdir()
+                .unwrap(),
+        )
+    }
+
+    /// The store's path, for `inbox.path` (the same on every call, so a
+    /// restarted bridge finds the same store).
+    pub fn path(&self) -> PathBuf {
+        self.0.path().join("store").join("data").join("inbox.db")
+    }
+}
 
 /// Connects as `user` (with `?since=` when given) and reads `welcome` and
 /// the inbox counts frame; the client and the counts.

@@ -10,9 +10,14 @@
 use std::time::Duration;
 
 pub mod daemon;
+pub mod http_client;
 pub mod inbox;
 pub mod receipts;
 pub mod tls;
+
+// Each test binary uses some of these (the glob `use common::*`).
+#[allow(unused_imports)]
+pub use http_client::{http_get, http_request, HttpReply};
 
 use futures_util::{SinkExt, StreamExt};
 use lapin::{
@@ -178,15 +183,6 @@ pub fn listed_seqs(listing: &Value) -> Vec<u64> {
         .iter()
         .map(|n| n["seq"].as_u64().expect("a seq"))
         .collect()
-}
-
-/// A fresh inbox path in a folder of its own that does not exist yet (the
-/// bridge must create it), under the temp folder.
-pub fn inbox_store_path(prefix: &str) -> std::path::PathBuf {
-    std::env::temp_dir()
-        .join(unique(prefix))
-        .join("data")
-        .join("inbox.db")
 }
 
 /// An HS256 token for `user`, valid for an hour.
@@ -398,15 +394,8 @@ pub fn token_with_claims(claims: Value) -> String {
 
 /// Base64url without padding, for hand-made tokens.
 pub fn b64url(bytes: &[u8]) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    let mut out = String::new();
-    for chunk in bytes.chunks(3) {
-        let n = chunk.iter().fold(0u32, |acc, &b| (acc << 8) | b as u32) << (8 * (3 - chunk.len()));
-        for i in 0..=chunk.len() {
-            out.push(T[((n >> (18 - 6 * i)) & 63) as usize] as char);
-        }
-    }
-    out
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
 /// Polls `condition` every 10 ms until it holds; panics with `what` after
@@ -422,115 +411,6 @@ pub async fn eventually(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     started.elapsed()
-}
-
-/// An HTTP answer: status, headers (lower-cased names) and body.
-pub struct HttpReply {
-    pub status: u16,
-    pub headers: Vec<(String, String)>,
-    pub body: String,
-}
-
-impl HttpReply {
-    pub fn json(&self) -> Value {
-        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
-    }
-
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-    }
-
-    /// Asserts the contract's error shape: this status, this code, a detail.
-    pub fn assert_error(&self, status: u16, code: &str) {
-        assert_eq!(self.status, status, "{}", self.body);
-        let body = self.json();
-        assert_eq!(body["error"], code, "{body}");
-        assert!(
-            body["detail"].as_str().is_some_and(|d| !d.is_empty()),
-            "{body}"
-        );
-    }
-}
-
-/// A minimal HTTP/1.1 exchange over a fresh TCP connection.
-pub async fn http_request(
-    addr: std::net::SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &str,
-) -> HttpReply {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let exchange = async {
-        let mut stream = TcpStream::connect(addr)
-            .await
-            .expect("connect to the side port");
-        let mut request =
-            format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-        for (k, v) in headers {
-            request.push_str(&format!("{k}: {v}\r\n"));
-        }
-        if !body.is_empty() || matches!(method, "POST" | "PATCH" | "PUT") {
-            request.push_str(&format!("Content-Length: {}\r\n", body.len()));
-        }
-        request.push_str("\r\n");
-        request.push_str(body);
-        stream.write_all(request.as_bytes()).await.unwrap();
-        let mut raw = Vec::new();
-        stream.read_to_end(&mut raw).await.unwrap();
-        String::from_utf8(raw).expect("UTF-8 response")
-    };
-    let text = tokio::time::timeout(WAIT, exchange)
-        .await
-        .expect("HTTP response in time");
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .expect("a complete HTTP response");
-    let mut lines = head.lines();
-    let status = lines
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no status line in {head:?}"));
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
-    let chunked = headers
-        .iter()
-        .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"));
-    let body = if chunked {
-        dechunk(body)
-    } else {
-        body.to_string()
-    };
-    HttpReply {
-        status,
-        headers,
-        body,
-    }
-}
-
-/// A GET without headers: status and body.
-pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-    let reply = http_request(addr, "GET", path, &[], "").await;
-    (reply.status, reply.body)
-}
-
-fn dechunk(mut body: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = body.split_once("\r\n") {
-        let size = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
-        if size == 0 {
-            break;
-        }
-        out.push_str(&rest[..size]);
-        body = rest[size..].trim_start_matches("\r\n");
-    }
-    out
 }
 
 /// Deletes a queue and an exchange from the shared broker, ignoring errors.

@@ -6,10 +6,7 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 use rustls::{pki_types::ServerName, ClientConfig, RootCertStore};
 use rustls_pki_types::{pem::PemObject, CertificateDer};
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
-};
+use tokio::net::TcpStream;
 use tokio_tungstenite::{tungstenite, Connector, MaybeTlsStream};
 
 use super::{daemon::TempDir, Client};
@@ -125,8 +122,8 @@ pub async fn wss_connect(
     Ok((client, presented))
 }
 
-/// `GET path` over https to `addr`: the status and the raw answer, or the
-/// TLS error.
+/// `GET path` over https to `addr`: the status and the body, or the TLS
+/// (or HTTP) error.
 pub async fn https_get(
     addr: SocketAddr,
     path: &str,
@@ -134,19 +131,12 @@ pub async fn https_get(
 ) -> std::io::Result<(u16, String)> {
     let tcp = TcpStream::connect(addr).await?;
     let name = ServerName::IpAddress(addr.ip().into());
-    let mut tls = tokio_rustls::TlsConnector::from(config)
+    let tls = tokio_rustls::TlsConnector::from(config)
         .connect(name, tcp)
         .await?;
-    let request = format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n");
-    tls.write_all(request.as_bytes()).await?;
-    let mut answer = Vec::new();
-    // The server may end without close_notify; what was read counts.
-    let _ = tls.read_to_end(&mut answer).await;
-    let answer = String::from_utf8_lossy(&answer).into_owned();
-    let status = answer
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    Ok((status, answer))
+    let request = super::http_client::build(addr, "GET", path, &[], "");
+    let reply = super::http_client::exchange(tls, request)
+        .await
+        .map_err(std::io::Error::other)?;
+    Ok((reply.status, reply.body))
 }

@@ -14,6 +14,7 @@ use lapin::{
     options::{ExchangeDeleteOptions, QueueDeleteOptions},
     Connection, ConnectionProperties,
 };
+use testkit::proc::{self, Pid};
 
 use super::{add_measured, base_report, per_sec, unicast_targets, wait_for, Ctx, Measured};
 use crate::{
@@ -198,15 +199,15 @@ async fn start_cluster(ctx: &Ctx, db_url: &str) -> anyhow::Result<Vec<Bridge>> {
 
 /// CPU ticks of a set of processes at the start of a window.
 struct Ticks {
-    start: Vec<(String, u64)>,
+    start: Vec<(Pid, u64)>,
     started: std::time::Instant,
 }
 
 impl Ticks {
-    fn start(pids: Vec<String>) -> Self {
+    fn start(pids: Vec<u32>) -> Self {
         let start = pids
             .into_iter()
-            .filter_map(|p| bridge::cpu_ticks(&p).map(|t| (p, t)))
+            .filter_map(|p| Some((Pid::Of(p), proc::cpu_ticks(Pid::Of(p)).ok()?)))
             .collect();
         Self {
             start,
@@ -220,26 +221,10 @@ impl Ticks {
         let each = self
             .start
             .iter()
-            .map(|(pid, t0)| Some(bridge::cpu_ticks(pid)?.saturating_sub(*t0) as f64 / 100.0))
+            .map(|(pid, t0)| Some(proc::cpu_ticks(*pid).ok()?.saturating_sub(*t0) as f64 / 100.0))
             .collect();
         (each, self.started.elapsed().as_secs_f64().max(1e-3))
     }
-}
-
-/// The PostgreSQL server's processes (postmaster and backends), for its
-/// CPU use. Other users of the same server are counted too.
-fn postgres_pids() -> Vec<String> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.flatten()
-        .filter_map(|e| {
-            let name = e.file_name().into_string().ok()?;
-            name.bytes().all(|b| b.is_ascii_digit()).then_some(())?;
-            let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
-            (comm.trim() == "postgres").then_some(name)
-        })
-        .collect()
 }
 
 /// What one configuration measured.
@@ -335,7 +320,7 @@ async fn warm_up(ctx: &Ctx, publisher: &Publisher) -> anyhow::Result<()> {
 /// Each process's CPU (% of a core) over a quiet window: what heartbeats
 /// and timers cost without messages.
 async fn idle_cpu(pids: &[u32], quiet: Duration) -> Vec<Option<f64>> {
-    let ticks = Ticks::start(pids.iter().map(|p| p.to_string()).collect());
+    let ticks = Ticks::start(pids.to_vec());
     tokio::time::sleep(quiet).await;
     let (each, secs) = ticks.stop();
     each.into_iter()
@@ -400,8 +385,8 @@ async fn measure(
     ctx.progress.target.store(count, Relaxed);
     ctx.progress.received.store(0, Relaxed);
     let usage = bridge::CpuWindow::start(pids.first().copied());
-    let ticks = Ticks::start(pids.iter().map(|p| p.to_string()).collect());
-    let pg = Ticks::start(postgres_pids());
+    let ticks = Ticks::start(pids.to_vec());
+    let pg = Ticks::start(proc::pids_named("postgres"));
     let make = |s: u64, t: u64, out: &mut Vec<u8>| {
         let user = format!(r#""user_id":{}"#, targets[s as usize]);
         clients::body(out, &user, 1, s, t, o.payload_bytes)
@@ -620,10 +605,7 @@ pub async fn cluster(ctx: &Ctx) -> anyhow::Result<Report> {
 /// The 1-minute load average, as `uptime` shows it (other engineers share
 /// the machine).
 fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|l| l.split_whitespace().next().map(str::to_string))
-        .unwrap_or_default()
+    proc::load_average().map_or_else(String::new, |l| format!("{l:.2}"))
 }
 
 /// Where the mean publish→frame time goes, from the bridges' own

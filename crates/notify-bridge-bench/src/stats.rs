@@ -1,6 +1,6 @@
-//! Measurements shared by every client task without locks: a log-linear
-//! latency histogram, a received-once bitset (loss and duplicates), and the
-//! progress line on stderr.
+//! Measurements shared by every client task: a latency histogram, a
+//! received-once bitset (loss and duplicates), and the progress line on
+//! stderr.
 
 use std::{
     io::{IsTerminal, Write},
@@ -11,51 +11,16 @@ use std::{
     time::{Duration, Instant},
 };
 
-/// Sub-buckets per power of two: 32, so a bucket is at most ~3 % wide.
-const SUB_BITS: u32 = 5;
-const SUB: u64 = 1 << SUB_BITS;
-const BUCKETS: usize = (SUB as usize) * (64 - SUB_BITS as usize + 1);
-
-/// A latency histogram in nanoseconds that many tasks record into at once.
-pub struct Histogram {
-    counts: Box<[AtomicU64]>,
-    total: AtomicU64,
-    sum: AtomicU64,
-    max: AtomicU64,
-    min: AtomicU64,
-}
+/// A latency histogram in nanoseconds that many tasks record into at once
+/// (HdrHistogram, 3 significant digits, behind a mutex: a record is a few
+/// nanoseconds of the lock next to a frame's microseconds).
+pub struct Histogram(Mutex<hdrhistogram::Histogram<u64>>);
 
 impl Default for Histogram {
     fn default() -> Self {
-        Self {
-            counts: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
-            total: AtomicU64::new(0),
-            sum: AtomicU64::new(0),
-            max: AtomicU64::new(0),
-            min: AtomicU64::new(u64::MAX),
-        }
+        let h = hdrhistogram::Histogram::new(3).expect("3 significant digits are valid");
+        Self(Mutex::new(h))
     }
-}
-
-fn index(v: u64) -> usize {
-    if v < SUB {
-        return v as usize;
-    }
-    let e = 63 - v.leading_zeros(); // >= SUB_BITS
-    let mantissa = (v >> (e - SUB_BITS)) & (SUB - 1);
-    (SUB + u64::from(e - SUB_BITS) * SUB + mantissa) as usize
-}
-
-/// The lowest value of bucket `i` and its width.
-fn bounds(i: usize) -> (u64, u64) {
-    let i = i as u64;
-    if i < SUB {
-        return (i, 1);
-    }
-    let e = (i - SUB) / SUB + u64::from(SUB_BITS);
-    let mantissa = (i - SUB) % SUB;
-    let width = 1u64 << (e - u64::from(SUB_BITS));
-    ((SUB + mantissa) * width, width)
 }
 
 /// What a histogram says, in nanoseconds.
@@ -72,75 +37,49 @@ pub struct Summary {
 }
 
 impl Histogram {
+    fn lock(&self) -> std::sync::MutexGuard<'_, hdrhistogram::Histogram<u64>> {
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     pub fn record(&self, nanos: u64) {
-        self.counts[index(nanos)].fetch_add(1, Relaxed);
-        self.total.fetch_add(1, Relaxed);
-        self.sum.fetch_add(nanos, Relaxed);
-        self.max.fetch_max(nanos, Relaxed);
-        self.min.fetch_min(nanos, Relaxed);
-    }
-
-    pub fn count(&self) -> u64 {
-        self.total.load(Relaxed)
-    }
-
-    /// The value at quantile `q` (0..=1): the middle of its bucket, clamped
-    /// to the exact min and max.
-    pub fn quantile(&self, q: f64) -> u64 {
-        let total = self.count();
-        if total == 0 {
-            return 0;
+        let mut h = self.lock();
+        // Grows to fit (auto-resize); only a value past u64::MAX / 2 fails.
+        if h.record(nanos).is_err() {
+            h.saturating_record(nanos);
         }
-        let rank = ((q * total as f64).ceil() as u64).clamp(1, total);
-        let mut seen = 0;
-        for (i, c) in self.counts.iter().enumerate() {
-            seen += c.load(Relaxed);
-            if seen >= rank {
-                let (low, width) = bounds(i);
-                let mid = low + width / 2;
-                return mid.clamp(self.min.load(Relaxed), self.max.load(Relaxed));
-            }
-        }
-        self.max.load(Relaxed)
     }
 
     pub fn summary(&self) -> Summary {
-        let count = self.count();
-        if count == 0 {
+        let h = self.lock();
+        if h.is_empty() {
             return Summary::default();
         }
         Summary {
-            count,
-            mean: self.sum.load(Relaxed) as f64 / count as f64,
-            min: self.min.load(Relaxed),
-            p50: self.quantile(0.50),
-            p90: self.quantile(0.90),
-            p99: self.quantile(0.99),
-            p999: self.quantile(0.999),
-            max: self.max.load(Relaxed),
+            count: h.len(),
+            mean: h.mean(),
+            min: h.min(),
+            p50: h.value_at_quantile(0.50),
+            p90: h.value_at_quantile(0.90),
+            p99: h.value_at_quantile(0.99),
+            p999: h.value_at_quantile(0.999),
+            max: h.max(),
         }
     }
 
     /// The cumulative distribution as (latency ns, fraction ≤ it) points,
-    /// one per non-empty bucket, for the plot.
+    /// one per recorded value bucket, for the plot.
     pub fn cdf(&self) -> Vec<(f64, f64)> {
-        let total = self.count();
-        let mut out = Vec::new();
-        if total == 0 {
-            return out;
-        }
+        let h = self.lock();
+        let total = h.len() as f64;
         let mut seen = 0;
-        for (i, c) in self.counts.iter().enumerate() {
-            let c = c.load(Relaxed);
-            if c == 0 {
-                continue;
-            }
-            seen += c;
-            let (low, width) = bounds(i);
-            let top = (low + width).min(self.max.load(Relaxed).max(1));
-            out.push((top as f64, seen as f64 / total as f64));
-        }
-        out
+        h.iter_recorded()
+            .map(|v| {
+                seen += v.count_since_last_iteration();
+                (v.value_iterated_to() as f64, seen as f64 / total)
+            })
+            .collect()
     }
 }
 
@@ -332,29 +271,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn buckets_cover_values_within_three_percent() {
-        for v in [
-            0u64,
-            1,
-            31,
-            32,
-            33,
-            100,
-            1_000,
-            123_456,
-            9_999_999,
-            u64::MAX / 3,
-        ] {
-            let (low, width) = bounds(index(v));
-            assert!(
-                low <= v && v < low.saturating_add(width),
-                "{v}: {low}+{width}"
-            );
-            assert!(width as f64 <= (v as f64 / 32.0).max(1.0) * 1.01, "{v}");
-        }
-    }
-
-    #[test]
     fn quantiles_and_seqs() {
         let h = Histogram::default();
         for v in 1..=1000u64 {
@@ -364,7 +280,12 @@ mod tests {
         assert_eq!(s.count, 1000);
         assert!((s.p50 as f64 - 500_000.0).abs() < 20_000.0, "{s:?}");
         assert!((s.p99 as f64 - 990_000.0).abs() < 40_000.0, "{s:?}");
-        assert_eq!(s.max, 1_000_000);
+        // HdrHistogram's 3 significant digits: within 0.1 % of the value.
+        assert!(s.max.abs_diff(1_000_000) <= 1_000, "{s:?}");
+        assert!(s.min.abs_diff(1_000) <= 1, "{s:?}");
+        let cdf = h.cdf();
+        assert_eq!(cdf.last().map(|p| p.1), Some(1.0));
+        assert!(cdf.windows(2).all(|w| w[0].0 < w[1].0 && w[0].1 < w[1].1));
         let set = SeqSet::new(100);
         assert!(set.mark(3));
         assert!(!set.mark(3));

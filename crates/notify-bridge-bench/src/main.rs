@@ -3,8 +3,8 @@
 //! and reports throughput, end-to-end latency, loss, duplicates, memory and
 //! open files, each throughput also as a ratio to a bare lapin consumer.
 //!
-//!     cargo build --release --bins
-//!     cargo run --release --bin notify-bridge-bench -- SCENARIO [OPTIONS]
+//!     cargo build --release --workspace   # the daemon and the bench
+//!     target/release/notify-bridge-bench SCENARIO [OPTIONS]
 //!
 //! Scenarios: unicast, broadcast, idle, slow-client, baseline, soak,
 //! replay-storm, cluster.
@@ -17,17 +17,11 @@
 //! duplicates, progress), `report` (table, JSON line, SVG), `bridge` (the
 //! child process, /proc, /metrics, topology clean-up).
 
-#[path = "notify-bridge-bench/bridge.rs"]
 mod bridge;
-#[path = "notify-bridge-bench/clients.rs"]
 mod clients;
-#[path = "notify-bridge-bench/receipts.rs"]
 mod receipts;
-#[path = "notify-bridge-bench/report.rs"]
 mod report;
-#[path = "notify-bridge-bench/scenarios.rs"]
 mod scenarios;
-#[path = "notify-bridge-bench/stats.rs"]
 mod stats;
 
 use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};

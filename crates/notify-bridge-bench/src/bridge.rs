@@ -18,6 +18,7 @@ use lapin::{
     options::{ExchangeDeleteOptions, QueueDeleteOptions},
     Connection, ConnectionProperties,
 };
+use testkit::proc::{self, Pid};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -63,7 +64,7 @@ pub struct BridgeOptions {
 }
 
 /// The default binary: `notify-bridge` next to this executable
-/// (`target/release/` when run through `cargo run --release`).
+/// (`target/release/` after `cargo build --release --workspace`).
 pub fn default_binary() -> anyhow::Result<PathBuf> {
     let me = std::env::current_exe().context("cannot find the bench's own path")?;
     let dir = me
@@ -72,8 +73,8 @@ pub fn default_binary() -> anyhow::Result<PathBuf> {
     let bin = dir.join("notify-bridge");
     if !bin.is_file() {
         bail!(
-            "{} not found: build it with `cargo build --release --bins` (cargo run --release \
-             --bin notify-bridge-bench builds only the bench), or pass --bridge-bin PATH",
+            "{} not found: build it with `cargo build --release --workspace` (cargo run \
+             --release -p notify-bridge-bench builds only the bench), or pass --bridge-bin PATH",
             bin.display()
         );
     }
@@ -92,12 +93,14 @@ pub struct Handle {
 impl Handle {
     /// Resident memory in bytes (VmRSS).
     pub fn rss_bytes(&self) -> anyhow::Result<u64> {
-        rss_of(&format!("/proc/{}/status", self.pid))
+        proc::rss_bytes(Pid::Of(self.pid))
+            .with_context(|| format!("cannot read pid {}'s RSS", self.pid))
     }
 
     /// Open file descriptors.
     pub fn open_fds(&self) -> anyhow::Result<u64> {
-        fds_of(&format!("/proc/{}/fd", self.pid))
+        proc::open_fds(Pid::Of(self.pid))
+            .with_context(|| format!("cannot list pid {}'s fds", self.pid))
     }
 
     /// One value from its /metrics (the sum of all series of that name
@@ -316,42 +319,15 @@ impl Drop for Bridge {
     }
 }
 
-pub fn rss_of(status_path: &str) -> anyhow::Result<u64> {
-    let text = std::fs::read_to_string(status_path)
-        .with_context(|| format!("cannot read {status_path}"))?;
-    let kb = text
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse::<u64>().ok())
-        .ok_or_else(|| anyhow!("no VmRSS in {status_path}"))?;
-    Ok(kb * 1024)
-}
-
-/// CPU time (user + system) of a process so far, in clock ticks (1/100 s).
-pub fn cpu_ticks(pid: &str) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the parenthesised command name; utime and stime are the
-    // 14th and 15th fields of the whole line.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
-}
-
 /// The RabbitMQ node's pid (the Erlang VM, `beam.smp`), for its CPU use.
-pub fn broker_pid() -> Option<String> {
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
-        let name = e.file_name().into_string().ok()?;
-        name.bytes().all(|b| b.is_ascii_digit()).then_some(())?;
-        let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
-        (comm.trim() == "beam.smp").then_some(name)
-    })
+fn broker_pid() -> Option<u32> {
+    proc::pids_named("beam.smp").first().copied()
 }
 
 /// CPU use of the bridge, the broker and the bench over a window.
 pub struct CpuWindow {
-    bridge: Option<(String, u64)>,
-    broker: Option<(String, u64)>,
+    bridge: Option<(Pid, u64)>,
+    broker: Option<(Pid, u64)>,
     bench: Option<u64>,
     started: std::time::Instant,
 }
@@ -369,32 +345,28 @@ pub struct CpuUse {
 
 impl CpuWindow {
     pub fn start(bridge_pid: Option<u32>) -> Self {
-        let bridge = bridge_pid.map(|p| p.to_string());
-        let broker = broker_pid();
+        let at_start = |pid: Pid| Some((pid, proc::cpu_ticks(pid).ok()?));
         Self {
-            bridge: bridge.and_then(|p| cpu_ticks(&p).map(|t| (p, t))),
-            broker: broker.and_then(|p| cpu_ticks(&p).map(|t| (p, t))),
-            bench: cpu_ticks("self"),
+            bridge: bridge_pid.and_then(|p| at_start(Pid::Of(p))),
+            broker: broker_pid().and_then(|p| at_start(Pid::Of(p))),
+            bench: proc::cpu_ticks(Pid::Myself).ok(),
             started: std::time::Instant::now(),
         }
     }
 
     pub fn stop(&self) -> CpuUse {
         let secs = self.started.elapsed().as_secs_f64().max(1e-3);
-        let pct = |before: Option<(&str, u64)>| {
+        let ticks = |before: Option<(Pid, u64)>| {
             let (pid, t0) = before?;
-            let t1 = cpu_ticks(pid)?;
-            Some(t1.saturating_sub(t0) as f64 / secs) // ticks are 1/100 s: % of a core
+            Some(proc::cpu_ticks(pid).ok()?.saturating_sub(t0))
         };
-        let ticks = |before: Option<&(String, u64)>| {
-            let (pid, t0) = before?;
-            Some(cpu_ticks(pid)?.saturating_sub(*t0))
-        };
+        // Ticks are 1/100 s: ticks per second are % of a core.
+        let pct = |before| ticks(before).map(|t| t as f64 / secs);
         CpuUse {
-            bridge: pct(self.bridge.as_ref().map(|(p, t)| (p.as_str(), *t))),
-            bridge_seconds: ticks(self.bridge.as_ref()).map(|t| t as f64 / 100.0),
-            broker: pct(self.broker.as_ref().map(|(p, t)| (p.as_str(), *t))),
-            bench: pct(self.bench.map(|t| ("self", t))),
+            bridge: pct(self.bridge),
+            bridge_seconds: ticks(self.bridge).map(|t| t as f64 / 100.0),
+            broker: pct(self.broker),
+            bench: pct(self.bench.map(|t| (Pid::Myself, t))),
         }
     }
 }
@@ -417,19 +389,6 @@ pub async fn window_hook(hook: Option<&Path>, phase: &str, pid: Option<u32>) -> 
         bail!("--window-hook {} {phase} {pid}: {status}", hook.display());
     }
     Ok(())
-}
-
-pub fn fds_of(fd_dir: &str) -> anyhow::Result<u64> {
-    Ok(std::fs::read_dir(fd_dir)
-        .with_context(|| format!("cannot list {fd_dir}"))?
-        .count() as u64)
-}
-
-/// This process's soft limit on open files, from /proc/self/limits.
-pub fn own_fd_limit() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/self/limits").ok()?;
-    let line = text.lines().find(|l| l.starts_with("Max open files"))?;
-    line.split_whitespace().nth(3)?.parse().ok()
 }
 
 fn strip_ansi(line: &str) -> String {

@@ -11,11 +11,9 @@ use std::{
 use anyhow::bail;
 use tokio::sync::Mutex;
 
-#[path = "replay_storm.rs"]
 mod replay_storm;
 pub use replay_storm::replay_storm;
 
-#[path = "cluster.rs"]
 mod cluster;
 pub use cluster::{cleanup as cluster_cleanup, cluster};
 
@@ -157,7 +155,7 @@ impl Ctx {
 
     /// The bench and the bridge each stay below the per-process fd limit.
     fn check_fd_budget(&self, sockets: u64) -> anyhow::Result<()> {
-        let limit = bridge::own_fd_limit().unwrap_or(1024);
+        let limit = testkit::proc::open_files_limit().unwrap_or(1024);
         if sockets + 200 > limit {
             bail!(
                 "{sockets} sockets need more than this process's limit of {limit} open files \
@@ -591,44 +589,8 @@ pub async fn broadcast(ctx: &Ctx) -> anyhow::Result<Report> {
     r.param("messages", o.messages);
     r.param("rate", o.rate);
     let k = o.messages;
-    let body_of = |run: usize, seq: u64, t: u64, out: &mut Vec<u8>| {
-        clients::body(out, r#""broadcast":true"#, run, seq, t, o.payload_bytes)
-    };
-
-    // The baseline: the same broadcast bodies through the bare consumer.
     let base_rate = if o.baseline {
-        ctx.progress.phase("baseline");
-        let recorders = ctx.recorders(vec![Recorder::unicast(0), Recorder::unicast(k)]);
-        let consumer = Baseline::start(
-            &o.amqp_url,
-            &ctx.names.baseline_exchange,
-            &ctx.names.baseline_queue,
-            o.prefetch,
-            recorders.clone(),
-        )
-        .await?;
-        let publisher =
-            Publisher::connect(&o.amqp_url, &ctx.names.baseline_exchange, o.publishers).await?;
-        let p = publisher
-            .run(
-                k,
-                o.rate,
-                o.window,
-                ctx.clock,
-                &ctx.progress,
-                |s, t, out| body_of(1, s, t, out),
-            )
-            .await?;
-        publisher.close().await;
-        let rec = recorders.runs[1].clone();
-        let rec2 = rec.clone();
-        wait_for(move || rec2.seqs.unique(), k, o.drain_timeout).await;
-        consumer.stop().await?;
-        Some(per_sec(
-            rec.seqs.unique(),
-            p.first_ns,
-            rec.last_receive.get(),
-        ))
+        Some(broadcast_baseline(ctx).await?)
     } else {
         None
     };
@@ -643,7 +605,78 @@ pub async fn broadcast(ctx: &Ctx) -> anyhow::Result<Report> {
         .map(|(_, ws)| Reader::spawn(ws, recorders.clone()))
         .collect();
     let publisher = Publisher::connect(&o.amqp_url, &ctx.names.exchange, o.publishers).await?;
+    broadcast_warm_up(ctx, &publisher, warm).await?;
+    let rec = recorders.runs[1].clone();
+    let (published, cpu) = broadcast_measured(ctx, publisher, &handle, &rec).await?;
+    let tally = Tally::of(&rec, k, o.users);
+    broadcast_figures(&mut r, ctx, &rec, &published, &cpu, &tally, base_rate);
+    bridge_figures(&mut r, &handle).await;
+    for reader in readers {
+        reader.task.abort();
+    }
+    let path = ctx.plot_path("broadcast");
+    report::latency_plot(
+        &path,
+        &format!("broadcast: {} sockets × {k} messages", o.users),
+        &[
+            ("every frame".into(), rec.latency.cdf()),
+            (
+                "last socket of each message".into(),
+                tally.last_socket.cdf(),
+            ),
+        ],
+    )?;
+    r.plots.push(path.display().to_string());
+    Ok(r)
+}
 
+/// A broadcast body of run `run` (0: warm-up, 1: measured).
+fn broadcast_body(o: &Options, run: usize, seq: u64, t: u64, out: &mut Vec<u8>) {
+    clients::body(out, r#""broadcast":true"#, run, seq, t, o.payload_bytes)
+}
+
+/// The baseline: the same broadcast bodies through the bare consumer; its
+/// msg/s.
+async fn broadcast_baseline(ctx: &Ctx) -> anyhow::Result<f64> {
+    let o = &ctx.opts;
+    let k = o.messages;
+    ctx.progress.phase("baseline");
+    let recorders = ctx.recorders(vec![Recorder::unicast(0), Recorder::unicast(k)]);
+    let consumer = Baseline::start(
+        &o.amqp_url,
+        &ctx.names.baseline_exchange,
+        &ctx.names.baseline_queue,
+        o.prefetch,
+        recorders.clone(),
+    )
+    .await?;
+    let publisher =
+        Publisher::connect(&o.amqp_url, &ctx.names.baseline_exchange, o.publishers).await?;
+    let p = publisher
+        .run(
+            k,
+            o.rate,
+            o.window,
+            ctx.clock,
+            &ctx.progress,
+            |s, t, out| broadcast_body(o, 1, s, t, out),
+        )
+        .await?;
+    publisher.close().await;
+    let rec = recorders.runs[1].clone();
+    let rec2 = rec.clone();
+    wait_for(move || rec2.seqs.unique(), k, o.drain_timeout).await;
+    consumer.stop().await?;
+    Ok(per_sec(
+        rec.seqs.unique(),
+        p.first_ns,
+        rec.last_receive.get(),
+    ))
+}
+
+/// `warm` broadcasts, waited for on every socket.
+async fn broadcast_warm_up(ctx: &Ctx, publisher: &Publisher, warm: u64) -> anyhow::Result<()> {
+    let o = &ctx.opts;
     ctx.progress.phase("warm-up");
     let before = ctx.progress.received.load(Relaxed);
     publisher
@@ -653,7 +686,7 @@ pub async fn broadcast(ctx: &Ctx) -> anyhow::Result<Report> {
             o.window,
             ctx.clock,
             &ctx.progress,
-            |s, t, out| body_of(0, s, t, out),
+            |s, t, out| broadcast_body(o, 0, s, t, out),
         )
         .await?;
     let progress = ctx.progress.clone();
@@ -663,17 +696,27 @@ pub async fn broadcast(ctx: &Ctx) -> anyhow::Result<Report> {
         o.drain_timeout,
     )
     .await;
+    Ok(())
+}
 
+/// The measured broadcasts (each one's publish time noted for the
+/// last-socket latency), waited for on every socket; the bridge's CPU.
+async fn broadcast_measured(
+    ctx: &Ctx,
+    publisher: Publisher,
+    handle: &Handle,
+    rec: &Arc<Recorder>,
+) -> anyhow::Result<(clients::Published, bridge::CpuUse)> {
+    let o = &ctx.opts;
     ctx.progress.phase("measuring");
-    let expected = k * o.users;
+    let expected = o.messages * o.users;
     ctx.progress.received.store(0, Relaxed);
     ctx.progress.target.store(expected, Relaxed);
-    let rec = recorders.runs[1].clone();
     let pm_sent = rec.per_message.as_ref().map(|pm| &pm.sent);
     let cpu = bridge::CpuWindow::start(Some(handle.pid));
     let published = publisher
         .run(
-            k,
+            o.messages,
             o.rate,
             o.window,
             ctx.clock,
@@ -682,7 +725,7 @@ pub async fn broadcast(ctx: &Ctx) -> anyhow::Result<Report> {
                 if let Some(sent) = pm_sent {
                     sent[s as usize].store(t, Relaxed);
                 }
-                body_of(1, s, t, out)
+                broadcast_body(o, 1, s, t, out)
             },
         )
         .await?;
@@ -691,25 +734,56 @@ pub async fn broadcast(ctx: &Ctx) -> anyhow::Result<Report> {
     wait_for(move || rec2.frames.load(Relaxed), expected, o.drain_timeout).await;
     let cpu = cpu.stop();
     ctx.progress.target.store(0, Relaxed);
+    Ok((published, cpu))
+}
 
+/// Per broadcast message: did every socket get it, and how long until the
+/// last one did.
+struct Tally {
+    complete: u64,
+    duplicates: u64,
+    last_socket: Histogram,
+}
+
+impl Tally {
+    fn of(rec: &Recorder, k: u64, users: u64) -> Self {
+        let mut t = Tally {
+            complete: 0,
+            duplicates: 0,
+            last_socket: Histogram::default(),
+        };
+        if let Some(pm) = &rec.per_message {
+            t.duplicates = pm.duplicates.load(Relaxed);
+            for i in 0..k as usize {
+                if pm.frames[i].load(Relaxed) == users {
+                    t.complete += 1;
+                }
+                let last = pm.last_arrival[i].load(Relaxed);
+                if last > 0 {
+                    t.last_socket
+                        .record(last.saturating_sub(pm.sent[i].load(Relaxed)));
+                }
+            }
+        }
+        t
+    }
+}
+
+/// The broadcast scenario's rows, problems and target.
+fn broadcast_figures(
+    r: &mut Report,
+    ctx: &Ctx,
+    rec: &Recorder,
+    published: &clients::Published,
+    cpu: &bridge::CpuUse,
+    tally: &Tally,
+    base_rate: Option<f64>,
+) {
+    let (k, duplicates, complete) = (ctx.opts.messages, tally.duplicates, tally.complete);
+    let expected = k * ctx.opts.users;
     let frames = rec.frames.load(Relaxed);
     let frames_per_sec = per_sec(frames, published.first_ns, rec.last_receive.get());
     let msgs_per_sec = per_sec(k, published.first_ns, rec.last_receive.get());
-    let last_socket = Histogram::default();
-    let mut complete = 0;
-    let mut duplicates = 0;
-    if let Some(pm) = &rec.per_message {
-        duplicates = pm.duplicates.load(Relaxed);
-        for i in 0..k as usize {
-            if pm.frames[i].load(Relaxed) == o.users {
-                complete += 1;
-            }
-            let last = pm.last_arrival[i].load(Relaxed);
-            if last > 0 {
-                last_socket.record(last.saturating_sub(pm.sent[i].load(Relaxed)));
-            }
-        }
-    }
     r.add(
         "frames_per_sec",
         "frames delivered per second",
@@ -740,12 +814,12 @@ pub async fn broadcast(ctx: &Ctx) -> anyhow::Result<Report> {
         complete,
         format!("{complete} / {k}"),
     );
-    add_cpu(&mut r, "broadcast", "bridge", &cpu);
+    add_cpu(r, "broadcast", "bridge", cpu);
     r.latency("frame_latency", "per-frame latency", &rec.latency.summary());
     r.latency(
         "last_socket_latency",
         "latency to the last socket",
-        &last_socket.summary(),
+        &tally.last_socket.summary(),
     );
     if let Some(b) = base_rate {
         let ratio = if b > 0.0 { msgs_per_sec / b } else { 0.0 };
@@ -775,21 +849,6 @@ pub async fn broadcast(ctx: &Ctx) -> anyhow::Result<Report> {
         true,
         "frames/s",
     );
-    bridge_figures(&mut r, &handle).await;
-    for reader in readers {
-        reader.task.abort();
-    }
-    let path = ctx.plot_path("broadcast");
-    report::latency_plot(
-        &path,
-        &format!("broadcast: {} sockets × {k} messages", o.users),
-        &[
-            ("every frame".into(), rec.latency.cdf()),
-            ("last socket of each message".into(), last_socket.cdf()),
-        ],
-    )?;
-    r.plots.push(path.display().to_string());
-    Ok(r)
 }
 
 pub async fn idle(ctx: &Ctx) -> anyhow::Result<Report> {
@@ -803,11 +862,59 @@ pub async fn idle(ctx: &Ctx) -> anyhow::Result<Report> {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss0 = handle.rss_bytes()?;
     let fds0 = handle.open_fds()?;
-    let bench_rss0 = bridge::rss_of("/proc/self/status")?;
+    let bench_rss0 = testkit::proc::rss_bytes(testkit::proc::Pid::Myself)?;
 
+    let (sockets, connect_secs, mut curve) = connect_sampling_rss(ctx, handle, rss0).await?;
+    let recorders = ctx.recorders(vec![Recorder::broadcast(0), Recorder::broadcast(1)]);
+    let readers: Vec<Reader> = sockets
+        .into_iter()
+        .map(|(_, ws)| Reader::spawn(ws, recorders.clone()))
+        .collect();
+    ctx.progress.phase("holding");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let fds1 = handle.open_fds()?;
+    let (rss2, rss_max) = hold(&handle, o.hold).await?;
+    let bench_rss = testkit::proc::rss_bytes(testkit::proc::Pid::Myself)?;
+    curve.push((o.users as f64, rss2 as f64 / 1048576.0));
+    let alive = check_broadcast(ctx, &recorders.runs[1]).await?;
+    let held = Held {
+        connect_secs,
+        rss: (rss0, rss2, rss_max),
+        fds: (fds0, fds1),
+        bench_rss: (bench_rss0, bench_rss),
+        alive,
+    };
+    idle_figures(&mut r, o.users, &held);
+    for reader in readers {
+        reader.task.abort();
+    }
+    let path = ctx.plot_path("idle");
+    let ymax = curve.iter().map(|p| p.1).fold(0.0, f64::max);
+    report::write_svg(
+        &path,
+        &format!("idle: bridge RSS while {} sockets connect", o.users),
+        &Axis::linear("open WebSockets", o.users as f64),
+        &Axis::linear("bridge RSS (MiB)", ymax),
+        &[Series {
+            name: "VmRSS".into(),
+            points: curve,
+        }],
+    )?;
+    r.plots.push(path.display().to_string());
+    Ok(r)
+}
+
+/// Connects the idle sockets while sampling the bridge's RSS against the
+/// sockets open (for the plot): the sockets, the seconds it took, and the
+/// (sockets, MiB) curve.
+async fn connect_sampling_rss(
+    ctx: &Ctx,
+    handle: Handle,
+    rss0: u64,
+) -> anyhow::Result<(Vec<(u64, Ws)>, f64, Vec<(f64, f64)>)> {
+    let o = &ctx.opts;
     ctx.progress.phase("connecting");
     ctx.progress.target.store(o.users, Relaxed);
-    // RSS against sockets while connecting, for the plot.
     let curve = Arc::new(std::sync::Mutex::new(vec![(0.0, rss0 as f64 / 1048576.0)]));
     let sampler = {
         let (curve, progress) = (curve.clone(), ctx.progress.clone());
@@ -830,28 +937,25 @@ pub async fn idle(ctx: &Ctx) -> anyhow::Result<Report> {
     sampler.abort();
     let sockets = sockets?;
     let connect_secs = started.elapsed().as_secs_f64();
-    let recorders = ctx.recorders(vec![Recorder::broadcast(0), Recorder::broadcast(1)]);
-    let readers: Vec<Reader> = sockets
-        .into_iter()
-        .map(|(_, ws)| Reader::spawn(ws, recorders.clone()))
-        .collect();
-    ctx.progress.phase("holding");
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let rss1 = handle.rss_bytes()?;
-    let fds1 = handle.open_fds()?;
-    let mut rss_max = rss1;
-    let hold_until = tokio::time::Instant::now() + o.hold;
+    let curve = curve.lock().map(|c| c.clone()).unwrap_or_default();
+    Ok((sockets, connect_secs, curve))
+}
+
+/// Holds the sockets for `hold`: the RSS at the end and the most seen.
+async fn hold(handle: &Handle, hold: Duration) -> anyhow::Result<(u64, u64)> {
+    let mut rss_max = handle.rss_bytes()?;
+    let hold_until = tokio::time::Instant::now() + hold;
     while tokio::time::Instant::now() < hold_until {
         tokio::time::sleep(Duration::from_millis(500)).await;
         rss_max = rss_max.max(handle.rss_bytes()?);
     }
-    let rss2 = handle.rss_bytes()?;
-    let bench_rss = bridge::rss_of("/proc/self/status")?;
-    if let Ok(mut c) = curve.lock() {
-        c.push((o.users as f64, rss2 as f64 / 1048576.0));
-    }
+    Ok((handle.rss_bytes()?, rss_max))
+}
 
-    // Every socket still works: one broadcast reaches all of them.
+/// Every socket still works: one broadcast reaches all of them. The
+/// sockets that got it.
+async fn check_broadcast(ctx: &Ctx, rec: &Arc<Recorder>) -> anyhow::Result<u64> {
+    let o = &ctx.opts;
     ctx.progress.phase("checking sockets");
     let publisher = Publisher::connect(&o.amqp_url, &ctx.names.exchange, o.publishers).await?;
     publisher
@@ -860,7 +964,6 @@ pub async fn idle(ctx: &Ctx) -> anyhow::Result<Report> {
         })
         .await?;
     publisher.close().await;
-    let rec = recorders.runs[1].clone();
     let rec2 = rec.clone();
     wait_for(
         move || rec2.frames.load(Relaxed),
@@ -868,9 +971,27 @@ pub async fn idle(ctx: &Ctx) -> anyhow::Result<Report> {
         Duration::from_secs(5),
     )
     .await;
-    let alive = rec.frames.load(Relaxed);
+    Ok(rec.frames.load(Relaxed))
+}
 
-    let n = o.users.max(1) as f64;
+/// What the idle scenario measured.
+struct Held {
+    connect_secs: f64,
+    /// Bridge RSS before connecting, after holding, and the most seen.
+    rss: (u64, u64, u64),
+    /// Bridge fds before and after connecting.
+    fds: (u64, u64),
+    /// The bench's own RSS before and after.
+    bench_rss: (u64, u64),
+    alive: u64,
+}
+
+/// The idle scenario's rows, problems and target.
+fn idle_figures(r: &mut Report, users: u64, h: &Held) {
+    let ((rss0, rss2, rss_max), (fds0, fds1)) = (h.rss, h.fds);
+    let (bench_rss0, bench_rss) = h.bench_rss;
+    let (connect_secs, alive) = (h.connect_secs, h.alive);
+    let n = users.max(1) as f64;
     let per_conn = (rss2 as f64 - rss0 as f64) / n;
     let fds_per_conn = (fds1 as f64 - fds0 as f64) / n;
     r.add(
@@ -916,12 +1037,11 @@ pub async fn idle(ctx: &Ctx) -> anyhow::Result<Report> {
         "alive",
         "sockets that got a broadcast after holding",
         alive,
-        format!("{alive} / {}", o.users),
+        format!("{alive} / {users}"),
     );
-    if alive < o.users {
+    if alive < users {
         r.problem(format!(
-            "idle: only {alive} of {} sockets got the check broadcast",
-            o.users
+            "idle: only {alive} of {users} sockets got the check broadcast"
         ));
     }
     r.target(
@@ -933,26 +1053,8 @@ pub async fn idle(ctx: &Ctx) -> anyhow::Result<Report> {
     );
     r.note(format!(
         "fd limit per process here: {} (bench and bridge each hold one fd per socket)",
-        bridge::own_fd_limit().map_or("unknown".into(), |l| l.to_string())
+        testkit::proc::open_files_limit().map_or("unknown".into(), |l| l.to_string())
     ));
-    for reader in readers {
-        reader.task.abort();
-    }
-    let path = ctx.plot_path("idle");
-    let points = curve.lock().map(|c| c.clone()).unwrap_or_default();
-    let ymax = points.iter().map(|p| p.1).fold(0.0, f64::max);
-    report::write_svg(
-        &path,
-        &format!("idle: bridge RSS while {} sockets connect", o.users),
-        &Axis::linear("open WebSockets", o.users as f64),
-        &Axis::linear("bridge RSS (MiB)", ymax),
-        &[Series {
-            name: "VmRSS".into(),
-            points,
-        }],
-    )?;
-    r.plots.push(path.display().to_string());
-    Ok(r)
 }
 
 pub async fn slow_client(ctx: &Ctx) -> anyhow::Result<Report> {
@@ -1186,36 +1288,85 @@ pub async fn soak(ctx: &Ctx) -> anyhow::Result<Report> {
         .map(|(_, ws)| Reader::spawn(ws, recorders.clone()))
         .collect();
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let rss0 = handle.rss_bytes()?;
-    let fds0 = handle.open_fds()?;
+    let start = (handle.rss_bytes()?, handle.open_fds()?);
 
-    // Resources every second.
-    let samples = Arc::new(std::sync::Mutex::new(Vec::<(f64, u64, u64)>::new()));
+    let (samples, sampler) = spawn_sampler(ctx, handle);
+    let mut churn = Churn::spawn(ctx, handle, &recorders, churn_pool);
+    let published = publish_soak(ctx, &targets).await?;
+    let churn_errors = churn.stop().await;
+    let rec = recorders.runs[1].clone();
+    let rec2 = rec.clone();
+    wait_for(move || rec2.seqs.unique(), count, o.drain_timeout).await;
+    ctx.progress.phase("settling");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    sampler.abort();
+    let end = (handle.rss_bytes()?, handle.open_fds()?);
+    let samples = samples.lock().map(|s| s.clone()).unwrap_or_default();
+    let soaked = Soaked {
+        count,
+        published: published.sent,
+        rec: &rec,
+        churned: churn.churned.load(Relaxed),
+        churn_errors,
+        start,
+        end,
+        samples: &samples,
+    };
+    soak_figures(&mut r, &soaked);
+    bridge_figures(&mut r, &handle).await;
+    for reader in readers {
+        reader.task.abort();
+    }
+    soak_plots(ctx, &mut r, &soaked)?;
+    Ok(r)
+}
+
+/// One resource sample: seconds since the start, bridge RSS, open fds.
+type Sample = (f64, u64, u64);
+
+/// Samples the bridge's RSS and open fds every second until aborted.
+fn spawn_sampler(
+    ctx: &Ctx,
+    handle: Handle,
+) -> (
+    Arc<std::sync::Mutex<Vec<Sample>>>,
+    tokio::task::JoinHandle<()>,
+) {
+    let samples = Arc::new(std::sync::Mutex::new(Vec::<Sample>::new()));
     let t0 = ctx.clock.now();
-    let sampler = {
-        let (samples, clock) = (samples.clone(), ctx.clock);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            loop {
-                tick.tick().await;
-                if let (Ok(rss), Ok(fds)) = (handle.rss_bytes(), handle.open_fds()) {
-                    let t = (clock.now() - t0) as f64 / 1e9;
-                    if let Ok(mut s) = samples.lock() {
-                        s.push((t, rss, fds));
-                    }
+    let (out, clock) = (samples.clone(), ctx.clock);
+    let task = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            if let (Ok(rss), Ok(fds)) = (handle.rss_bytes(), handle.open_fds()) {
+                let t = (clock.now() - t0) as f64 / 1e9;
+                if let Ok(mut s) = out.lock() {
+                    s.push((t, rss, fds));
                 }
             }
-        })
-    };
-    // Churn: connect one new user every 1/churn s; the oldest churned
-    // socket goes, alternately with a close handshake and by dropping TCP.
-    let stop = Arc::new(tokio::sync::Notify::new());
-    let churned = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let churn_task = {
-        let (stop, churned, recorders) = (stop.clone(), churned.clone(), recorders.clone());
+        }
+    });
+    (samples, task)
+}
+
+/// The soak's connection churn: a task that connects one new user every
+/// 1/churn s and lets the oldest churned socket go, alternately with a
+/// close handshake and by dropping TCP.
+struct Churn {
+    stop: Arc<tokio::sync::Notify>,
+    churned: Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<u64>,
+}
+
+impl Churn {
+    fn spawn(ctx: &Ctx, handle: Handle, recorders: &Arc<Recorders>, pool_size: u64) -> Self {
+        let stop = Arc::new(tokio::sync::Notify::new());
+        let churned = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (stop2, churned2, recorders) = (stop.clone(), churned.clone(), recorders.clone());
         let tokens = ctx.tokens();
-        let (per_source, users, churn) = (o.per_source, o.users, o.churn);
-        tokio::spawn(async move {
+        let (per_source, users, churn) = (ctx.opts.per_source, ctx.opts.users, ctx.opts.churn);
+        let task = tokio::spawn(async move {
             let mut pool = std::collections::VecDeque::new();
             let mut n: u64 = 0;
             let mut errors = 0u64;
@@ -1225,7 +1376,7 @@ pub async fn soak(ctx: &Ctx) -> anyhow::Result<Report> {
             let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / churn));
             loop {
                 tokio::select! {
-                    _ = stop.notified() => break,
+                    _ = stop2.notified() => break,
                     _ = tick.tick() => {}
                 }
                 let user = users + 1 + n % 100_000;
@@ -1240,20 +1391,37 @@ pub async fn soak(ctx: &Ctx) -> anyhow::Result<Report> {
                     Err(_) => errors += 1,
                 }
                 n += 1;
-                while pool.len() as u64 > churn_pool {
+                while pool.len() as u64 > pool_size {
                     if let Some(old) = pool.pop_front() {
                         close_reader(old, n.is_multiple_of(2)).await;
-                        churned.fetch_add(1, Relaxed);
+                        churned2.fetch_add(1, Relaxed);
                     }
                 }
             }
             for (i, old) in pool.into_iter().enumerate() {
                 close_reader(old, i.is_multiple_of(2)).await;
-                churned.fetch_add(1, Relaxed);
+                churned2.fetch_add(1, Relaxed);
             }
             errors
-        })
-    };
+        });
+        Self {
+            stop,
+            churned,
+            task,
+        }
+    }
+
+    /// Stops churning, closes the pool; the failed connects.
+    async fn stop(&mut self) -> u64 {
+        self.stop.notify_one();
+        (&mut self.task).await.unwrap_or(0)
+    }
+}
+
+/// The soak's paced unicast stream to the stable users.
+async fn publish_soak(ctx: &Ctx, targets: &[u32]) -> anyhow::Result<clients::Published> {
+    let o = &ctx.opts;
+    let count = targets.len() as u64;
     let publisher = Publisher::connect(&o.amqp_url, &ctx.names.exchange, o.publishers).await?;
     ctx.progress.phase("soaking");
     ctx.progress.target.store(count, Relaxed);
@@ -1279,59 +1447,105 @@ pub async fn soak(ctx: &Ctx) -> anyhow::Result<Report> {
         )
         .await?;
     publisher.close().await;
-    stop.notify_one();
-    let churn_errors = churn_task.await.unwrap_or(0);
-    let rec = recorders.runs[1].clone();
-    let rec2 = rec.clone();
-    wait_for(move || rec2.seqs.unique(), count, o.drain_timeout).await;
-    ctx.progress.phase("settling");
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    sampler.abort();
-    let rss_end = handle.rss_bytes()?;
-    let fds_end = handle.open_fds()?;
-    let samples = samples.lock().map(|s| s.clone()).unwrap_or_default();
-    let rss_max = samples.iter().map(|s| s.1).max().unwrap_or(rss_end);
-    // Growth over the second half of the run (after warm-up), per minute.
-    let half: Vec<&(f64, u64, u64)> = samples.iter().skip(samples.len() / 2).collect();
-    let slope = if half.len() >= 2 {
-        let n = half.len() as f64;
-        let mx = half.iter().map(|s| s.0).sum::<f64>() / n;
-        let my = half.iter().map(|s| s.1 as f64).sum::<f64>() / n;
-        let num: f64 = half.iter().map(|s| (s.0 - mx) * (s.1 as f64 - my)).sum();
-        let den: f64 = half.iter().map(|s| (s.0 - mx).powi(2)).sum();
-        if den > 0.0 {
-            num / den * 60.0
-        } else {
-            0.0
-        }
+    Ok(published)
+}
+
+/// What a soak measured, for its figures and plots.
+struct Soaked<'a> {
+    count: u64,
+    published: u64,
+    rec: &'a Recorder,
+    churned: u64,
+    churn_errors: u64,
+    /// (RSS bytes, open fds) after connecting and after settling.
+    start: (u64, u64),
+    end: (u64, u64),
+    samples: &'a [Sample],
+}
+
+impl Soaked<'_> {
+    /// The samples of the second half of the run (after warm-up).
+    fn second_half(&self) -> &[Sample] {
+        &self.samples[self.samples.len() / 2..]
+    }
+}
+
+/// RSS growth over `samples` in bytes per minute (least squares).
+fn rss_slope(samples: &[Sample]) -> f64 {
+    if samples.len() < 2 {
+        return 0.0;
+    }
+    let n = samples.len() as f64;
+    let mx = samples.iter().map(|s| s.0).sum::<f64>() / n;
+    let my = samples.iter().map(|s| s.1 as f64).sum::<f64>() / n;
+    let num: f64 = samples.iter().map(|s| (s.0 - mx) * (s.1 as f64 - my)).sum();
+    let den: f64 = samples.iter().map(|s| (s.0 - mx).powi(2)).sum();
+    if den > 0.0 {
+        num / den * 60.0
     } else {
         0.0
-    };
+    }
+}
+
+/// The soak's rows, problems and targets.
+fn soak_figures(r: &mut Report, s: &Soaked) {
+    let (count, rec) = (s.count, s.rec);
     let received = rec.seqs.unique();
+    let lost = count.saturating_sub(received);
     r.add(
         "messages",
         "messages published / received",
         count,
-        format!("{} / {received}", published.sent),
+        format!("{} / {received}", s.published),
     );
     r.add(
         "lost",
         "lost / duplicated",
-        count.saturating_sub(received),
-        format!(
-            "{} / {}",
-            count.saturating_sub(received),
-            rec.seqs.duplicates()
-        ),
+        lost,
+        format!("{lost} / {}", rec.seqs.duplicates()),
     );
     r.latency("latency", "latency", &rec.latency.summary());
-    let churned = churned.load(Relaxed);
     r.add(
         "churned",
         "connections churned (connect errors)",
-        churned,
-        format!("{churned} ({churn_errors})"),
+        s.churned,
+        format!("{} ({})", s.churned, s.churn_errors),
     );
+    let late_growth = soak_memory_figures(r, s);
+    let ((_, fds0), (_, fds_end)) = (s.start, s.end);
+    if received < count || rec.seqs.duplicates() > 0 {
+        r.problem(format!(
+            "soak: {lost} lost, {} duplicated",
+            rec.seqs.duplicates()
+        ));
+    }
+    if fds_end > fds0 + 2 {
+        r.problem(format!("soak: open fds grew from {fds0} to {fds_end}"));
+    }
+    if s.churn_errors > 0 {
+        r.problem(format!("soak: {} churn connects failed", s.churn_errors));
+    }
+    r.target(
+        "soak RSS growth over the second half",
+        late_growth,
+        2.0,
+        false,
+        "%",
+    );
+    r.target(
+        "soak open fds end − start",
+        fds_end as f64 - fds0 as f64,
+        2.0,
+        false,
+        "fds",
+    );
+}
+
+/// RSS and fd rows; the RSS growth over the second half, in percent.
+fn soak_memory_figures(r: &mut Report, s: &Soaked) -> f64 {
+    let ((rss0, fds0), (rss_end, fds_end)) = (s.start, s.end);
+    let rss_max = s.samples.iter().map(|s| s.1).max().unwrap_or(rss_end);
+    let slope = rss_slope(s.second_half());
     r.add(
         "rss_start_bytes",
         "bridge RSS start / end / max",
@@ -1361,7 +1575,7 @@ pub async fn soak(ctx: &Ctx) -> anyhow::Result<Report> {
     // grow to the churn's peak during the first part of a run, so the
     // target looks at the second half only; start→end is shown as well.
     let growth = (rss_end as f64 - rss0 as f64) / rss0.max(1) as f64 * 100.0;
-    let rss_half = half.first().map_or(rss0, |s| s.1);
+    let rss_half = s.second_half().first().map_or(rss0, |s| s.1);
     let late_growth = (rss_end as f64 - rss_half as f64) / rss0.max(1) as f64 * 100.0;
     r.add(
         "rss_growth_percent",
@@ -1375,37 +1589,12 @@ pub async fn soak(ctx: &Ctx) -> anyhow::Result<Report> {
         (late_growth * 10.0).round() / 10.0,
         String::new(),
     );
-    if received < count || rec.seqs.duplicates() > 0 {
-        r.problem(format!(
-            "soak: {} lost, {} duplicated",
-            count.saturating_sub(received),
-            rec.seqs.duplicates()
-        ));
-    }
-    if fds_end > fds0 + 2 {
-        r.problem(format!("soak: open fds grew from {fds0} to {fds_end}"));
-    }
-    if churn_errors > 0 {
-        r.problem(format!("soak: {churn_errors} churn connects failed"));
-    }
-    r.target(
-        "soak RSS growth over the second half",
-        late_growth,
-        2.0,
-        false,
-        "%",
-    );
-    r.target(
-        "soak open fds end − start",
-        fds_end as f64 - fds0 as f64,
-        2.0,
-        false,
-        "fds",
-    );
-    bridge_figures(&mut r, &handle).await;
-    for reader in readers {
-        reader.task.abort();
-    }
+    late_growth
+}
+
+/// The latency CDF and the resources-over-time plot.
+fn soak_plots(ctx: &Ctx, r: &mut Report, s: &Soaked) -> anyhow::Result<()> {
+    let o = &ctx.opts;
     let path = ctx.plot_path("soak");
     report::latency_plot(
         &path,
@@ -1413,16 +1602,21 @@ pub async fn soak(ctx: &Ctx) -> anyhow::Result<Report> {
             "soak: {} users, {} msg/s, churn {}/s",
             o.users, o.rate, o.churn
         ),
-        &[("stable users".into(), rec.latency.cdf())],
+        &[("stable users".into(), s.rec.latency.cdf())],
     )?;
     r.plots.push(path.display().to_string());
     let res_path = ctx.plot_path("soak-resources");
-    let tmax = samples.last().map_or(1.0, |s| s.0);
-    let rss_pts: Vec<(f64, f64)> = samples
+    let tmax = s.samples.last().map_or(1.0, |s| s.0);
+    let rss_pts: Vec<(f64, f64)> = s
+        .samples
         .iter()
         .map(|s| (s.0, s.1 as f64 / 1048576.0))
         .collect();
-    let fd_pts: Vec<(f64, f64)> = samples.iter().map(|s| (s.0, s.2 as f64 / 100.0)).collect();
+    let fd_pts: Vec<(f64, f64)> = s
+        .samples
+        .iter()
+        .map(|s| (s.0, s.2 as f64 / 100.0))
+        .collect();
     let ymax = rss_pts
         .iter()
         .chain(fd_pts.iter())
@@ -1445,7 +1639,7 @@ pub async fn soak(ctx: &Ctx) -> anyhow::Result<Report> {
         ],
     )?;
     r.plots.push(res_path.display().to_string());
-    Ok(r)
+    Ok(())
 }
 
 async fn close_reader(reader: Reader, clean: bool) {

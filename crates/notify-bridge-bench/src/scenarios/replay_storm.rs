@@ -14,6 +14,7 @@ use std::{
 };
 
 use futures_util::StreamExt;
+use testkit::proc::{self, Pid};
 use tokio_tungstenite::tungstenite::Message;
 
 use super::{base_report, wait_for, Ctx};
@@ -198,26 +199,6 @@ struct Phase {
     lost: u64,
 }
 
-/// Restarts the bridge's peak-RSS count (Linux: `5` to `clear_refs`), so a
-/// phase's peak is its own and not the fill's.
-fn reset_peak_rss(pid: u32) -> bool {
-    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").is_ok()
-}
-
-/// The bridge's peak resident memory since the last reset: what a replay
-/// held at once shows here (a whole inbox before replays were paged).
-fn peak_rss(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kb = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))?
-        .split_whitespace()
-        .next()?
-        .parse::<u64>()
-        .ok()?;
-    Some(kb * 1024)
-}
-
 /// What every phase uses.
 struct Rig<'a> {
     handle: &'a Handle,
@@ -243,7 +224,7 @@ async fn run_phase(ctx: &Ctx, rig: &Rig<'_>, run: usize, label: &str) -> anyhow:
     ctx.progress.received.store(0, Relaxed);
     let before = Commits::read(rig.handle).await?;
     let cpu = bridge::CpuWindow::start(Some(rig.handle.pid));
-    let peak_reset = reset_peak_rss(rig.handle.pid);
+    let peak_reset = proc::reset_peak_rss(Pid::Of(rig.handle.pid)).is_ok();
     let make = |s: u64, t: u64, out: &mut Vec<u8>| {
         let target = format!(r#""user_id":{}"#, rig.plan[s as usize]);
         clients::body(out, &target, run, s, t, o.payload_bytes)
@@ -255,7 +236,9 @@ async fn run_phase(ctx: &Ctx, rig: &Rig<'_>, run: usize, label: &str) -> anyhow:
     let unique = wait_for(|| rec.seqs.unique(), count, o.drain_timeout).await;
     let after = Commits::read(rig.handle).await?;
     let cpu = cpu.stop();
-    let peak_rss = peak_reset.then(|| peak_rss(rig.handle.pid)).flatten();
+    let peak_rss = peak_reset
+        .then(|| proc::peak_rss_bytes(Pid::Of(rig.handle.pid)).ok())
+        .flatten();
     if let Some(thread) = storm_thread {
         rig.storm.stop.store(true, Relaxed);
         let _ = tokio::task::spawn_blocking(move || thread.join()).await;

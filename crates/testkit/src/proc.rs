@@ -1,0 +1,117 @@
+//! A running process as the tests and the bench measure it: resident
+//! memory, open files and CPU time (leaks, per-socket costs, CPU per
+//! notification), plus the few system-wide figures the bench prints.
+
+use procfs::{
+    process::{all_processes, ClearRefs, LimitValue, Process},
+    Current, LoadAverage, ProcResult,
+};
+
+/// Which process to read: the bridge (or broker) by pid, or the caller
+/// itself (the bench's own cost).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pid {
+    Of(u32),
+    Myself,
+}
+
+impl Pid {
+    fn process(self) -> ProcResult<Process> {
+        match self {
+            Pid::Of(pid) => Process::new(pid as i32),
+            Pid::Myself => Process::myself(),
+        }
+    }
+}
+
+/// Resident memory (VmRSS) in bytes: the figure per socket and the one a
+/// leak test watches.
+pub fn rss_bytes(pid: Pid) -> ProcResult<u64> {
+    Ok(pid.process()?.status()?.vmrss.unwrap_or(0) * 1024)
+}
+
+/// Peak resident memory (VmHWM) in bytes since the process started or the
+/// last [`reset_peak_rss`]: what a burst held at once.
+pub fn peak_rss_bytes(pid: Pid) -> ProcResult<u64> {
+    Ok(pid.process()?.status()?.vmhwm.unwrap_or(0) * 1024)
+}
+
+/// Restarts the peak-RSS count, so a phase's peak is its own.
+pub fn reset_peak_rss(pid: Pid) -> ProcResult<()> {
+    pid.process()?.clear_refs(ClearRefs::PeakRSS)
+}
+
+/// Open file descriptors: sockets and files a leak would leave behind.
+pub fn open_fds(pid: Pid) -> ProcResult<u64> {
+    Ok(pid.process()?.fd_count()? as u64)
+}
+
+/// User plus system CPU time so far, in clock ticks (1/100 s on Linux).
+pub fn cpu_ticks(pid: Pid) -> ProcResult<u64> {
+    let stat = pid.process()?.stat()?;
+    Ok(stat.utime + stat.stime)
+}
+
+/// The pids whose command name is `comm` (`beam.smp`, `postgres`): the
+/// broker's and the database's CPU use beside the bridge's.
+pub fn pids_named(comm: &str) -> Vec<u32> {
+    let Ok(all) = all_processes() else {
+        return Vec::new();
+    };
+    all.flatten()
+        .filter(|p| p.stat().is_ok_and(|s| s.comm == comm))
+        .map(|p| p.pid as u32)
+        .collect()
+}
+
+/// This process's soft limit on open files (None: unlimited or unknown),
+/// so a run that cannot fit is refused before it starts.
+pub fn open_files_limit() -> Option<u64> {
+    match Process::myself()
+        .ok()?
+        .limits()
+        .ok()?
+        .max_open_files
+        .soft_limit
+    {
+        LimitValue::Value(v) => Some(v),
+        LimitValue::Unlimited => None,
+    }
+}
+
+/// The 1-minute load average, as `uptime` prints it: other users of the
+/// machine show here.
+pub fn load_average() -> Option<f32> {
+    LoadAverage::current().ok().map(|l| l.one)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_this_process() {
+        assert!(rss_bytes(Pid::Myself).unwrap() > 0);
+        assert!(peak_rss_bytes(Pid::Myself).unwrap() >= rss_bytes(Pid::Myself).unwrap() / 2);
+        let before = open_fds(Pid::Myself).unwrap();
+        let file = std::fs::File::open("/proc/self/status").unwrap();
+        assert_eq!(open_fds(Pid::Myself).unwrap(), before + 1);
+        drop(file);
+        let me = Pid::Of(std::process::id());
+        assert!(cpu_ticks(me).unwrap() <= cpu_ticks(Pid::Myself).unwrap());
+        assert!(open_files_limit().is_none_or(|l| l > 0));
+        assert!(load_average().is_some_and(|l| l >= 0.0));
+    }
+
+    #[test]
+    fn finds_processes_by_name() {
+        let me = procfs::process::Process::myself()
+            .unwrap()
+            .stat()
+            .unwrap()
+            .comm;
+        assert!(pids_named(&me).contains(&std::process::id()));
+        assert!(pids_named("no-such-command").is_empty());
+        assert!(rss_bytes(Pid::Of(u32::MAX >> 1)).is_err());
+    }
+}
