@@ -204,13 +204,17 @@ impl Authenticator {
 /// The token of an `Authorization: Bearer T` header (the scheme in any
 /// case), for the handshake and the side port's user routes alike.
 pub fn bearer_token(headers: &http::HeaderMap) -> Option<&str> {
-    let value = headers
-        .get(http::header::AUTHORIZATION)?
-        .to_str()
-        .ok()?
-        .trim();
-    let (scheme, token) = value.split_once(' ')?;
-    (scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty()).then(|| token.trim())
+    credentials(headers, &["bearer"])
+}
+
+/// The credentials of an `Authorization: SCHEME CREDENTIALS` header whose
+/// scheme is one of `schemes` (in any case), trimmed and not empty: the
+/// one parser behind users' tokens and the side port's keys.
+pub fn credentials<'h>(headers: &'h http::HeaderMap, schemes: &[&str]) -> Option<&'h str> {
+    let value = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, given) = value.trim().split_once(' ')?;
+    let known = schemes.iter().any(|s| scheme.eq_ignore_ascii_case(s));
+    (known && !given.trim().is_empty()).then(|| given.trim())
 }
 
 /// A JWT NumericDate as jsonwebtoken reads it when it validates `exp`: an
@@ -287,6 +291,25 @@ pub fn mint(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_authorization_parser() {
+        let header = |value: &str| {
+            let mut headers = http::HeaderMap::new();
+            headers.insert(http::header::AUTHORIZATION, value.parse().unwrap());
+            headers
+        };
+        let both = ["bearer", "token"];
+        assert_eq!(bearer_token(&header("Bearer T")), Some("T"));
+        assert_eq!(bearer_token(&header(" bEaReR   T ")), Some("T"));
+        assert_eq!(bearer_token(&header("Token T")), None);
+        assert_eq!(bearer_token(&header("Bearer ")), None);
+        assert_eq!(bearer_token(&header("BearerT")), None);
+        assert_eq!(bearer_token(&http::HeaderMap::new()), None);
+        assert_eq!(credentials(&header("Token K"), &both), Some("K"));
+        assert_eq!(credentials(&header("bearer K L"), &both), Some("K L"));
+        assert_eq!(credentials(&header("Basic K"), &both), None);
+    }
 
     fn config() -> AuthConfig {
         AuthConfig {

@@ -5,22 +5,22 @@ use std::sync::Arc;
 
 use axum::{
     extract::{Path, State},
-    http::{HeaderMap, StatusCode, Uri},
+    http::StatusCode,
     Json,
 };
 use serde_json::{json, Value};
 
-use super::{ApiError, HttpState};
-use crate::query;
+use super::{
+    extract::{AdminKey, UserIdParam},
+    ApiError, HttpState,
+};
 
 /// `GET /api/connections[?user_id=U]`.
 pub async fn list(
     State(state): State<Arc<HttpState>>,
-    headers: HeaderMap,
-    uri: Uri,
+    _: AdminKey,
+    UserIdParam(user): UserIdParam,
 ) -> Result<Json<Value>, ApiError> {
-    state.keys.check_admin(&headers)?;
-    let user = query::user_id(&query::parse(uri.query().unwrap_or("")));
     let connections = match &state.cluster {
         None => state.router.list(user).await,
         Some(cluster) => crate::cluster::admin::list(cluster, user.as_ref())
@@ -33,10 +33,9 @@ pub async fn list(
 /// `DELETE /api/connections/{id}`: closes that connection with 1008.
 pub async fn disconnect(
     State(state): State<Arc<HttpState>>,
-    headers: HeaderMap,
+    _: AdminKey,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    state.keys.check_admin(&headers)?;
     let not_found = || ApiError::not_found(format!("no open connection {id}"));
     let found = match &state.cluster {
         Some(cluster) => crate::cluster::admin::disconnect(cluster, &id)

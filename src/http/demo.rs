@@ -10,13 +10,13 @@ use std::sync::Arc;
 
 use axum::{
     extract::State,
-    http::{header, HeaderName, Uri},
+    http::{header, HeaderName},
     response::{Html, IntoResponse},
     Json,
 };
 use serde_json::{json, Value};
 
-use super::{ApiError, HttpState};
+use super::{extract::Query, ApiError, HttpState};
 use crate::{config::AuthMode, query};
 
 /// What the page needs to know to reach the WebSocket listener.
@@ -111,7 +111,7 @@ pub fn page_settings(demo: &DemoSettings) -> Value {
 /// when `http.dev_tokens = true` (404 otherwise, as if it did not exist).
 pub async fn dev_token(
     State(state): State<Arc<HttpState>>,
-    uri: Uri,
+    Query(query): Query<Vec<(String, String)>>,
 ) -> Result<Json<Value>, ApiError> {
     let demo = &state.demo;
     if !demo.dev_tokens {
@@ -119,7 +119,6 @@ pub async fn dev_token(
             "development tokens are off (http.dev_tokens = false)",
         ));
     }
-    let query = query::parse(uri.query().unwrap_or(""));
     let user = query::user_id(&query).ok_or_else(|| ApiError::bad_request("give ?user_id=U"))?;
     let channels: Vec<String> = query
         .iter()

@@ -7,87 +7,88 @@ use std::sync::Arc;
 use axum::{
     body::{Body, Bytes},
     extract::{Path, State},
-    http::{header, HeaderMap, Uri},
+    http::header,
     response::Response,
     Json,
 };
 use futures_util::StreamExt;
+use serde::{de::Error as _, Deserialize, Deserializer};
 use serde_json::{json, value::RawValue, Value};
 
-use super::{ApiError, HttpState};
+use super::{
+    extract::{AdminKey, Caller, EnabledInbox, JsonBody, Query},
+    ApiError, HttpState,
+};
 use crate::{
-    config::AuthMode,
     inbox::{Change, Counts, Entry, Inbox, ListQuery},
     message::UserId,
-    query,
 };
 
 /// The most entries one listing returns.
 pub const MAX_LIMIT: usize = 500;
 const DEFAULT_LIMIT: usize = 50;
 
-fn inbox(state: &HttpState) -> Result<&Inbox, ApiError> {
-    state.inbox.as_ref().ok_or_else(|| {
-        ApiError::not_found("the inbox is not enabled on this server (inbox.enabled = false)")
-    })
-}
-
 fn unavailable(e: anyhow::Error) -> ApiError {
     tracing::error!(error = %e, "inbox request failed");
     ApiError::unavailable("the inbox store is unavailable")
 }
 
-/// The user a request speaks for: the JWT's user (or, in `auth.mode =
-/// "none"`, `?user_id=`).
-fn caller(state: &HttpState, headers: &HeaderMap, uri: &Uri) -> Result<UserId, ApiError> {
-    if state.auth.mode() == AuthMode::None {
-        return query::user_id(&query::parse(uri.query().unwrap_or("")))
-            .ok_or_else(|| ApiError::unauthorized("auth.mode is \"none\": give ?user_id=U"));
-    }
-    let token = crate::auth::bearer_token(headers)
-        .ok_or_else(|| ApiError::unauthorized("send your token as Authorization: Bearer T"))?;
-    state
-        .auth
-        .verify(token)
-        .map(|identity| identity.user)
-        .map_err(ApiError::unauthorized)
+/// `?unread=true&before=N&limit=50`, each checked with its own message.
+#[derive(Deserialize)]
+pub struct ListParams {
+    #[serde(default, deserialize_with = "unread")]
+    unread: bool,
+    #[serde(default, deserialize_with = "before")]
+    before: Option<u64>,
+    #[serde(default, deserialize_with = "limit")]
+    limit: Option<usize>,
 }
 
-fn parse_list_query(uri: &Uri) -> Result<ListQuery, ApiError> {
-    let mut query = ListQuery {
-        unread_only: false,
-        before: None,
-        limit: DEFAULT_LIMIT,
+/// One query value through `check`, else a 400 saying `expected`.
+fn value<'de, D: Deserializer<'de>, T>(
+    d: D,
+    check: impl FnOnce(&str) -> Option<T>,
+    expected: impl std::fmt::Display,
+) -> Result<T, D::Error> {
+    check(&String::deserialize(d)?).ok_or_else(|| D::Error::custom(expected))
+}
+
+fn unread<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    let check = |v: &str| match v {
+        "true" | "1" => Some(true),
+        "false" | "0" => Some(false),
+        _ => None,
     };
-    for (key, value) in query::parse(uri.query().unwrap_or("")) {
-        match key.as_str() {
-            "unread" => {
-                query.unread_only = match value.as_str() {
-                    "true" | "1" => true,
-                    "false" | "0" => false,
-                    _ => return Err(ApiError::bad_request("`unread` must be true or false")),
-                }
-            }
-            "before" => {
-                query.before = Some(value.parse().map_err(|_| {
-                    ApiError::bad_request("`before` must be a non-negative integer (a seq)")
-                })?)
-            }
-            "limit" => {
-                query.limit = value
-                    .parse()
-                    .ok()
-                    .filter(|n| (1..=MAX_LIMIT).contains(n))
-                    .ok_or_else(|| {
-                        ApiError::bad_request(format!(
-                            "`limit` must be an integer from 1 to {MAX_LIMIT}"
-                        ))
-                    })?
-            }
-            _ => {}
+    value(d, check, "`unread` must be true or false")
+}
+
+fn before<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    let check = |v: &str| v.parse().ok().map(Some);
+    value(d, check, "`before` must be a non-negative integer (a seq)")
+}
+
+fn limit<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
+    let check = |v: &str| {
+        v.parse()
+            .ok()
+            .filter(|n| (1..=MAX_LIMIT).contains(n))
+            .map(Some)
+    };
+    value(
+        d,
+        check,
+        format!("`limit` must be an integer from 1 to {MAX_LIMIT}"),
+    )
+}
+
+impl From<ListParams> for ListQuery {
+    fn from(p: ListParams) -> Self {
+        Self {
+            unread_only: p.unread,
+            before: p.before,
+            limit: p.limit.unwrap_or(DEFAULT_LIMIT),
         }
     }
-    Ok(query)
 }
 
 /// One entry as the listing shows it.
@@ -189,34 +190,29 @@ fn listing(
 
 /// `GET /api/me/notifications?unread=true&before=N&limit=50`, newest first.
 pub async fn list_mine(
-    State(state): State<Arc<HttpState>>,
-    headers: HeaderMap,
-    uri: Uri,
+    EnabledInbox(inbox): EnabledInbox,
+    Caller(user): Caller,
+    Query(params): Query<ListParams>,
 ) -> Result<Response, ApiError> {
-    let inbox = inbox(&state)?;
-    let user = caller(&state, &headers, &uri)?;
-    list(inbox, &user, &uri).await
+    list(&inbox, &user, params.into()).await
 }
 
 /// `GET /api/users/{user}/notifications` with an admin key.
 pub async fn list_for_user(
-    State(state): State<Arc<HttpState>>,
-    headers: HeaderMap,
+    EnabledInbox(inbox): EnabledInbox,
+    _: AdminKey,
     Path(user): Path<String>,
-    uri: Uri,
+    Query(params): Query<ListParams>,
 ) -> Result<Response, ApiError> {
-    let inbox = inbox(&state)?;
-    state.keys.check_admin(&headers)?;
     let user =
         UserId::new(&user).ok_or_else(|| ApiError::bad_request("the user id must not be empty"))?;
-    list(inbox, &user, &uri).await
+    list(&inbox, &user, params.into()).await
 }
 
 /// One page of `user`'s inbox, as the query string asks. The counts and
 /// the first store page are read before answering, so a store that fails
 /// answers 503.
-async fn list(inbox: &Inbox, user: &UserId, uri: &Uri) -> Result<Response, ApiError> {
-    let query = parse_list_query(uri)?;
+async fn list(inbox: &Inbox, user: &UserId, query: ListQuery) -> Result<Response, ApiError> {
     let (counts, first) = inbox
         .list(user.as_str(), query)
         .await
@@ -224,18 +220,37 @@ async fn list(inbox: &Inbox, user: &UserId, uri: &Uri) -> Result<Response, ApiEr
     Ok(listing(inbox, user, query, counts, first))
 }
 
-/// `PATCH /api/me/notifications` with `{"action": …, "ids": […]}`.
+/// The body of `PATCH /api/me/notifications`: `{"action": …, "ids": […]}`.
+#[derive(Deserialize)]
+#[serde(tag = "action", rename_all = "snake_case")]
+pub enum ChangeBody {
+    MarkRead { ids: Vec<String> },
+    Remove { ids: Vec<String> },
+    MarkAllRead,
+    RemoveAll,
+}
+
+impl From<ChangeBody> for Change {
+    fn from(body: ChangeBody) -> Self {
+        match body {
+            ChangeBody::MarkRead { ids } => Change::MarkRead(ids),
+            ChangeBody::Remove { ids } => Change::Remove(ids),
+            ChangeBody::MarkAllRead => Change::MarkAllRead,
+            ChangeBody::RemoveAll => Change::RemoveAll,
+        }
+    }
+}
+
+/// `PATCH /api/me/notifications`: every socket of the user gets the new
+/// counts when something changed.
 pub async fn change_mine(
     State(state): State<Arc<HttpState>>,
-    headers: HeaderMap,
-    uri: Uri,
-    body: Bytes,
+    EnabledInbox(inbox): EnabledInbox,
+    Caller(user): Caller,
+    JsonBody(change): JsonBody<ChangeBody>,
 ) -> Result<Json<Value>, ApiError> {
-    let inbox = inbox(&state)?;
-    let user = caller(&state, &headers, &uri)?;
-    let change = parse_change(&body)?;
     let (changed, counts) = inbox
-        .change(user.as_str(), change)
+        .change(user.as_str(), change.into())
         .await
         .map_err(unavailable)?;
     if changed {
@@ -247,28 +262,69 @@ pub async fn change_mine(
     ))
 }
 
-fn parse_change(body: &[u8]) -> Result<Change, ApiError> {
-    let value: Value = serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request(format!("body is not valid JSON: {e}")))?;
-    let ids = || -> Result<Vec<String>, ApiError> {
-        match value.get("ids") {
-            Some(Value::Array(items)) => items
-                .iter()
-                .map(|id| id.as_str().map(String::from))
-                .collect::<Option<Vec<_>>>()
-                .ok_or_else(|| ApiError::bad_request("`ids` must be an array of strings")),
-            Some(_) => Err(ApiError::bad_request("`ids` must be an array of strings")),
-            None => Err(ApiError::bad_request("this action needs `ids`")),
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(query: &str) -> Result<ListQuery, String> {
+        let uri: axum::http::Uri = format!("/?{query}").parse().unwrap();
+        axum::extract::Query::<ListParams>::try_from_uri(&uri)
+            .map(|q| q.0.into())
+            .map_err(|e| e.body_text())
+    }
+
+    #[test]
+    fn list_params_as_before_with_their_own_messages() {
+        let q = params("unread=1&before=7&limit=500&other=x").unwrap();
+        assert_eq!((q.unread_only, q.before, q.limit), (true, Some(7), 500));
+        let q = params("").unwrap();
+        assert_eq!((q.unread_only, q.before, q.limit), (false, None, 50));
+        assert!(!params("unread=false").unwrap().unread_only);
+        for (query, says) in [
+            ("limit=0", "`limit` must be an integer from 1 to 500"),
+            ("limit=", "`limit`"),
+            ("before=-1", "`before` must be a non-negative integer"),
+            ("unread=maybe", "`unread` must be true or false"),
+            // A parameter given twice is refused rather than the last one
+            // silently winning.
+            ("limit=5&limit=6", "duplicate field `limit`"),
+        ] {
+            let detail = params(query).unwrap_err();
+            assert!(detail.contains(says), "{query}: {detail}");
         }
-    };
-    match value.get("action").and_then(Value::as_str) {
-        Some("mark_read") => Ok(Change::MarkRead(ids()?)),
-        Some("remove") => Ok(Change::Remove(ids()?)),
-        Some("mark_all_read") => Ok(Change::MarkAllRead),
-        Some("remove_all") => Ok(Change::RemoveAll),
-        Some(other) => Err(ApiError::bad_request(format!(
-            "unknown action {other:?}; expected mark_read, remove, mark_all_read or remove_all"
-        ))),
-        None => Err(ApiError::bad_request("missing `action`")),
+    }
+
+    #[tokio::test]
+    async fn change_bodies() {
+        use axum::extract::FromRequest;
+        async fn change(body: &'static str) -> Result<Change, ()> {
+            let request = axum::extract::Request::new(Body::from(body));
+            JsonBody::<ChangeBody>::from_request(request, &())
+                .await
+                .map(|JsonBody(body)| body.into())
+                .map_err(|refusal| assert_eq!(refusal.status(), 400, "{body}"))
+        }
+        assert_eq!(
+            change(r#"{"action":"mark_read","ids":["a"],"extra":1}"#).await,
+            Ok(Change::MarkRead(vec!["a".into()]))
+        );
+        assert_eq!(
+            change(r#"{"ids":5,"action":"mark_all_read"}"#).await,
+            Ok(Change::MarkAllRead)
+        );
+        assert_eq!(
+            change(r#"{"action":"remove_all"}"#).await,
+            Ok(Change::RemoveAll)
+        );
+        for bad in [
+            "not json",
+            r#"{"action":"explode"}"#,
+            r#"{"action":"remove"}"#,
+            r#"{"action":"remove","ids":[1]}"#,
+            r#"{"ids":["a"]}"#,
+            r#"["mark_all_read"]"#,
+        ] {
+            assert!(change(bad).await.is_err(), "{bad}");
+        }
     }
 }

@@ -53,20 +53,15 @@ impl ApiKeys {
     }
 }
 
+/// The key of `Authorization: Bearer KEY` or `Token KEY`.
 fn presented(headers: &HeaderMap) -> Result<&str, ApiError> {
-    let value = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .ok_or_else(|| ApiError::unauthorized("send Authorization: Bearer KEY (or Token KEY)"))?;
-    let (scheme, key) = value.trim().split_once(' ').ok_or_else(|| {
-        ApiError::unauthorized("Authorization must be `Bearer KEY` or `Token KEY`")
-    })?;
-    if !(scheme.eq_ignore_ascii_case("bearer") || scheme.eq_ignore_ascii_case("token")) {
-        return Err(ApiError::unauthorized(
-            "Authorization must be `Bearer KEY` or `Token KEY`",
-        ));
-    }
-    Ok(key.trim())
+    crate::auth::credentials(headers, &["bearer", "token"]).ok_or_else(|| {
+        ApiError::unauthorized(if headers.contains_key(header::AUTHORIZATION) {
+            "Authorization must be `Bearer KEY` or `Token KEY`"
+        } else {
+            "send Authorization: Bearer KEY (or Token KEY)"
+        })
+    })
 }
 
 /// Compares in time independent of where the strings differ.

@@ -9,6 +9,7 @@ mod activity;
 mod admin;
 mod deadline;
 pub mod demo;
+mod extract;
 mod health;
 mod inbox;
 mod keys;

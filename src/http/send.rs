@@ -12,7 +12,7 @@ use axum::{
 };
 use serde_json::{json, Value};
 
-use super::{ApiError, HttpState};
+use super::{extract::ApiKey, ApiError, HttpState};
 use crate::{
     message::{self, DecodeError},
     metrics::Limit,
@@ -21,10 +21,10 @@ use crate::{
 /// Validates, publishes, and answers `202 {"status":"queued","id":…}`.
 pub async fn send(
     State(state): State<Arc<HttpState>>,
+    _: ApiKey,
     headers: HeaderMap,
     body: Body,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    state.keys.check_sender(&headers)?;
     let limit = state.limits.max_bytes;
     let too_large = |size: Option<usize>| {
         let detail = match size {

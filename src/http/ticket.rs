@@ -4,29 +4,23 @@
 
 use std::sync::Arc;
 
-use axum::{
-    extract::State,
-    http::{HeaderMap, StatusCode},
-    Json,
-};
+use axum::{extract::State, http::StatusCode, Json};
 use serde_json::{json, Value};
 
-use super::{ApiError, HttpState};
+use super::{extract::UserToken, ApiError, HttpState};
 use crate::{config::AuthMode, tickets::TicketError};
 
 /// `201 {"ticket": K, "expires_in": SECONDS}` for a valid token.
 pub async fn issue(
     State(state): State<Arc<HttpState>>,
-    headers: HeaderMap,
+    token: Result<UserToken, ApiError>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     if state.auth.mode() == AuthMode::None {
         return Err(ApiError::not_found(
             "tickets stand for tokens: they exist only in auth.mode = \"jwt\"",
         ));
     }
-    let token = crate::auth::bearer_token(&headers)
-        .ok_or_else(|| ApiError::unauthorized("send your token as Authorization: Bearer T"))?;
-    let identity = state.auth.verify(token).map_err(ApiError::unauthorized)?;
+    let UserToken(identity) = token?;
     let (issued, ttl) = match &state.cluster {
         None => {
             let tickets = state.auth.tickets();
