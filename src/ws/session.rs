@@ -140,21 +140,32 @@ async fn unless_closed<T>(
 /// stopped answering pings (with fewer frames pending than `send_queue`,
 /// nobody else would end it: while it blocks, no ping is sent and no
 /// answer is read).
-async fn write_within<T>(
-    control: &SessionControl,
-    stalled_after: Duration,
-    write: impl Future<Output = Result<T, WsError>>,
-) -> Result<T, Ending> {
-    unless_closed(control, async {
-        match tokio::time::timeout(stalled_after, write).await {
-            Ok(written) => written.map_err(|_| Ending::Drop),
-            Err(_) => {
-                debug!("peer stopped reading; dropping");
-                Err(Ending::Drop)
-            }
+///
+/// A macro rather than an `async fn` taking the write: a future passed by
+/// value is stored twice in the caller's (the argument and the moved copy,
+/// and once more per layer), which made every session's task 14 KB instead
+/// of 3 KB and an idle socket cost 18.9 KiB instead of 9.4 (`idle` bench).
+macro_rules! write_within {
+    ($control:expr, $stalled_after:expr, $write:expr) => {
+        tokio::select! {
+            biased;
+            ending = told_to_close($control) => Err(ending),
+            written = tokio::time::timeout($stalled_after, $write) => stalled_or(written),
         }
-    })
-    .await
+    };
+}
+
+/// A write's outcome: a failed one or one not taken in time drops the peer.
+fn stalled_or<T>(
+    written: Result<Result<T, WsError>, tokio::time::error::Elapsed>,
+) -> Result<T, Ending> {
+    match written {
+        Ok(written) => written.map_err(|_| Ending::Drop),
+        Err(_) => {
+            debug!("peer stopped reading; dropping");
+            Err(Ending::Drop)
+        }
+    }
 }
 
 /// Writes the close frame for `ending`, then gives the client the same
@@ -217,7 +228,7 @@ impl Heartbeat {
             return Err(Ending::Drop);
         }
         let ping = sink.send(Message::Ping(Default::default()));
-        write_within(control, self.stalled_after, ping).await
+        write_within!(control, self.stalled_after, ping)
     }
 }
 
@@ -549,7 +560,7 @@ impl Session {
             metrics,
         };
         let write = write_batch(sink, batch, latencies, &mut seqs);
-        let frames = write_within(control, stalled_after, write).await?;
+        let frames = write_within!(control, stalled_after, write)?;
         metrics.frames_sent.add(frames);
         for at in latencies.drain(..) {
             metrics.delivery_seconds.observe(at.elapsed());
