@@ -190,129 +190,141 @@ impl Metrics {
         self.receipts[status as usize].get()
     }
 
+    /// The Prometheus text of every metric, in a fixed order.
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(4096);
-        gauge(
+        self.render_delivery(&mut out);
+        self.render_broker_and_inbox(&mut out);
+        family(
             &mut out,
+            "notify_bridge_receipts_total",
+            "Delivery receipts confirmed by the broker, by status.",
+            "status",
+            crate::receipts::Status::ALL
+                .into_iter()
+                .map(|status| (status.label(), self.receipts_sent(status))),
+        );
+        family(
+            &mut out,
+            "notify_bridge_limit_refusals_total",
+            "Hostile-input limits hit, by limit.",
+            "limit",
+            Limit::ALL
+                .into_iter()
+                .map(|limit| (limit.label(), self.refusals(limit))),
+        );
+        out
+    }
+
+    /// Connections, messages and frames.
+    fn render_delivery(&self, out: &mut String) {
+        gauge(
+            out,
             "notify_bridge_connections",
             "Open WebSocket connections.",
             self.connections.get(),
         );
         counter(
-            &mut out,
+            out,
             "notify_bridge_connections_total",
             "WebSocket connections accepted since start.",
             self.connections_total.get(),
         );
-        let _ = writeln!(
+        family(
             out,
-            "# HELP notify_bridge_messages_total Messages taken from the broker, by outcome.\n\
-             # TYPE notify_bridge_messages_total counter"
+            "notify_bridge_messages_total",
+            "Messages taken from the broker, by outcome.",
+            "outcome",
+            [
+                ("delivered", self.messages_delivered.get()),
+                ("no_recipient", self.messages_no_recipient.get()),
+                ("invalid", self.messages_invalid.get()),
+            ],
         );
-        for (outcome, c) in [
-            ("delivered", &self.messages_delivered),
-            ("no_recipient", &self.messages_no_recipient),
-            ("invalid", &self.messages_invalid),
-        ] {
-            let _ = writeln!(
-                out,
-                "notify_bridge_messages_total{{outcome=\"{outcome}\"}} {}",
-                c.get()
-            );
-        }
         counter(
-            &mut out,
+            out,
             "notify_bridge_frames_sent_total",
             "Text frames written to WebSocket clients.",
             self.frames_sent.get(),
         );
         histogram(
-            &mut out,
+            out,
             "notify_bridge_delivery_seconds",
             "Time from broker delivery to notification frame written.",
             &self.delivery_seconds,
         );
         counter(
-            &mut out,
+            out,
             "notify_bridge_slow_client_closes_total",
             "Connections closed with 1013 because their send queue was full.",
             self.slow_client_closes.get(),
         );
+    }
+
+    /// The broker link, the inbox and the cluster.
+    fn render_broker_and_inbox(&self, out: &mut String) {
         gauge(
-            &mut out,
+            out,
             "notify_bridge_amqp_connected",
             "1 while consuming from the broker, else 0.",
             self.amqp_connected.get(),
         );
         counter(
-            &mut out,
+            out,
             "notify_bridge_amqp_reconnects_total",
             "Successful broker connections after the first.",
             self.amqp_reconnects.get(),
         );
         counter(
-            &mut out,
+            out,
             "notify_bridge_inbox_stored_total",
             "Inbox entries stored (one per user and message).",
             self.inbox_stored.get(),
         );
         counter(
-            &mut out,
+            out,
             "notify_bridge_inbox_replayed_total",
             "Inbox entries replayed to reconnecting clients.",
             self.inbox_replayed.get(),
         );
         counter(
-            &mut out,
+            out,
             "notify_bridge_inbox_gaps_total",
             "Gap frames sent: entries after a client's `since` were dropped by retention.",
             self.inbox_gaps.get(),
         );
         counter(
-            &mut out,
+            out,
             "notify_bridge_inbox_gap_repairs_total",
             "Seq jumps in a session's live frames repaired from the inbox before passing the frame on.",
             self.inbox_gap_repairs.get(),
         );
         counter(
-            &mut out,
+            out,
             "notify_bridge_cluster_live_received_total",
             "Cluster mode: live notifications this instance received from the cluster's writer.",
             self.cluster_live_received.get(),
         );
         histogram(
-            &mut out,
+            out,
             "notify_bridge_inbox_commit_seconds",
             "Time to commit one batch of inbox entries.",
             &self.inbox_commit_seconds,
         );
-        let _ = writeln!(
-            out,
-            "# HELP notify_bridge_receipts_total Delivery receipts confirmed by the broker, by status.\n\
-             # TYPE notify_bridge_receipts_total counter"
-        );
-        for status in crate::receipts::Status::ALL {
-            let _ = writeln!(
-                out,
-                "notify_bridge_receipts_total{{status=\"{}\"}} {}",
-                status.label(),
-                self.receipts_sent(status)
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP notify_bridge_limit_refusals_total Hostile-input limits hit, by limit.\n\
-             # TYPE notify_bridge_limit_refusals_total counter"
-        );
-        for limit in Limit::ALL {
-            let _ = writeln!(
-                out,
-                "notify_bridge_limit_refusals_total{{limit=\"{}\"}} {}",
-                limit.label(),
-                self.refusals(limit)
-            );
-        }
-        out
+    }
+}
+
+/// A counter with one label, one sample per label value.
+fn family<'a>(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    label: &str,
+    samples: impl IntoIterator<Item = (&'a str, u64)>,
+) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+    for (value, count) in samples {
+        let _ = writeln!(out, "{name}{{{label}=\"{value}\"}} {count}");
     }
 }
 

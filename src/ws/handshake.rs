@@ -68,21 +68,8 @@ impl<'a> HandshakePolicy<'a> {
     ) -> Result<Admission, ApiError> {
         let path_user = self.path_user(uri.path())?;
         let query = query::parse(uri.query().unwrap_or(""));
-        let since = match query.iter().find(|(k, _)| k == "since") {
-            None => None,
-            Some((_, v)) => Some(v.parse::<u64>().map_err(|_| {
-                ApiError::bad_request(format!("`since` must be a non-negative integer, not {v:?}"))
-            })?),
-        };
-
-        if let Some(origin) = header(headers, "origin") {
-            if !origin_allowed(&self.settings.allowed_origins, origin) {
-                return Err(ApiError::forbidden(format!(
-                    "origin {origin} is not in websocket.allowed_origins"
-                )));
-            }
-        }
-
+        let since = since_of(&query)?;
+        self.check_origin(headers)?;
         let offered_bearer = protocol_token(headers);
         let bearer_protocol = offered_bearer.is_some();
         let identity = match self.auth.mode() {
@@ -90,50 +77,12 @@ impl<'a> HandshakePolicy<'a> {
                 let identity =
                     self.jwt_identity(&query, headers, offered_bearer.as_deref(), redeemed)?;
                 self.check_claim(&identity.channels)?;
-                if let Some(path_user) = &path_user {
-                    if *path_user != identity.user {
-                        return Err(ApiError::forbidden(format!(
-                            "the path names user {}, the token user {}",
-                            shown(path_user.as_str()),
-                            identity.user
-                        )));
-                    }
-                }
+                same_user_as_path(&identity, path_user.as_ref())?;
                 identity
             }
-            AuthMode::None => {
-                let query_user = query::user_id(&query);
-                if let (Some(q), Some(p)) = (&query_user, &path_user) {
-                    if q != p {
-                        return Err(ApiError::forbidden(format!(
-                            "the path names user {p}, ?user_id names user {q}"
-                        )));
-                    }
-                }
-                let user = query_user.or(path_user).ok_or_else(|| {
-                    ApiError::unauthorized(
-                        "auth.mode is \"none\": give ?user_id=U or connect to /ws/U",
-                    )
-                })?;
-                Identity {
-                    user,
-                    channels: ChannelGrant::All,
-                    expires_at: None,
-                }
-            }
+            AuthMode::None => anonymous_identity(&query, path_user)?,
         };
-
-        let mut channels: Vec<String> = Vec::new();
-        for (key, value) in &query {
-            if key != "channel" {
-                continue;
-            }
-            self.check_join(&identity.channels, value, &channels)?;
-            if !channels.contains(value) {
-                channels.push(value.clone());
-            }
-        }
-
+        let channels = self.requested_channels(&identity, &query)?;
         Ok(Admission {
             user: identity.user,
             channels,
@@ -142,6 +91,35 @@ impl<'a> HandshakePolicy<'a> {
             bearer_protocol,
             since,
         })
+    }
+
+    /// A browser's `Origin` must be allowed (clients that send none pass).
+    fn check_origin(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+        match header(headers, "origin") {
+            Some(origin) if !origin_allowed(&self.settings.allowed_origins, origin) => {
+                Err(ApiError::forbidden(format!(
+                    "origin {origin} is not in websocket.allowed_origins"
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The `?channel=` names, each checked against the grant and the
+    /// limits, in order, without repeats.
+    fn requested_channels(
+        &self,
+        identity: &Identity,
+        query: &[(String, String)],
+    ) -> Result<Vec<String>, ApiError> {
+        let mut channels: Vec<String> = Vec::new();
+        for (_, value) in query.iter().filter(|(key, _)| key == "channel") {
+            self.check_join(&identity.channels, value, &channels)?;
+            if !channels.contains(value) {
+                channels.push(value.clone());
+            }
+        }
+        Ok(channels)
     }
 
     /// Who a client is in `auth.mode = "jwt"`, from the first of: the
@@ -313,6 +291,52 @@ fn cookie_token(headers: &HeaderMap, name: &str) -> Option<String> {
         .filter_map(Result::ok)
         .find(|c| c.name() == name && !c.value().is_empty())
         .map(|c| c.value().to_string())
+}
+
+/// `?since=`, when given: a non-negative integer.
+fn since_of(query: &[(String, String)]) -> Result<Option<u64>, ApiError> {
+    match query.iter().find(|(k, _)| k == "since") {
+        None => Ok(None),
+        Some((_, v)) => v.parse::<u64>().map(Some).map_err(|_| {
+            ApiError::bad_request(format!("`since` must be a non-negative integer, not {v:?}"))
+        }),
+    }
+}
+
+/// A token's user must be the one the path names, if it names one.
+fn same_user_as_path(identity: &Identity, path_user: Option<&UserId>) -> Result<(), ApiError> {
+    match path_user {
+        Some(path_user) if *path_user != identity.user => Err(ApiError::forbidden(format!(
+            "the path names user {}, the token user {}",
+            shown(path_user.as_str()),
+            identity.user
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Who a client is in `auth.mode = "none"`: `?user_id=` or the path
+/// (which must agree when both are given), with every channel allowed.
+fn anonymous_identity(
+    query: &[(String, String)],
+    path_user: Option<UserId>,
+) -> Result<Identity, ApiError> {
+    let query_user = query::user_id(query);
+    if let (Some(q), Some(p)) = (&query_user, &path_user) {
+        if q != p {
+            return Err(ApiError::forbidden(format!(
+                "the path names user {p}, ?user_id names user {q}"
+            )));
+        }
+    }
+    let user = query_user.or(path_user).ok_or_else(|| {
+        ApiError::unauthorized("auth.mode is \"none\": give ?user_id=U or connect to /ws/U")
+    })?;
+    Ok(Identity {
+        user,
+        channels: ChannelGrant::All,
+        expires_at: None,
+    })
 }
 
 /// The token of `Sec-WebSocket-Protocol: bearer, T`, when offered.
