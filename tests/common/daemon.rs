@@ -67,26 +67,7 @@ pub fn bridge_command(dir: &Path) -> Command {
     command
 }
 
-/// Removes ANSI escape sequences (colored log output).
-pub fn strip_ansi(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            // CSI: ESC [ parameters final-byte
-            if chars.next() == Some('[') {
-                for c in chars.by_ref() {
-                    if c.is_ascii_alphabetic() {
-                        break;
-                    }
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
+pub use testkit::strip_ansi;
 
 /// The value after `key=` in a log line.
 pub fn field(line: &str, key: &str) -> Option<String> {

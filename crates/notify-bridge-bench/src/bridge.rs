@@ -12,6 +12,7 @@ use std::{
     sync::{Arc, Mutex},
     time::Duration,
 };
+use testkit::strip_ansi;
 
 use anyhow::{anyhow, bail, Context};
 use lapin::{
@@ -389,23 +390,6 @@ pub async fn window_hook(hook: Option<&Path>, phase: &str, pid: Option<u32>) -> 
         bail!("--window-hook {} {phase} {pid}: {status}", hook.display());
     }
     Ok(())
-}
-
-fn strip_ansi(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\x1b' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 fn field(line: &str, key: &str) -> Option<SocketAddr> {

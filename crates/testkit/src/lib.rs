@@ -3,3 +3,9 @@
 //! /proc formats are parsed in one place, by procfs.
 
 pub mod proc;
+
+/// A log line without its ANSI color codes: the bridge colors its log on a
+/// terminal, and the tests and the bench read that log back for fields.
+pub fn strip_ansi(line: &str) -> String {
+    strip_ansi_escapes::strip_str(line)
+}
