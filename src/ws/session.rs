@@ -149,8 +149,9 @@ async fn unless_closed<T>(
 ///
 /// A macro rather than an `async fn` taking the write: a future passed by
 /// value is stored twice in the caller's (the argument and the moved copy,
-/// and once more per layer), which made every session's task 14 KB instead
-/// of 3 KB and an idle socket cost 18.9 KiB instead of 9.4 (`idle` bench).
+/// and once more per layer), which made every session's task 14.2 KB
+/// instead of 4.5 KB and an idle socket 18.9 KiB instead of 9.4 (`idle`
+/// bench, docs/performance.md).
 macro_rules! write_within {
     ($control:expr, $stalled_after:expr, $write:expr) => {
         tokio::select! {
