@@ -1,6 +1,6 @@
 //! `POST /api/ws-ticket`: trade the user's JWT (in a header, where it stays
 //! out of URLs and logs) for a one-time ticket to put in the WebSocket URL
-//! (`?ticket=K`). See `crate::tickets`.
+//! (`?ticket=K`). See `crate::auth::tickets`.
 
 use std::sync::Arc;
 
@@ -12,7 +12,7 @@ use super::{
     openapi::schemas::{Error, Ticket},
     ApiError, HttpState,
 };
-use crate::{config::AuthMode, tickets::TicketError};
+use crate::{auth::tickets::TicketError, config::AuthMode};
 
 /// `201 {"ticket": K, "expires_in": SECONDS}` for a valid token.
 #[utoipa::path(post, path = "/api/ws-ticket", operation_id = "issueWsTicket",
