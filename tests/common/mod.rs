@@ -11,6 +11,7 @@ use std::time::Duration;
 
 pub mod daemon;
 pub mod http_client;
+pub mod in_process;
 pub mod inbox;
 pub mod receipts;
 pub mod tls;
