@@ -540,6 +540,17 @@ pub async fn exclusive_watch(
     (name, consumer)
 }
 
+/// Asserts that `token` is refused 401 both in `?token=` and as
+/// `Authorization: Bearer`; the query refusal's detail.
+pub async fn assert_token_refused(bridge: &Bridge, token: &str) -> String {
+    let query = request(&bridge.ws_url(&format!("/ws?token={token}")), &[]);
+    let detail = assert_refused(query, 401, "unauthorized").await;
+    let header = format!("Bearer {token}");
+    let by_header = request(&bridge.ws_url("/ws"), &[("authorization", &header)]);
+    assert_refused(by_header, 401, "unauthorized").await;
+    detail
+}
+
 /// Every dead letter from now on, through an exclusive queue of the test's
 /// own bound to `notifications_dlx` (a fanout, so `notifications.dead` gets
 /// the same copies): exact counts whatever else shares the broker. The
