@@ -61,10 +61,7 @@ pub struct AmqpConfig {
     pub reconnect_max_backoff: Duration,
     /// The CA (PEM) an `amqps://` broker must be signed by; unset, the
     /// system roots are trusted. For brokers behind a private CA.
-    #[serde(
-        deserialize_with = "optional_path",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(deserialize_with = "optional_path")]
     pub tls_ca_file: Option<PathBuf>,
 }
 
@@ -99,16 +96,10 @@ pub struct WebSocketConfig {
     /// The certificate chain (PEM) the listener presents; with
     /// `tls_key_file` it speaks wss, for platforms that want the service
     /// itself to terminate TLS. Re-read on SIGHUP.
-    #[serde(
-        deserialize_with = "optional_path",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(deserialize_with = "optional_path")]
     pub tls_cert_file: Option<PathBuf>,
     /// The private key (PEM) of `tls_cert_file`.
-    #[serde(
-        deserialize_with = "optional_path",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(deserialize_with = "optional_path")]
     pub tls_key_file: Option<PathBuf>,
 }
 
@@ -178,16 +169,10 @@ pub struct HttpConfig {
     pub max_connections: usize,
     /// The certificate chain (PEM) of the side port; with `tls_key_file` it
     /// speaks https (API keys and tokens cross it). Re-read on SIGHUP.
-    #[serde(
-        deserialize_with = "optional_path",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(deserialize_with = "optional_path")]
     pub tls_cert_file: Option<PathBuf>,
     /// The private key (PEM) of `tls_cert_file`.
-    #[serde(
-        deserialize_with = "optional_path",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(deserialize_with = "optional_path")]
     pub tls_key_file: Option<PathBuf>,
 }
 

@@ -25,15 +25,13 @@ use crate::{
     http,
     http::{demo::DemoSettings, ApiKeys, HttpState},
     inbox,
-    inbox::{
-        stage::{Committed, InboxStage},
-        Inbox,
-    },
+    inbox::Inbox,
     memory, message,
     metrics::Metrics,
     readiness::Readiness,
     receipts,
     router::Router,
+    stage::{Committed, InboxStage},
     tls, ws,
     ws::{limits::ConnectionLimits, WsContext},
 };
@@ -396,7 +394,7 @@ fn wire_consumer(
     };
     let (next, queue) = match cluster {
         Some(cluster) => (
-            Committed::Cluster(
+            Committed::Batches(
                 Fanout {
                     link: cluster.link.clone(),
                     presence: cluster.presence.clone(),

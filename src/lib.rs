@@ -4,7 +4,7 @@
 //! Follow one message from the broker to a browser:
 //!
 //! ```text
-//! AMQP delivery ─▶ amqp::consumer ─▶ message::decode ─▶ [inbox::stage]
+//! AMQP delivery ─▶ amqp::consumer ─▶ message::decode ─▶ [stage]
 //!              ─▶ router (one task) ─▶ session queue ─▶ ws::session ─▶ socket
 //! ```
 //!
@@ -17,9 +17,12 @@
 //! - [`amqp`]: topology, the consume loop with reconnects, ordered acks.
 //! - [`router`]: the one task that knows who is connected and fans out.
 //! - [`ws`]: the WebSocket server: handshake and auth, limits, sessions.
-//! - [`auth`]: JWT verification and minting.
-//! - [`inbox`]: the per-user store of notifications (when enabled): the
-//!   commit stage between consumer and router, replay on reconnect.
+//! - [`auth`]: JWT verification and minting, one-time tickets.
+//! - [`frames`]: the protocol's frames other than `notification`.
+//! - [`cluster`]: several instances on one broker and one PostgreSQL.
+//! - [`inbox`]: the per-user store of notifications (when enabled), read
+//!   for replay on reconnect; [`stage`]: the commit stage between the
+//!   consumer and the router.
 //! - [`http`]: the side port: REST send (republished with publisher
 //!   confirms), admin, health, readiness, metrics, OpenAPI.
 //! - [`receipts`]: delivery receipts (what became of each message), sent
@@ -39,6 +42,7 @@ pub mod config;
 pub mod connection_id;
 mod daemon;
 pub mod error;
+pub mod frames;
 pub mod http;
 pub mod inbox;
 pub mod log_limit;
@@ -51,7 +55,7 @@ pub mod readiness;
 pub mod receipts;
 pub mod router;
 pub mod shutdown;
-pub mod tickets;
+pub mod stage;
 pub mod tls;
 pub mod ws;
 

@@ -1,4 +1,4 @@
-//! The client-frame parser, `notify_bridge::ws::frames::parse_client`: every
+//! The client-frame parser, `notify_bridge::frames::parse_client`: every
 //! text frame a browser sends goes through it.
 //!
 //! Input: the frame's text (inputs that are not UTF-8 are skipped, as a
@@ -13,7 +13,7 @@
 use libfuzzer_sys::fuzz_target;
 use notify_bridge::{
     inbox::Change,
-    ws::frames::{error, parse_client, subscribed, unsubscribed, ClientFrame},
+    frames::{error, parse_client, subscribed, unsubscribed, ClientFrame},
 };
 use serde_json::{json, Value};
 

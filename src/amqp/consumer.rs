@@ -26,12 +26,12 @@ use crate::{
         topology,
     },
     config::AmqpConfig,
-    inbox::stage::InboxStage,
     message,
     metrics::{Limit, Metrics},
     readiness::Readiness,
     receipts::Receipts,
     router::{RouteRequest, Router},
+    stage::InboxStage,
 };
 
 /// How long one connection attempt (TCP, AMQP handshake) may take.

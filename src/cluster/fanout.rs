@@ -44,19 +44,6 @@ pub struct Fanout {
     pub store: Arc<PgStore>,
 }
 
-/// Where the commit stage hands committed batches (see [`Fanout::spawn`]).
-#[derive(Clone)]
-pub struct FanoutHandle {
-    batches: tokio::sync::mpsc::Sender<Vec<RouteRequest>>,
-}
-
-impl FanoutHandle {
-    /// Waits only while two batches are already waiting (backpressure).
-    pub async fn send(&self, batch: Vec<RouteRequest>) {
-        let _ = self.batches.send(batch).await;
-    }
-}
-
 /// A user recipient with their seq (when stored).
 type Recipient = (String, Option<u64>);
 
@@ -100,14 +87,15 @@ impl Fanout {
     /// Runs the fanout on a task of its own: the commit stage hands it each
     /// committed batch and goes on to commit the next one while this one's
     /// presence is read and its live messages sent (in order: one task).
-    pub fn spawn(self) -> FanoutHandle {
+    /// Two batches may wait; past that the stage waits (backpressure).
+    pub fn spawn(self) -> tokio::sync::mpsc::Sender<Vec<RouteRequest>> {
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<RouteRequest>>(2);
         tokio::spawn(async move {
             while let Some(batch) = rx.recv().await {
                 self.send(batch).await;
             }
         });
-        FanoutHandle { batches: tx }
+        tx
     }
 
     /// What the receipts say in cluster mode, decided here by presence:

@@ -33,8 +33,8 @@ use super::{
     ClusterNames, BROADCAST_KEY,
 };
 use crate::{
-    amqp::settle::Settler, config::AmqpConfig, message::UserId, metrics::Metrics,
-    readiness::Readiness, router::Router, ws::frames,
+    amqp::settle::Settler, config::AmqpConfig, frames, message::UserId, metrics::Metrics,
+    readiness::Readiness, router::Router,
 };
 
 /// Live messages in flight to this instance's router at most.

@@ -5,7 +5,7 @@
 //! One message, in cluster mode:
 //!
 //! ```text
-//! <name>.ingest (quorum, single active consumer) ─▶ amqp::consumer ─▶ inbox::stage (commit)
+//! <name>.ingest (quorum, single active consumer) ─▶ amqp::consumer ─▶ stage (commit)
 //!   ─▶ fanout: presence lookup after the commit, one live message per holding instance
 //!   ─▶ <name>.live ─i.<instance>─▶ <name>.live.<instance> ─▶ link (that instance) ─▶ router ─▶ sessions
 //! ```
@@ -32,12 +32,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     config::{AmqpConfig, ClusterConfig},
+    frames,
     inbox::{Counts, PgStore},
     message::UserId,
     metrics::Metrics,
     readiness::Readiness,
     router::Router,
-    ws::frames,
 };
 use link::LiveLink;
 use presence::Presence;

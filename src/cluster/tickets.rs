@@ -10,11 +10,11 @@ use std::{
 };
 
 use crate::{
+    auth::tickets::{TicketError, MAX_OUTSTANDING},
     auth::{ChannelGrant, Identity},
     inbox::PgStore,
     message::UserId,
     query,
-    tickets::{TicketError, MAX_OUTSTANDING},
 };
 
 /// The cluster's tickets.

@@ -1,6 +1,6 @@
 //! `POST /api/ws-ticket`: trade the user's JWT (in a header, where it stays
 //! out of URLs and logs) for a one-time ticket to put in the WebSocket URL
-//! (`?ticket=K`). See `crate::tickets`.
+//! (`?ticket=K`). See `crate::auth::tickets`.
 
 use std::sync::Arc;
 
@@ -8,7 +8,7 @@ use axum::{extract::State, http::StatusCode, Json};
 use serde_json::{json, Value};
 
 use super::{extract::UserToken, ApiError, HttpState};
-use crate::{config::AuthMode, tickets::TicketError};
+use crate::{auth::tickets::TicketError, config::AuthMode};
 
 /// `201 {"ticket": K, "expires_in": SECONDS}` for a valid token.
 pub async fn issue(

@@ -23,7 +23,6 @@ pub mod readers;
 pub mod schema;
 pub mod sqlite;
 pub mod sqlite_read;
-pub mod stage;
 pub mod store;
 
 use std::{

@@ -9,13 +9,12 @@ use percent_encoding::percent_decode_str;
 use tokio_tungstenite::tungstenite::http::{self, HeaderMap};
 
 use crate::{
-    auth::{Authenticator, ChannelGrant, Identity},
+    auth::{tickets::TicketError, Authenticator, ChannelGrant, Identity},
     config::{AuthMode, WebSocketConfig},
     error::ApiError,
     message::UserId,
     metrics::Limit,
     query,
-    tickets::TicketError,
 };
 
 /// The longest channel name, in bytes (CONTRACT.md: 1–255).

@@ -4,7 +4,6 @@
 //! `frames`; what they all share is the [`WsContext`] (`context`).
 
 pub mod context;
-pub mod frames;
 pub mod handshake;
 pub mod limits;
 pub mod request_head;

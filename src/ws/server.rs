@@ -292,7 +292,7 @@ async fn handshake(stream: &mut ServerStream, ctx: &WsContext) -> Result<Accepte
 fn decide(
     request: &Request,
     ctx: &WsContext,
-    redeemed: Option<Result<crate::auth::Identity, crate::tickets::TicketError>>,
+    redeemed: Option<Result<crate::auth::Identity, crate::auth::tickets::TicketError>>,
 ) -> Result<(Response, Admission, Permit), ApiError> {
     if ctx.shutdown.is_cancelled() {
         return Err(ApiError::new(

@@ -22,15 +22,11 @@ use tokio_tungstenite::{
 use tracing::{debug, Instrument};
 
 use crate::{
+    frames::{self, ClientFrame},
     inbox::{Change, Entry, Inbox},
     outbound::{self, Outbound, OutboundReceiver},
     router::{ConnectionId, SessionControl, SessionHandle},
-    ws::{
-        context::WsContext,
-        frames::{self, ClientFrame},
-        handshake::Admission,
-        limits::Permit,
-    },
+    ws::{context::WsContext, handshake::Admission, limits::Permit},
 };
 // Plain or TLS (wss): the session is the same over both.
 use crate::tls::ServerStream;

@@ -23,11 +23,14 @@ use crate::{
 const BATCH: usize = 256;
 
 /// Where a committed batch goes: this instance's router, or in cluster
-/// mode the fanout to the instances holding its recipients.
+/// mode whole batches to the fanout task (`cluster::fanout`), which sends
+/// them to the instances holding their recipients. A channel, so that the
+/// stage knows nothing of the cluster: the data walks one way.
 #[derive(Clone)]
 pub enum Committed {
     Router(Router),
-    Cluster(crate::cluster::fanout::FanoutHandle),
+    /// Bounded: the stage waits while the fanout is behind (backpressure).
+    Batches(mpsc::Sender<Vec<RouteRequest>>),
 }
 
 /// Handle to the stage task.
@@ -128,7 +131,9 @@ async fn run(
                     router.route(request).await;
                 }
             }
-            Committed::Cluster(fanout) => fanout.send(filled.collect()).await,
+            Committed::Batches(fanout) => {
+                let _ = fanout.send(filled.collect()).await;
+            }
         }
     }
 }

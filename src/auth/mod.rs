@@ -20,42 +20,17 @@ use tokio_tungstenite::tungstenite::http;
 use crate::{
     config::{AuthConfig, AuthMode, ConfigError},
     message::UserId,
-    tickets::Tickets,
 };
+
+mod identity;
+pub mod tickets;
+
+pub use identity::{ChannelGrant, Identity};
+use tickets::Tickets;
 
 /// The most clock skew tolerated on `exp` and `nbf` (the contract allows up
 /// to 60 s).
 pub const LEEWAY_SECS: u64 = 30;
-
-/// A verified client identity.
-#[derive(Debug, Clone)]
-pub struct Identity {
-    pub user: UserId,
-    /// The channels this connection may join beyond the public ones.
-    pub channels: ChannelGrant,
-    /// When the token stops being valid; the connection is closed then.
-    /// `None` without an `exp`, or when `exp` lies beyond any time this
-    /// machine can represent (it never comes).
-    pub expires_at: Option<SystemTime>,
-}
-
-/// Which channels a connection may join.
-#[derive(Debug, Clone)]
-pub enum ChannelGrant {
-    /// Development mode: every channel.
-    All,
-    /// The token's `channels` claim.
-    Listed(HashSet<String>),
-}
-
-impl ChannelGrant {
-    pub fn allows(&self, channel: &str) -> bool {
-        match self {
-            ChannelGrant::All => true,
-            ChannelGrant::Listed(set) => set.contains(channel),
-        }
-    }
-}
 
 /// Verifies tokens with the configured keys.
 pub struct Authenticator {

@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::auth::Identity;
+use super::identity::Identity;
 
 /// The most tickets outstanding at once; past it (after dropping expired
 /// ones) new tickets are refused until some are used or expire.
