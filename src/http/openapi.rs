@@ -87,6 +87,8 @@ pub mod schemas {
         TooLarge,
         Unavailable,
         NotReady,
+        /// 408: the body did not arrive within `http.request_timeout`.
+        Timeout,
     }
 
     // The send endpoint's 202.
@@ -265,5 +267,29 @@ mod tests {
             }
         }
         assert_eq!(ids.len(), 15);
+    }
+
+    /// The `Error` schema names every code the side port answers with
+    /// (`timeout`, the 408 of `deadline.rs`, was missing once).
+    #[test]
+    fn the_error_schema_lists_every_code_the_side_port_sends() {
+        let doc = serde_json::to_value(&*super::DOCUMENT).unwrap();
+        let codes = &doc["components"]["schemas"]["Error"]["properties"]["error"]["enum"];
+        for code in [
+            "bad_request",
+            "unauthorized",
+            "forbidden",
+            "not_found",
+            "method_not_allowed",
+            "too_large",
+            "unavailable",
+            "not_ready",
+            "timeout",
+        ] {
+            assert!(
+                codes.as_array().unwrap().contains(&code.into()),
+                "{code}: {codes}"
+            );
+        }
     }
 }
