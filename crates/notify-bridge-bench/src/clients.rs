@@ -300,6 +300,23 @@ impl Reader {
         Self { state, task, stop }
     }
 
+    /// A reader for each socket, all recording into `recorders`: how every
+    /// scenario starts listening on the sockets it connected.
+    pub fn spawn_all(sockets: Vec<(u64, Ws)>, recorders: &Arc<Recorders>) -> Vec<Self> {
+        sockets
+            .into_iter()
+            .map(|(_, ws)| Self::spawn(ws, recorders.clone()))
+            .collect()
+    }
+
+    /// Stops the readers without a close handshake: the end of a
+    /// scenario, whose figures were taken.
+    pub fn abort_all(readers: Vec<Self>) {
+        for reader in readers {
+            reader.task.abort();
+        }
+    }
+
     /// Stops reading and hands the socket back (None when it had ended).
     pub async fn into_socket(self) -> Option<Ws> {
         self.stop.notify_one();
