@@ -39,6 +39,8 @@ pub struct Names {
 }
 
 impl Names {
+    /// Fresh names from a UUIDv7: unique per invocation, so two benches on one
+    /// broker never share a queue.
     pub fn new() -> Self {
         let run_id = uuid::Uuid::now_v7().simple().to_string();
         let short = &run_id[run_id.len() - 12..];
@@ -207,6 +209,8 @@ impl Bridge {
         }
     }
 
+    /// The last lines the bridge logged, for an error report that says why it
+    /// failed.
     pub fn log_tail(&self) -> String {
         self.log_tail
             .lock()
@@ -214,10 +218,14 @@ impl Bridge {
             .unwrap_or_default()
     }
 
+    /// WARN/ERROR lines so far: the report counts them, a healthy run has about
+    /// one.
     pub fn warnings(&self) -> u64 {
         self.warnings.lock().map(|w| *w).unwrap_or(0)
     }
 
+    /// A copyable view for the scenarios, so the `Bridge` itself can stay with
+    /// the caller that stops it.
     pub fn handle(&self) -> Handle {
         Handle {
             pid: self.pid,
@@ -374,6 +382,7 @@ pub struct CpuUse {
 }
 
 impl CpuWindow {
+    /// Notes the CPU ticks now, so `stop` can tell what the window cost.
     pub fn start(bridge_pid: Option<u32>) -> Self {
         let at_start = |pid: Pid| Some((pid, proc::cpu_ticks(pid).ok()?));
         Self {
@@ -384,6 +393,8 @@ impl CpuWindow {
         }
     }
 
+    /// Each process's CPU (% of a core) since `start`; the bridge's also in
+    /// seconds, for CPU per notification.
     pub fn stop(&self) -> CpuUse {
         let secs = self.started.elapsed().as_secs_f64().max(1e-3);
         let ticks = |before: Option<(Pid, u64)>| {

@@ -19,6 +19,8 @@ pub struct Target {
 }
 
 impl Target {
+    /// Met or missed: printed and in the JSON; never fails a run (targets are
+    /// for full runs).
     pub fn met(&self) -> bool {
         if self.at_least {
             self.value >= self.limit
@@ -42,15 +44,18 @@ pub struct Report {
     pub problems: Vec<String>,
 }
 
+/// Nanoseconds as milliseconds, the unit the targets are written in.
 pub fn ms(nanos: u64) -> String {
     format!("{:.3} ms", nanos as f64 / 1e6)
 }
 
+/// Bytes as MiB, the unit memory is read in.
 pub fn mib(bytes: f64) -> String {
     format!("{:.1} MiB", bytes / (1024.0 * 1024.0))
 }
 
 impl Report {
+    /// An empty report for `scenario`.
     pub fn new(scenario: &str) -> Self {
         Self {
             scenario: scenario.to_string(),
@@ -64,6 +69,8 @@ impl Report {
         }
     }
 
+    /// An input of the run, so a result can be compared only with results of
+    /// the same inputs.
     pub fn param(&mut self, key: &str, value: impl Into<Value>) {
         self.params.insert(key.to_string(), value.into());
     }
@@ -93,6 +100,8 @@ impl Report {
         ));
     }
 
+    /// A target and this run's value (`at_least`: the value must reach the
+    /// limit, else stay below it).
     pub fn target(&mut self, name: &str, value: f64, limit: f64, at_least: bool, unit: &str) {
         self.targets.push(Target {
             name: name.to_string(),
@@ -103,14 +112,19 @@ impl Report {
         });
     }
 
+    /// A correctness failure: `--strict` exits 3 on any.
     pub fn problem(&mut self, text: impl Into<String>) {
         self.problems.push(text.into());
     }
 
+    /// Context a reader of the figures needs (limits of this machine, log
+    /// lines).
     pub fn note(&mut self, text: impl Into<String>) {
         self.notes.push(text.into());
     }
 
+    /// The table for people, then the `RESULT {json}` line for scripts, on
+    /// stdout.
     pub fn print(&self) {
         let width = self
             .rows
@@ -160,6 +174,8 @@ impl Report {
         println!("RESULT {}", self.json());
     }
 
+    /// Everything in one JSON object: the `RESULT` line that scripts and
+    /// docs/performance.md read.
     pub fn json(&self) -> Value {
         let targets: Vec<Value> = self
             .targets

@@ -542,6 +542,8 @@ async fn bridge_figures(r: &mut Report, handle: &Handle) {
 
 // ---------------------------------------------------------------------------
 
+/// baseline: the unicast stream through a bare consumer only, what the broker
+/// and the clients allow without the bridge.
 pub async fn baseline(ctx: &Ctx) -> anyhow::Result<Report> {
     let o = &ctx.opts;
     let mut r = base_report(ctx, "baseline");
@@ -677,6 +679,8 @@ fn sockets_closed_early(r: &mut Report, readers: Vec<Reader>) {
     Reader::abort_all(readers);
 }
 
+/// broadcast: every message to every socket; frames/s and the latency to the
+/// last socket (fan-out cost).
 pub async fn broadcast(ctx: &Ctx) -> anyhow::Result<Report> {
     let o = &ctx.opts;
     ctx.check_fd_budget(o.users)?;
@@ -948,6 +952,8 @@ fn add_broadcast_baseline(r: &mut Report, msgs_per_sec: f64, b: f64) {
     );
 }
 
+/// idle: connected sockets that receive nothing; the bridge's RSS and fds per
+/// socket (what a connection costs at rest).
 pub async fn idle(ctx: &Ctx) -> anyhow::Result<Report> {
     let o = &ctx.opts;
     ctx.check_fd_budget(o.users)?;
@@ -1423,6 +1429,8 @@ fn slow_figures(r: &mut Report, o: &Options, closes: f64, c: &CloseOutcomes) {
     r.note("a slow client whose close frame cannot be written within 2 s is dropped without one (contract); the metric counts both");
 }
 
+/// soak: steady traffic with connection churn; RSS and open fds must stay flat
+/// (no leak per connection).
 pub async fn soak(ctx: &Ctx) -> anyhow::Result<Report> {
     let o = &ctx.opts;
     let churn_pool = (o.churn.ceil() as u64).max(1);
