@@ -1,17 +1,15 @@
 //! Who may connect, how, and what the first frames and the keep-alive look
 //! like: every handshake refusal of the contract, the three token
 //! transports, compatibility paths, `auth.mode = "none"`, connection limits,
-//! token expiry, and server pings.
+//! and token expiry over a real socket (its timing, and server pings, with
+//! paused time in src/ws/session_tests.rs).
 
 mod common;
 
 use std::time::Duration;
 
 use common::*;
-use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_tungstenite::tungstenite::Message;
 
 #[tokio::test]
 async fn every_bad_token_is_refused_with_401() {
@@ -42,15 +40,8 @@ async fn every_bad_token_is_refused_with_401() {
         b64url(br#"{"alg":"none","typ":"JWT"}"#),
         b64url(format!(r#"{{"sub":"1","exp":{}}}"#, unix_now() + 3600).as_bytes())
     );
-    assert_refused(ws(&format!("?token={none}")), 401, "unauthorized").await;
-    // The same through the Authorization header.
-    let header = format!("Bearer {none}");
-    assert_refused(
-        request(&bridge.ws_url("/ws"), &[("authorization", &header)]),
-        401,
-        "unauthorized",
-    )
-    .await;
+    // In the query and through the Authorization header.
+    assert_token_refused(&bridge, &none).await;
 
     // No `exp`.
     let eternal = token_with_claims(json!({"sub": "1"}));
@@ -405,162 +396,7 @@ async fn the_welcome_frame_has_exactly_the_contract_shape() {
     bridge.stop().await;
 }
 
-#[tokio::test]
-async fn server_pings_keep_readers_and_drop_silent_peers() {
-    let bridge = Bridge::start_with(|c| c.websocket.ping_interval = Duration::from_secs(1)).await;
-    let metrics = bridge.running().metrics.clone();
-    let t = token("p", &[]);
-
-    // A raw client that completes the upgrade and then neither reads nor
-    // answers anything.
-    let mut silent = tokio::net::TcpStream::connect(bridge.running().ws_addr)
-        .await
-        .unwrap();
-    let upgrade = format!(
-        "GET /ws?token={t} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-        bridge.running().ws_addr
-    );
-    silent.write_all(upgrade.as_bytes()).await.unwrap();
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut byte = [0u8; 1];
-        let n = tokio::time::timeout(WAIT, silent.read(&mut byte))
-            .await
-            .expect("upgrade response in time")
-            .unwrap();
-        assert_eq!(n, 1, "connection closed during the upgrade");
-        head.push(byte[0]);
-    }
-    let head = String::from_utf8(head).unwrap();
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-    let silent_since = tokio::time::Instant::now();
-
-    // A well-behaved client: it keeps reading, so tungstenite answers pings.
-    let mut reader = bridge.connect("p").await;
-    eventually(Duration::from_secs(3), "both registered", || {
-        metrics.connections.get() == 2
-    })
-    .await;
-
-    let mut pings = 0;
-    let until = tokio::time::Instant::now() + Duration::from_secs(4);
-    let mut silent_dropped_after = None;
-    loop {
-        // Reading (so pings are answered) and watching the gauge every 10 ms.
-        tokio::select! {
-            _ = tokio::time::sleep_until(until) => break,
-            frame = reader.next() => match frame {
-                Some(Ok(Message::Ping(_))) => pings += 1,
-                other => panic!("the reading client got {other:?}"),
-            },
-            _ = tokio::time::sleep(Duration::from_millis(10)) => {}
-        }
-        if silent_dropped_after.is_none() && metrics.connections.get() == 1 {
-            silent_dropped_after = Some(silent_since.elapsed());
-        }
-    }
-    assert!(pings >= 3, "only {pings} pings in 4 s at a 1 s interval");
-    let dropped = silent_dropped_after.expect("the silent peer was never dropped");
-    assert!(
-        dropped >= Duration::from_millis(1500) && dropped <= Duration::from_millis(3900),
-        "silent peer dropped after {dropped:?}, expected about 3 ping intervals"
-    );
-
-    // The silent peer's TCP connection is gone too: what it was sent, then EOF.
-    let eof = async {
-        let mut buf = [0u8; 1024];
-        loop {
-            match silent.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(_) => continue,
-            }
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(2), eof)
-        .await
-        .expect("the silent peer's socket was closed");
-
-    // The reader is still fully alive.
-    reader
-        .send(Message::Text(r#"{"type":"ping"}"#.into()))
-        .await
-        .unwrap();
-    assert_eq!(next_json(&mut reader).await, json!({"type": "pong"}));
-    assert_eq!(metrics.connections.get(), 1);
-    drop(reader);
-    bridge.stop().await;
-}
-
-/// Upgrades a raw TCP connection and returns it; the caller never reads
-/// from it again.
-async fn raw_upgrade(bridge: &Bridge, token: &str) -> tokio::net::TcpStream {
-    let addr = bridge.running().ws_addr;
-    let mut raw = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let upgrade = format!(
-        "GET /ws?token={token} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\n\
-         Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
-         Sec-WebSocket-Version: 13\r\n\r\n"
-    );
-    raw.write_all(upgrade.as_bytes()).await.unwrap();
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut byte = [0u8; 1];
-        let n = tokio::time::timeout(WAIT, raw.read(&mut byte))
-            .await
-            .expect("upgrade response in time")
-            .unwrap();
-        assert_eq!(n, 1, "connection closed during the upgrade");
-        head.push(byte[0]);
-    }
-    let head = String::from_utf8(head).unwrap();
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-    raw
-}
-
-#[tokio::test]
-async fn a_peer_that_stops_reading_mid_backlog_is_still_dropped() {
-    // The socket buffers fill up, so writes to the peer block; with fewer
-    // messages than `send_queue` and fewer bytes than `send_queue_bytes`
-    // (18 MB here, under the 64 MiB set below) nobody else closes it: the
-    // ping deadline must still apply.
-    let bridge = Bridge::start_with(|c| {
-        c.websocket.ping_interval = Duration::from_secs(1);
-        c.websocket.send_queue_bytes = 64 << 20;
-    })
-    .await;
-    let metrics = bridge.running().metrics.clone();
-    let publisher = Publisher::connect().await;
-    let _stuck = raw_upgrade(&bridge, &token("stuck", &[])).await;
-    eventually(Duration::from_secs(3), "registered", || {
-        metrics.connections.get() == 1
-    })
-    .await;
-
-    let big = "z".repeat(60_000);
-    for _ in 0..300 {
-        bridge
-            .publish(
-                &publisher,
-                &format!(r#"{{"user_id":"stuck","payload":"{big}"}}"#),
-            )
-            .await;
-    }
-    let published = tokio::time::Instant::now();
-    // 300 < send_queue (1024): no slow-client close.
-    eventually(Duration::from_secs(10), "all routed", || {
-        metrics.messages_delivered.get() == 300
-    })
-    .await;
-    assert_eq!(metrics.slow_client_closes.get(), 0);
-    eventually(Duration::from_secs(8), "the stuck peer dropped", || {
-        metrics.connections.get() == 0
-    })
-    .await;
-    assert!(
-        published.elapsed() < Duration::from_secs(8),
-        "{:?}",
-        published.elapsed()
-    );
-    bridge.stop().await;
-}
+// Pings (a reader stays, a silent peer is dropped within three intervals)
+// and a peer that stops reading mid-backlog (dropped after two intervals,
+// no 1013) are driven with paused time in src/ws/session_tests.rs; dead and
+// slow peers over real sockets in tests/client_faults.rs.

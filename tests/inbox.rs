@@ -353,62 +353,10 @@ async fn http_list_and_patch() {
     .await;
     assert_eq!(counts, json!({"total": 0, "unread": 0}));
 
-    // Errors.
-    assert_eq!(
-        http(&bridge, "GET", "/api/me/notifications", None, "")
-            .await
-            .0,
-        401
-    );
-    assert_eq!(
-        http(
-            &bridge,
-            "GET",
-            "/api/me/notifications",
-            Some("Bearer nonsense"),
-            ""
-        )
-        .await
-        .0,
-        401
-    );
-    for query in [
-        "limit=0",
-        "limit=501",
-        "limit=x",
-        "before=-1",
-        "unread=maybe",
-    ] {
-        let (status, body) = http(
-            &bridge,
-            "GET",
-            &format!("/api/me/notifications?{query}"),
-            Some(&me),
-            "",
-        )
-        .await;
-        assert_eq!(
-            (status, body["error"].as_str()),
-            (400, Some("bad_request")),
-            "{query}"
-        );
-    }
-    for body in [
-        "not json",
-        r#"{"action":"explode"}"#,
-        r#"{"ids":["a"]}"#,
-        r#"{"action":"mark_read"}"#,
-    ] {
-        let (status, reply) =
-            http(&bridge, "PATCH", "/api/me/notifications", Some(&me), body).await;
-        assert_eq!(
-            (status, reply["error"].as_str()),
-            (400, Some("bad_request")),
-            "{body}"
-        );
-    }
+    // Refused callers, queries and bodies: tests/http_in_process.rs
+    // (`inbox_routes_refuse_bad_callers_queries_and_bodies`).
 
-    // Admins read any user's inbox; other keys and tokens may not.
+    // Admins read any user's inbox.
     publish_many(&bridge, &publisher, "h2", 0..1).await;
     wait_for_stored(&bridge, 7).await;
     let admin = format!("Bearer {ADMIN_KEY}");
@@ -421,33 +369,13 @@ async fn http_list_and_patch() {
     )
     .await;
     assert_eq!((status, theirs["total"].as_u64()), (200, Some(1)));
-    assert_eq!(
-        http(&bridge, "GET", "/api/users/h2/notifications", Some(&me), "")
-            .await
-            .0,
-        401
-    );
     bridge.stop().await;
 }
 
 #[tokio::test]
-async fn inbox_routes_answer_404_when_disabled() {
+async fn inbox_frames_are_refused_when_disabled() {
+    // The routes' 404: tests/http_in_process.rs.
     let bridge = Bridge::start().await;
-    let me = format!("Bearer {}", token("x", &[]));
-    let (status, body) = http(&bridge, "GET", "/api/me/notifications", Some(&me), "").await;
-    assert_eq!((status, body["error"].as_str()), (404, Some("not_found")));
-    assert_eq!(
-        http(&bridge, "PATCH", "/api/me/notifications", Some(&me), "{}")
-            .await
-            .0,
-        404
-    );
-    assert_eq!(
-        http(&bridge, "GET", "/api/users/x/notifications", None, "")
-            .await
-            .0,
-        404
-    );
     // Inbox frames are refused with an error frame, the connection stays.
     let mut client = bridge.connect("x").await;
     send_text(&mut client, r#"{"type":"read_all"}"#).await;

@@ -1,13 +1,13 @@
 //! One-time WebSocket tickets (`POST /api/ws-ticket`, then `?ticket=K`):
 //! a ticket connects once, as the token's user with the token's channels,
 //! within `auth.ticket_ttl`; used, expired and unknown tickets get 401.
+//! (No tickets in `auth.mode = "none"`: tests/http_in_process.rs.)
 
 mod common;
 
 use std::time::Duration;
 
 use common::*;
-use notify_bridge::config::AuthMode;
 
 async fn ticket_for(bridge: &Bridge, token: Option<&str>) -> HttpReply {
     let auth = token.map(|t| format!("Bearer {t}"));
@@ -82,14 +82,5 @@ async fn tickets_need_a_valid_token_and_expire() {
     tokio::time::sleep(Duration::from_millis(700)).await;
     let url = bridge.ws_url(&format!("/ws?ticket={ticket}"));
     assert_refused(request(&url, &[]), 401, "unauthorized").await;
-    bridge.stop().await;
-}
-
-#[tokio::test]
-async fn there_are_no_tickets_without_tokens() {
-    let bridge = Bridge::start_with(|c| c.auth.mode = AuthMode::None).await;
-    ticket_for(&bridge, Some(&token("1", &[])))
-        .await
-        .assert_error(404, "not_found");
     bridge.stop().await;
 }

@@ -16,7 +16,11 @@ use axum::{
 };
 use serde_json::{json, Value};
 
-use super::{extract::Query, ApiError, HttpState};
+use super::{
+    extract::Query,
+    openapi::schemas::{DevToken, Error},
+    ApiError, HttpState,
+};
 use crate::{config::AuthMode, query};
 
 /// What the page needs to know to reach the WebSocket listener.
@@ -58,6 +62,9 @@ const PAGE_HEADERS: [(HeaderName, &str); 4] = [
 ];
 
 /// `GET /`: the demo page, with this bridge's settings embedded.
+#[utoipa::path(get, path = "/", operation_id = "demoPage",
+    summary = "The demo page (?token=T, or ?user_id=U in auth.mode none, connects at once)",
+    responses((status = 200, description = "HTML", body = String, content_type = "text/html")))]
 pub async fn page(State(state): State<Arc<HttpState>>) -> impl IntoResponse {
     (PAGE_HEADERS, Html(render_page(&page_settings(&state.demo))))
 }
@@ -73,11 +80,17 @@ pub fn render_page(settings: &Value) -> String {
 }
 
 /// `GET /assets/demo.js`.
+#[utoipa::path(get, path = "/assets/demo.js", operation_id = "demoScript",
+    summary = "The demo page's script",
+    responses((status = 200, description = "JavaScript", body = String, content_type = "text/javascript")))]
 pub async fn script() -> impl IntoResponse {
     asset("text/javascript; charset=utf-8", SCRIPT)
 }
 
 /// `GET /assets/demo.css`.
+#[utoipa::path(get, path = "/assets/demo.css", operation_id = "demoStyle",
+    summary = "The demo page's stylesheet",
+    responses((status = 200, description = "CSS", body = String, content_type = "text/css")))]
 pub async fn style() -> impl IntoResponse {
     asset("text/css; charset=utf-8", STYLE)
 }
@@ -109,6 +122,14 @@ pub fn page_settings(demo: &DemoSettings) -> Value {
 
 /// `GET /api/dev/token?user_id=U[&channel=C]...`: a one-hour token, only
 /// when `http.dev_tokens = true` (404 otherwise, as if it did not exist).
+#[utoipa::path(get, path = "/api/dev/token", operation_id = "devToken",
+    summary = "Mint a one-hour token (only with http.dev_tokens = true; 404 otherwise)",
+    params(("user_id" = String, Query), ("channel" = Option<String>, Query, description = "Repeatable")),
+    responses(
+        (status = 200, description = "A token", body = inline(DevToken)),
+        (status = 400, description = "No user_id", body = Error),
+        (status = 404, description = "Development tokens are off", body = Error),
+    ))]
 pub async fn dev_token(
     State(state): State<Arc<HttpState>>,
     Query(query): Query<Vec<(String, String)>>,

@@ -15,8 +15,11 @@ use futures_util::StreamExt;
 use serde::{de::Error as _, Deserialize, Deserializer};
 use serde_json::{json, value::RawValue, Value};
 
+use utoipa::{IntoParams, ToSchema};
+
 use super::{
     extract::{AdminKey, Caller, EnabledInbox, JsonBody, Query},
+    openapi::schemas::{Error, InboxCounts, InboxListing},
     ApiError, HttpState,
 };
 use crate::{
@@ -34,13 +37,18 @@ fn unavailable(e: anyhow::Error) -> ApiError {
 }
 
 /// `?unread=true&before=N&limit=50`, each checked with its own message.
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ListParams {
+    /// Only unread entries
     #[serde(default, deserialize_with = "unread")]
     unread: bool,
+    /// Only entries with seq < before (paging)
     #[serde(default, deserialize_with = "before")]
+    #[param(value_type = u64, minimum = 0)]
     before: Option<u64>,
     #[serde(default, deserialize_with = "limit")]
+    #[param(value_type = u64, minimum = 1, maximum = 500, default = 50)]
     limit: Option<usize>,
 }
 
@@ -189,6 +197,16 @@ fn listing(
 }
 
 /// `GET /api/me/notifications?unread=true&before=N&limit=50`, newest first.
+#[utoipa::path(get, path = "/api/me/notifications", operation_id = "listMyNotifications",
+    summary = "List your own inbox, newest first (inbox.enabled only; 404 otherwise)",
+    security(("userToken" = [])),
+    params(ListParams),
+    responses(
+        (status = 200, description = "Entries newest first; total and unread count the whole inbox", body = inline(InboxListing)),
+        (status = 400, description = "Bad unread, before or limit", body = Error),
+        (status = 401, description = "No or bad token", body = Error),
+        (status = 404, description = "The inbox is disabled", body = Error),
+    ))]
 pub async fn list_mine(
     EnabledInbox(inbox): EnabledInbox,
     Caller(user): Caller,
@@ -198,6 +216,16 @@ pub async fn list_mine(
 }
 
 /// `GET /api/users/{user}/notifications` with an admin key.
+#[utoipa::path(get, path = "/api/users/{user}/notifications", operation_id = "listUserNotifications",
+    summary = "List any user's inbox (admin)",
+    security(("adminKey" = [])),
+    params(("user" = String, Path), ListParams),
+    responses(
+        (status = 200, description = "Entries newest first; total and unread count the whole inbox", body = inline(InboxListing)),
+        (status = 400, description = "Bad unread, before or limit", body = Error),
+        (status = 401, description = "No admin key", body = Error),
+        (status = 404, description = "The inbox is disabled", body = Error),
+    ))]
 pub async fn list_for_user(
     EnabledInbox(inbox): EnabledInbox,
     _: AdminKey,
@@ -221,11 +249,18 @@ async fn list(inbox: &Inbox, user: &UserId, query: ListQuery) -> Result<Response
 }
 
 /// The body of `PATCH /api/me/notifications`: `{"action": …, "ids": […]}`.
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(tag = "action", rename_all = "snake_case")]
+#[schema(as = InboxChange)]
 pub enum ChangeBody {
-    MarkRead { ids: Vec<String> },
-    Remove { ids: Vec<String> },
+    MarkRead {
+        /// Required for mark_read and remove; unknown ids are ignored
+        ids: Vec<String>,
+    },
+    Remove {
+        /// Required for mark_read and remove; unknown ids are ignored
+        ids: Vec<String>,
+    },
     MarkAllRead,
     RemoveAll,
 }
@@ -243,6 +278,16 @@ impl From<ChangeBody> for Change {
 
 /// `PATCH /api/me/notifications`: every socket of the user gets the new
 /// counts when something changed.
+#[utoipa::path(patch, path = "/api/me/notifications", operation_id = "changeMyNotifications",
+    summary = "Mark read or remove entries; every socket of the user gets the new counts",
+    security(("userToken" = [])),
+    request_body(content = ChangeBody, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The inbox's counts after the change", body = InboxCounts),
+        (status = 400, description = "Not JSON, unknown or missing action, or missing ids", body = Error),
+        (status = 401, description = "No or bad token", body = Error),
+        (status = 404, description = "The inbox is disabled", body = Error),
+    ))]
 pub async fn change_mine(
     State(state): State<Arc<HttpState>>,
     EnabledInbox(inbox): EnabledInbox,

@@ -23,11 +23,13 @@ use std::sync::Arc;
 use axum::{
     http::{header, StatusCode},
     response::IntoResponse,
-    routing::{delete, get, post},
+    routing::post,
     Router as Routes,
 };
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use utoipa::OpenApi as _;
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 pub use crate::error::ApiError;
 pub use keys::ApiKeys;
@@ -56,27 +58,36 @@ pub struct HttpState {
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
+/// Every route but the trailing-slash alias, each from its handler's
+/// `#[utoipa::path]`: this one list is both the router and the paths of
+/// `/openapi.json`, so neither can have a route the other lacks. One
+/// `routes!` per path: given handlers of two paths, utoipa-axum 0.2 mounts
+/// every handler's method on both.
+fn documented_routes() -> OpenApiRouter<Arc<HttpState>> {
+    OpenApiRouter::with_openapi(openapi::Base::openapi())
+        .routes(routes!(send::send))
+        .routes(routes!(ticket::issue))
+        .routes(routes!(admin::list))
+        .routes(routes!(admin::disconnect))
+        .routes(routes!(inbox::list_mine, inbox::change_mine))
+        .routes(routes!(inbox::list_for_user))
+        .routes(routes!(openapi::openapi))
+        .routes(routes!(demo::page))
+        .routes(routes!(demo::script))
+        .routes(routes!(demo::style))
+        .routes(routes!(demo::dev_token))
+        .routes(routes!(health::healthz))
+        .routes(routes!(health::readyz))
+        .routes(routes!(metrics))
+}
+
 /// The route table of the side port.
 pub fn routes(state: Arc<HttpState>) -> Routes {
-    Routes::new()
-        .route("/api/notifications/send", post(send::send))
+    let (routes, _) = documented_routes()
+        // Named in sendNotification's description rather than a path of its own.
         .route("/api/notifications/send/", post(send::send))
-        .route("/api/ws-ticket", post(ticket::issue))
-        .route("/api/connections", get(admin::list))
-        .route("/api/connections/{id}", delete(admin::disconnect))
-        .route(
-            "/api/me/notifications",
-            get(inbox::list_mine).patch(inbox::change_mine),
-        )
-        .route("/api/users/{user}/notifications", get(inbox::list_for_user))
-        .route("/openapi.json", get(openapi::openapi))
-        .route("/", get(demo::page))
-        .route("/assets/demo.js", get(demo::script))
-        .route("/assets/demo.css", get(demo::style))
-        .route("/api/dev/token", get(demo::dev_token))
-        .route("/healthz", get(health::healthz))
-        .route("/readyz", get(health::readyz))
-        .route("/metrics", get(metrics))
+        .split_for_parts();
+    routes
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
@@ -96,6 +107,9 @@ pub async fn serve(
     side_port::serve(listener, routes(state), limits, metrics, tls, shutdown).await;
 }
 
+/// `GET /metrics`.
+#[utoipa::path(get, path = "/metrics", operation_id = "metrics", summary = "Prometheus metrics (text format 0.0.4)",
+    responses((status = 200, description = "Metrics", body = String, content_type = "text/plain")))]
 async fn metrics(
     axum::extract::State(state): axum::extract::State<Arc<HttpState>>,
 ) -> impl IntoResponse {

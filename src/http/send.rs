@@ -12,13 +12,30 @@ use axum::{
 };
 use serde_json::{json, Value};
 
-use super::{extract::ApiKey, ApiError, HttpState};
+use super::{
+    extract::ApiKey,
+    openapi::schemas::{Error, Notification, Queued},
+    ApiError, HttpState,
+};
 use crate::{
     message::{self, DecodeError},
     metrics::Limit,
 };
 
 /// Validates, publishes, and answers `202 {"status":"queued","id":…}`.
+#[utoipa::path(post, path = "/api/notifications/send", operation_id = "sendNotification",
+    summary = "Queue a notification",
+    description = "Validated like a broker message, published to the notifications exchange with publisher confirms; 202 only after the broker confirmed. The trailing-slash form /api/notifications/send/ is accepted too.",
+    security(("apiKey" = [])),
+    request_body(content = Notification, content_type = "application/json"),
+    responses(
+        (status = 202, description = "Queued: the broker confirmed the message", body = Queued),
+        (status = 400, description = "Invalid body (the detail says what is wrong)", body = Error),
+        (status = 401, description = "No or bad API key", body = Error),
+        (status = 408, description = "The body did not arrive within http.request_timeout (code `timeout`)", body = Error),
+        (status = 413, description = "Body larger than amqp.max_message_bytes", body = Error),
+        (status = 503, description = "Broker unavailable or no confirm in time: nothing was queued, retry", body = Error),
+    ))]
 pub async fn send(
     State(state): State<Arc<HttpState>>,
     _: ApiKey,

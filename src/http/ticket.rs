@@ -7,10 +7,24 @@ use std::sync::Arc;
 use axum::{extract::State, http::StatusCode, Json};
 use serde_json::{json, Value};
 
-use super::{extract::UserToken, ApiError, HttpState};
+use super::{
+    extract::UserToken,
+    openapi::schemas::{Error, Ticket},
+    ApiError, HttpState,
+};
 use crate::{auth::tickets::TicketError, config::AuthMode};
 
 /// `201 {"ticket": K, "expires_in": SECONDS}` for a valid token.
+#[utoipa::path(post, path = "/api/ws-ticket", operation_id = "issueWsTicket",
+    summary = "Trade your JWT for a one-time WebSocket ticket",
+    description = "Connect with ws://HOST/ws?ticket=K within expires_in seconds (auth.ticket_ttl); the ticket works once, for the token's user and channels, so no token stands in a URL. 404 in auth.mode = \"none\".",
+    security(("userToken" = [])),
+    responses(
+        (status = 201, description = "A ticket", body = inline(Ticket)),
+        (status = 401, description = "No or bad token", body = Error),
+        (status = 404, description = "auth.mode = \"none\": there are no tokens to trade", body = Error),
+        (status = 503, description = "Too many tickets waiting to be used", body = Error),
+    ))]
 pub async fn issue(
     State(state): State<Arc<HttpState>>,
     token: Result<UserToken, ApiError>,

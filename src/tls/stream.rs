@@ -22,6 +22,10 @@ use tokio_rustls::server::TlsStream;
 pub enum ServerStream {
     Plain(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
+    /// An in-memory pipe, so the session's tests drive it with paused time
+    /// (src/ws/session_tests.rs); test builds only.
+    #[cfg(test)]
+    Duplex(tokio::io::DuplexStream),
 }
 
 impl AsyncRead for ServerStream {
@@ -33,6 +37,8 @@ impl AsyncRead for ServerStream {
         match self.get_mut() {
             ServerStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             ServerStream::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
+            #[cfg(test)]
+            ServerStream::Duplex(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
 }
@@ -46,6 +52,8 @@ impl AsyncWrite for ServerStream {
         match self.get_mut() {
             ServerStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             ServerStream::Tls(s) => Pin::new(&mut **s).poll_write(cx, buf),
+            #[cfg(test)]
+            ServerStream::Duplex(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
 
@@ -57,6 +65,8 @@ impl AsyncWrite for ServerStream {
         match self.get_mut() {
             ServerStream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             ServerStream::Tls(s) => Pin::new(&mut **s).poll_write_vectored(cx, bufs),
+            #[cfg(test)]
+            ServerStream::Duplex(s) => Pin::new(s).poll_write_vectored(cx, bufs),
         }
     }
 
@@ -64,6 +74,8 @@ impl AsyncWrite for ServerStream {
         match self {
             ServerStream::Plain(s) => s.is_write_vectored(),
             ServerStream::Tls(s) => s.is_write_vectored(),
+            #[cfg(test)]
+            ServerStream::Duplex(s) => s.is_write_vectored(),
         }
     }
 
@@ -71,6 +83,8 @@ impl AsyncWrite for ServerStream {
         match self.get_mut() {
             ServerStream::Plain(s) => Pin::new(s).poll_flush(cx),
             ServerStream::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
+            #[cfg(test)]
+            ServerStream::Duplex(s) => Pin::new(s).poll_flush(cx),
         }
     }
 
@@ -78,6 +92,8 @@ impl AsyncWrite for ServerStream {
         match self.get_mut() {
             ServerStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
             ServerStream::Tls(s) => Pin::new(&mut **s).poll_shutdown(cx),
+            #[cfg(test)]
+            ServerStream::Duplex(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
 }

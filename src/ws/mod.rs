@@ -9,6 +9,8 @@ pub mod limits;
 pub mod request_head;
 pub mod server;
 pub mod session;
+#[cfg(test)]
+mod session_tests;
 
 pub use context::WsContext;
 pub use server::serve;

@@ -248,6 +248,38 @@ impl Daemon {
         assert!(status.success());
     }
 
+    /// Out of descriptors with `waiting` clients (20) queued behind them:
+    /// the accept loop whose warning contains `warning` backs off instead
+    /// of spinning (a few CPU ticks in 2 s, not ~200: a whole core), logs
+    /// rate-limited, and keeps at least 15 of them waiting.
+    pub async fn assert_accept_backs_off<T>(
+        &self,
+        warning: &str,
+        waiting: &[tokio::task::JoinHandle<T>],
+    ) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let spent = self.cpu_ticks_during(Duration::from_secs(2)).await;
+        let log = self.log();
+        let warnings = log.matches(warning).count();
+        let still_waiting = waiting.iter().filter(|t| !t.is_finished()).count();
+        eprintln!(
+            "{warning:?} out of descriptors: {spent} CPU ticks in 2 s, {warnings} warning(s), \
+             {still_waiting} of {} clients waiting",
+            waiting.len()
+        );
+        assert!(
+            spent < 30,
+            "{spent} ticks of CPU in 2 s while out of descriptors"
+        );
+        assert!(warnings >= 1, "no warning logged:\n{log}");
+        assert!(warnings <= 2, "the warning is not rate-limited:\n{log}");
+        assert!(
+            still_waiting >= 15,
+            "only {still_waiting} of {} were kept waiting",
+            waiting.len()
+        );
+    }
+
     /// SIGTERM, a clean exit, then the whole log once the pipes are drained;
     /// removes the daemon's queue and exchange.
     pub async fn terminate(mut self) -> String {

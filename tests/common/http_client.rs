@@ -28,6 +28,25 @@ pub struct HttpReply {
 }
 
 impl HttpReply {
+    /// The answer of a response's head and collected body (over a socket
+    /// or from the router in-process, tests/common/in_process.rs).
+    pub fn from_parts(parts: &http::response::Parts, body: &[u8]) -> Self {
+        Self {
+            status: parts.status.as_u16(),
+            headers: parts
+                .headers
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.as_str().to_string(),
+                        String::from_utf8_lossy(v.as_bytes()).into(),
+                    )
+                })
+                .collect(),
+            body: String::from_utf8(body.to_vec()).expect("a UTF-8 body"),
+        }
+    }
+
     pub fn json(&self) -> Value {
         serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
     }
@@ -86,20 +105,7 @@ where
             .await?;
         let (parts, body) = response.into_parts();
         let body = body.collect().await?.to_bytes();
-        Ok(HttpReply {
-            status: parts.status.as_u16(),
-            headers: parts
-                .headers
-                .iter()
-                .map(|(k, v)| {
-                    (
-                        k.as_str().to_string(),
-                        String::from_utf8_lossy(v.as_bytes()).into(),
-                    )
-                })
-                .collect(),
-            body: String::from_utf8(body.to_vec()).expect("a UTF-8 body"),
-        })
+        Ok(HttpReply::from_parts(&parts, &body))
     }
     .await;
     driver.abort();

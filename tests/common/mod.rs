@@ -11,6 +11,7 @@ use std::time::Duration;
 
 pub mod daemon;
 pub mod http_client;
+pub mod in_process;
 pub mod inbox;
 pub mod receipts;
 pub mod tls;
@@ -505,47 +506,65 @@ pub async fn assert_refused(request: http::Request<()>, status: u16, code: &str)
     detail.to_string()
 }
 
+/// Declares an exclusive, auto-deleted queue `name` (named by the broker
+/// when empty) and consumes it without acks: a test's own view of what the
+/// bridge publishes, gone with the test's connection. Its name and consumer.
+pub async fn exclusive_watch(
+    channel: &lapin::Channel,
+    name: &str,
+    arguments: lapin::types::FieldTable,
+) -> (String, lapin::Consumer) {
+    use lapin::options::{BasicConsumeOptions, QueueDeclareOptions};
+    let options = QueueDeclareOptions {
+        exclusive: true,
+        auto_delete: true,
+        ..Default::default()
+    };
+    let queue = channel
+        .queue_declare(name.into(), options, arguments)
+        .await
+        .unwrap();
+    let name = queue.name().to_string();
+    let consumer = channel
+        .basic_consume(
+            name.as_str().into(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    (name, consumer)
+}
+
+/// Asserts that `token` is refused 401 both in `?token=` and as
+/// `Authorization: Bearer`; the query refusal's detail.
+pub async fn assert_token_refused(bridge: &Bridge, token: &str) -> String {
+    let query = request(&bridge.ws_url(&format!("/ws?token={token}")), &[]);
+    let detail = assert_refused(query, 401, "unauthorized").await;
+    let header = format!("Bearer {token}");
+    let by_header = request(&bridge.ws_url("/ws"), &[("authorization", &header)]);
+    assert_refused(by_header, 401, "unauthorized").await;
+    detail
+}
+
 /// Every dead letter from now on, through an exclusive queue of the test's
 /// own bound to `notifications_dlx` (a fanout, so `notifications.dead` gets
 /// the same copies): exact counts whatever else shares the broker. The
 /// channel is returned with the consumer so it stays open.
 pub async fn watch_dead_letters(connection: &Connection) -> (lapin::Channel, lapin::Consumer) {
-    use lapin::{
-        options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions},
-        types::FieldTable,
-    };
     let channel = connection.create_channel().await.unwrap();
-    let watch = channel
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let (name, consumer) = exclusive_watch(&channel, "", Default::default()).await;
     channel
         .queue_bind(
-            watch.name().clone(),
+            name.as_str().into(),
             "notifications_dlx".into(),
             "".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let consumer = channel
-        .basic_consume(
-            watch.name().clone(),
-            "dead-letter-watch".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
+            Default::default(),
+            Default::default(),
         )
         .await
         .unwrap();

@@ -6,9 +6,8 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use lapin::{
-    options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions},
-    types::FieldTable,
-    BasicProperties, Connection, ConnectionProperties, Consumer,
+    options::QueueBindOptions, types::FieldTable, BasicProperties, Connection,
+    ConnectionProperties, Consumer,
 };
 use serde_json::Value;
 
@@ -49,28 +48,8 @@ impl ReceiptQueue {
             .await
             .unwrap();
         let channel = connection.create_channel().await.unwrap();
-        let options = QueueDeclareOptions {
-            exclusive: true,
-            auto_delete: true,
-            ..Default::default()
-        };
-        let name = unique("receipts");
-        channel
-            .queue_declare(name.as_str().into(), options, arguments)
-            .await
-            .unwrap();
-        let consumer = channel
-            .basic_consume(
-                name.as_str().into(),
-                "".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
+        let (name, consumer) =
+            super::exclusive_watch(&channel, &unique("receipts"), arguments).await;
         Self {
             _connection: connection,
             channel,
