@@ -39,6 +39,8 @@ pub struct Names {
 }
 
 impl Names {
+    /// Fresh names from a UUIDv7: unique per invocation, so two benches on one
+    /// broker never share a queue.
     pub fn new() -> Self {
         let run_id = uuid::Uuid::now_v7().simple().to_string();
         let short = &run_id[run_id.len() - 12..];
@@ -130,42 +132,12 @@ pub struct Bridge {
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl Bridge {
-    /// Starts the bridge and waits until it listens and consumes.
+    /// Starts the bridge and waits until it listens and consumes: a
+    /// scenario measures a bridge that is ready, never its start-up.
     pub async fn start(options: &BridgeOptions, names: &Names) -> anyhow::Result<Self> {
         std::fs::create_dir_all(&options.work_dir)
             .with_context(|| format!("cannot create {}", options.work_dir.display()))?;
-        let mut command = Command::new(&options.binary);
-        command
-            .current_dir(&options.work_dir)
-            .env("NO_COLOR", "1")
-            .env("NOTIFY_BRIDGE_AMQP__URL", &options.amqp_url)
-            .env("NOTIFY_BRIDGE_AMQP__EXCHANGE", &names.exchange)
-            .env("NOTIFY_BRIDGE_AMQP__QUEUE", &names.queue)
-            .env("NOTIFY_BRIDGE_AMQP__PREFETCH", options.prefetch.to_string())
-            .env("NOTIFY_BRIDGE_WEBSOCKET__LISTEN", "127.0.0.1:0")
-            .env("NOTIFY_BRIDGE_WEBSOCKET__MAX_CONNECTIONS", "1000000")
-            .env("NOTIFY_BRIDGE_HTTP__LISTEN", "127.0.0.1:0")
-            .env("NOTIFY_BRIDGE_AUTH__MODE", "jwt")
-            .env("NOTIFY_BRIDGE_AUTH__JWT_SECRET", SECRET)
-            .env("NOTIFY_BRIDGE_LOG__FORMAT", "text")
-            .env("NOTIFY_BRIDGE_LOG__LEVEL", "info")
-            .env("NOTIFY_BRIDGE_SHUTDOWN_TIMEOUT", "5s")
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        if options.inbox {
-            command.env("NOTIFY_BRIDGE_INBOX__ENABLED", "true").env(
-                "NOTIFY_BRIDGE_INBOX__PATH",
-                options.work_dir.join("inbox.db"),
-            );
-        } else {
-            command.env("NOTIFY_BRIDGE_INBOX__ENABLED", "false");
-        }
-        for (k, v) in &options.extra_env {
-            command.env(k, v);
-        }
-        let mut child = command
+        let mut child = command(options, names)
             .spawn()
             .with_context(|| format!("cannot start {}", options.binary.display()))?;
         let pid = child.id();
@@ -173,41 +145,10 @@ impl Bridge {
             .stderr
             .take()
             .ok_or_else(|| anyhow!("the bridge's stderr was not captured"))?;
-
         let log_tail = Arc::new(Mutex::new(VecDeque::new()));
         let warnings = Arc::new(Mutex::new(0u64));
         let (addr_tx, addr_rx) = std::sync::mpsc::channel::<(SocketAddr, SocketAddr)>();
-        {
-            let log_tail = log_tail.clone();
-            let warnings = warnings.clone();
-            std::thread::spawn(move || {
-                let mut addr_tx = Some(addr_tx);
-                for line in BufReader::new(stderr).lines() {
-                    let Ok(line) = line else { break };
-                    let line = strip_ansi(&line);
-                    if line.contains(" WARN ") || line.contains(" ERROR ") {
-                        if let Ok(mut w) = warnings.lock() {
-                            *w += 1;
-                        }
-                    }
-                    if line.contains("notify-bridge listening") {
-                        if let (Some(ws), Some(http)) =
-                            (field(&line, "ws_addr="), field(&line, "http_addr="))
-                        {
-                            if let Some(tx) = addr_tx.take() {
-                                let _ = tx.send((ws, http));
-                            }
-                        }
-                    }
-                    if let Ok(mut tail) = log_tail.lock() {
-                        if tail.len() == 40 {
-                            tail.pop_front();
-                        }
-                        tail.push_back(line);
-                    }
-                }
-            });
-        }
+        watch_log(stderr, log_tail.clone(), warnings.clone(), addr_tx);
         let mut bridge = Self {
             child: Some(child),
             pid,
@@ -216,44 +157,60 @@ impl Bridge {
             log_tail,
             warnings,
         };
+        bridge.wait_listening(addr_rx).await?;
+        bridge.wait_ready().await?;
+        Ok(bridge)
+    }
+
+    /// Takes the addresses from its "listening" log line (it binds port 0);
+    /// kills it when the line does not come.
+    async fn wait_listening(
+        &mut self,
+        addr_rx: std::sync::mpsc::Receiver<(SocketAddr, SocketAddr)>,
+    ) -> anyhow::Result<()> {
         let addrs =
             tokio::task::spawn_blocking(move || addr_rx.recv_timeout(STARTUP_TIMEOUT)).await?;
         match addrs {
             Ok((ws, http)) => {
-                bridge.ws_addr = ws;
-                bridge.http_addr = http;
+                self.ws_addr = ws;
+                self.http_addr = http;
+                Ok(())
             }
             Err(_) => {
-                let status = bridge
+                let status = self
                     .child
                     .as_mut()
                     .and_then(|c| c.try_wait().ok().flatten());
-                bridge.kill();
+                self.kill();
                 bail!(
                     "the bridge did not log \"notify-bridge listening\" within {STARTUP_TIMEOUT:?} \
                      (exit status: {status:?}); its log:\n{}",
-                    bridge.log_tail()
+                    self.log_tail()
                 );
             }
         }
-        // Ready means consuming from the broker.
+    }
+
+    /// Ready means consuming from the broker (GET /readyz answers 200).
+    async fn wait_ready(&mut self) -> anyhow::Result<()> {
         let deadline = tokio::time::Instant::now() + STARTUP_TIMEOUT;
         loop {
-            if let Ok((200, _)) = http_get(bridge.http_addr, "/readyz").await {
-                break;
+            if let Ok((200, _)) = http_get(self.http_addr, "/readyz").await {
+                return Ok(());
             }
             if tokio::time::Instant::now() > deadline {
-                let log = bridge.log_tail();
-                bridge.kill();
+                let log = self.log_tail();
+                self.kill();
                 bail!(
                     "the bridge is not ready (GET /readyz) after {STARTUP_TIMEOUT:?}; its log:\n{log}"
                 );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        Ok(bridge)
     }
 
+    /// The last lines the bridge logged, for an error report that says why it
+    /// failed.
     pub fn log_tail(&self) -> String {
         self.log_tail
             .lock()
@@ -261,10 +218,14 @@ impl Bridge {
             .unwrap_or_default()
     }
 
+    /// WARN/ERROR lines so far: the report counts them, a healthy run has about
+    /// one.
     pub fn warnings(&self) -> u64 {
         self.warnings.lock().map(|w| *w).unwrap_or(0)
     }
 
+    /// A copyable view for the scenarios, so the `Bridge` itself can stay with
+    /// the caller that stops it.
     pub fn handle(&self) -> Handle {
         Handle {
             pid: self.pid,
@@ -320,6 +281,82 @@ impl Drop for Bridge {
     }
 }
 
+/// The bridge's command line: its own exchange, queue and ports, the
+/// bench's JWT secret, a plain-text log the bench can read; then the inbox
+/// switch and `--bridge-env`, which win.
+fn command(options: &BridgeOptions, names: &Names) -> Command {
+    let mut command = Command::new(&options.binary);
+    command
+        .current_dir(&options.work_dir)
+        .env("NO_COLOR", "1")
+        .env("NOTIFY_BRIDGE_AMQP__URL", &options.amqp_url)
+        .env("NOTIFY_BRIDGE_AMQP__EXCHANGE", &names.exchange)
+        .env("NOTIFY_BRIDGE_AMQP__QUEUE", &names.queue)
+        .env("NOTIFY_BRIDGE_AMQP__PREFETCH", options.prefetch.to_string())
+        .env("NOTIFY_BRIDGE_WEBSOCKET__LISTEN", "127.0.0.1:0")
+        .env("NOTIFY_BRIDGE_WEBSOCKET__MAX_CONNECTIONS", "1000000")
+        .env("NOTIFY_BRIDGE_HTTP__LISTEN", "127.0.0.1:0")
+        .env("NOTIFY_BRIDGE_AUTH__MODE", "jwt")
+        .env("NOTIFY_BRIDGE_AUTH__JWT_SECRET", SECRET)
+        .env("NOTIFY_BRIDGE_LOG__FORMAT", "text")
+        .env("NOTIFY_BRIDGE_LOG__LEVEL", "info")
+        .env("NOTIFY_BRIDGE_SHUTDOWN_TIMEOUT", "5s")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    if options.inbox {
+        command.env("NOTIFY_BRIDGE_INBOX__ENABLED", "true").env(
+            "NOTIFY_BRIDGE_INBOX__PATH",
+            options.work_dir.join("inbox.db"),
+        );
+    } else {
+        command.env("NOTIFY_BRIDGE_INBOX__ENABLED", "false");
+    }
+    for (k, v) in &options.extra_env {
+        command.env(k, v);
+    }
+    command
+}
+
+/// Reads the bridge's stderr on a thread of its own until it closes:
+/// counts WARN/ERROR lines, keeps the last 40 lines for error reports, and
+/// sends the addresses of the "listening" line once.
+fn watch_log(
+    stderr: std::process::ChildStderr,
+    log_tail: Arc<Mutex<VecDeque<String>>>,
+    warnings: Arc<Mutex<u64>>,
+    addr_tx: std::sync::mpsc::Sender<(SocketAddr, SocketAddr)>,
+) {
+    std::thread::spawn(move || {
+        let mut addr_tx = Some(addr_tx);
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            let line = strip_ansi(&line);
+            if line.contains(" WARN ") || line.contains(" ERROR ") {
+                if let Ok(mut w) = warnings.lock() {
+                    *w += 1;
+                }
+            }
+            if line.contains("notify-bridge listening") {
+                if let (Some(ws), Some(http)) =
+                    (field(&line, "ws_addr="), field(&line, "http_addr="))
+                {
+                    if let Some(tx) = addr_tx.take() {
+                        let _ = tx.send((ws, http));
+                    }
+                }
+            }
+            if let Ok(mut tail) = log_tail.lock() {
+                if tail.len() == 40 {
+                    tail.pop_front();
+                }
+                tail.push_back(line);
+            }
+        }
+    });
+}
+
 /// The RabbitMQ node's pid (the Erlang VM, `beam.smp`), for its CPU use.
 fn broker_pid() -> Option<u32> {
     proc::pids_named("beam.smp").first().copied()
@@ -345,6 +382,7 @@ pub struct CpuUse {
 }
 
 impl CpuWindow {
+    /// Notes the CPU ticks now, so `stop` can tell what the window cost.
     pub fn start(bridge_pid: Option<u32>) -> Self {
         let at_start = |pid: Pid| Some((pid, proc::cpu_ticks(pid).ok()?));
         Self {
@@ -355,6 +393,8 @@ impl CpuWindow {
         }
     }
 
+    /// Each process's CPU (% of a core) since `start`; the bridge's also in
+    /// seconds, for CPU per notification.
     pub fn stop(&self) -> CpuUse {
         let secs = self.started.elapsed().as_secs_f64().max(1e-3);
         let ticks = |before: Option<(Pid, u64)>| {

@@ -29,6 +29,8 @@ use tokio_tungstenite::{
 
 use crate::stats::{Clock, Histogram, LastSeen, Progress, SeqSet};
 
+/// A client socket: plain TCP, the bench talks to the bridge over loopback
+/// only.
 pub type Ws = WebSocketStream<tokio::net::TcpStream>;
 
 /// The routing key the bridge's queue is bound with (its default).
@@ -166,6 +168,8 @@ pub struct Recorder {
     pub last_receive: LastSeen,
 }
 
+/// Broadcast bookkeeping per message: frames seen, the last arrival and the
+/// publish time (for the latency to the last socket).
 pub struct PerMessage {
     pub frames: Box<[AtomicU64]>,
     pub last_arrival: Box<[AtomicU64]>,
@@ -174,6 +178,8 @@ pub struct PerMessage {
 }
 
 impl Recorder {
+    /// A recorder for a unicast run of `messages`: each sequence number must
+    /// arrive once.
     pub fn unicast(messages: u64) -> Self {
         Self {
             latency: Histogram::default(),
@@ -184,6 +190,8 @@ impl Recorder {
         }
     }
 
+    /// A recorder for a broadcast run of `messages`: every socket gets every
+    /// message, counted per message.
     pub fn broadcast(messages: u64) -> Self {
         let zeros = || (0..messages).map(|_| AtomicU64::new(0)).collect();
         Self {
@@ -223,6 +231,8 @@ pub struct Reader {
 }
 
 impl Reader {
+    /// Reads `ws` on a task of its own until stopped, recording every
+    /// notification frame into the run its payload names.
     pub fn spawn(mut ws: Ws, recorders: Arc<Recorders>) -> Self {
         let state = Arc::new(ClientState::default());
         let stop = Arc::new(tokio::sync::Notify::new());
@@ -300,6 +310,23 @@ impl Reader {
         Self { state, task, stop }
     }
 
+    /// A reader for each socket, all recording into `recorders`: how every
+    /// scenario starts listening on the sockets it connected.
+    pub fn spawn_all(sockets: Vec<(u64, Ws)>, recorders: &Arc<Recorders>) -> Vec<Self> {
+        sockets
+            .into_iter()
+            .map(|(_, ws)| Self::spawn(ws, recorders.clone()))
+            .collect()
+    }
+
+    /// Stops the readers without a close handshake: the end of a
+    /// scenario, whose figures were taken.
+    pub fn abort_all(readers: Vec<Self>) {
+        for reader in readers {
+            reader.task.abort();
+        }
+    }
+
     /// Stops reading and hands the socket back (None when it had ended).
     pub async fn into_socket(self) -> Option<Ws> {
         self.stop.notify_one();
@@ -342,6 +369,8 @@ pub struct Published {
 }
 
 impl Publisher {
+    /// Connects with publisher confirms on, so a message counts as published
+    /// only once the broker has it.
     pub async fn connect(url: &str, exchange: &str, lanes: usize) -> anyhow::Result<Self> {
         let connection = Connection::connect(url, ConnectionProperties::default())
             .await
@@ -435,6 +464,7 @@ impl Publisher {
         Ok(out)
     }
 
+    /// Closes the connection (the confirms were awaited by `run`).
     pub async fn close(self) {
         let _ = self.connection.close(200, "bench done".into()).await;
     }
@@ -449,6 +479,9 @@ pub struct Baseline {
 }
 
 impl Baseline {
+    /// Declares the baseline's own exchange and queue with the daemon's
+    /// topology code and starts consuming, so its figures come from the same
+    /// broker path as the bridge's.
     pub async fn start(
         url: &str,
         exchange: &str,
@@ -507,6 +540,7 @@ impl Baseline {
         Ok(Self { connection, task })
     }
 
+    /// Closes the connection and ends the consumer task.
     pub async fn stop(self) -> anyhow::Result<()> {
         let _ = self.connection.close(200, "baseline done".into()).await;
         self.task.abort();

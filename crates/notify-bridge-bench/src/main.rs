@@ -194,22 +194,7 @@ impl Cli {
                 "--postgres-url must point at a loopback server (127.0.0.0/8 or localhost)"
             );
         }
-        let mut bridge_env = Vec::new();
-        for kv in &self.bridge_env {
-            let (k, v) = kv
-                .split_once('=')
-                .ok_or_else(|| anyhow::anyhow!("--bridge-env {kv:?}: expected KEY=VALUE"))?;
-            if !(k.starts_with("NOTIFY_BRIDGE_") || k == "TOKIO_WORKER_THREADS" || k == "RUST_LOG")
-            {
-                anyhow::bail!(
-                    "--bridge-env {k}: only NOTIFY_BRIDGE_*, TOKIO_WORKER_THREADS and RUST_LOG"
-                );
-            }
-            bridge_env.push((k.to_string(), v.to_string()));
-        }
-        if self.receipts {
-            bridge_env.push(("NOTIFY_BRIDGE_RECEIPTS__ENABLED".into(), "true".into()));
-        }
+        let bridge_env = self.bridge_env()?;
         Ok(Options {
             users: self.users.unwrap_or(users).max(1),
             messages: self.messages.unwrap_or(messages).max(1),
@@ -246,6 +231,29 @@ impl Cli {
             out_dir: self.out_dir.clone(),
         })
     }
+
+    /// The `--bridge-env KEY=VALUE` pairs for the child's environment,
+    /// checked here so that a wrong one fails before any bridge starts;
+    /// `--receipts` adds the switch it needs.
+    fn bridge_env(&self) -> anyhow::Result<Vec<(String, String)>> {
+        let mut bridge_env = Vec::new();
+        for kv in &self.bridge_env {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| anyhow::anyhow!("--bridge-env {kv:?}: expected KEY=VALUE"))?;
+            if !(k.starts_with("NOTIFY_BRIDGE_") || k == "TOKIO_WORKER_THREADS" || k == "RUST_LOG")
+            {
+                anyhow::bail!(
+                    "--bridge-env {k}: only NOTIFY_BRIDGE_*, TOKIO_WORKER_THREADS and RUST_LOG"
+                );
+            }
+            bridge_env.push((k.to_string(), v.to_string()));
+        }
+        if self.receipts {
+            bridge_env.push(("NOTIFY_BRIDGE_RECEIPTS__ENABLED".into(), "true".into()));
+        }
+        Ok(bridge_env)
+    }
 }
 
 fn is_loopback(url: &str) -> bool {
@@ -256,6 +264,8 @@ fn is_loopback(url: &str) -> bool {
     host == "localhost" || host.starts_with("127.")
 }
 
+/// Parse the command line, run the scenario within its bounds, clean up
+/// whatever it left, report: each a step of its own below.
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -274,34 +284,54 @@ async fn main() -> ExitCode {
         opts,
     };
     let printer = ctx.progress.spawn_printer();
-    let run = async {
-        match cli.scenario {
-            Scenario::Unicast => scenarios::unicast(&ctx).await,
-            Scenario::Broadcast => scenarios::broadcast(&ctx).await,
-            Scenario::Idle => scenarios::idle(&ctx).await,
-            Scenario::SlowClient => scenarios::slow_client(&ctx).await,
-            Scenario::Baseline => scenarios::baseline(&ctx).await,
-            Scenario::Soak => scenarios::soak(&ctx).await,
-            Scenario::ReplayStorm => scenarios::replay_storm(&ctx).await,
-            Scenario::Cluster => scenarios::cluster(&ctx).await,
-        }
-    };
+    let outcome = run_bounded(&cli, &ctx).await;
+    drop(printer);
+    let bridge_left = clean_up(cli.scenario, &ctx).await;
+    finish(&cli, outcome, bridge_left)
+}
+
+/// The scenario's own function.
+async fn run(scenario: Scenario, ctx: &Ctx) -> anyhow::Result<report::Report> {
+    match scenario {
+        Scenario::Unicast => scenarios::unicast(ctx).await,
+        Scenario::Broadcast => scenarios::broadcast(ctx).await,
+        Scenario::Idle => scenarios::idle(ctx).await,
+        Scenario::SlowClient => scenarios::slow_client(ctx).await,
+        Scenario::Baseline => scenarios::baseline(ctx).await,
+        Scenario::Soak => scenarios::soak(ctx).await,
+        Scenario::ReplayStorm => scenarios::replay_storm(ctx).await,
+        Scenario::Cluster => scenarios::cluster(ctx).await,
+    }
+}
+
+/// The scenario, stopped by `--max-seconds` or by Ctrl-C / SIGTERM (the
+/// clean-up after it must run in every case).
+async fn run_bounded(cli: &Cli, ctx: &Ctx) -> anyhow::Result<report::Report> {
     let bound = Duration::from_secs_f64(cli.max_seconds.max(1.0));
-    let outcome = tokio::select! {
-        r = tokio::time::timeout(bound, run) => match r {
+    tokio::select! {
+        r = tokio::time::timeout(bound, run(cli.scenario, ctx)) => match r {
             Ok(r) => r,
             Err(_) => Err(anyhow::anyhow!("the scenario did not finish within --max-seconds {}", cli.max_seconds)),
         },
         _ = interrupted() => Err(anyhow::anyhow!("interrupted")),
-    };
-    drop(printer);
+    }
+}
 
-    // Clean up whatever happened: the bridge, the broker topology, scratch files.
-    let mut warnings = 0;
-    let mut log_tail = String::new();
+/// What the stopped bridge left for the report: its WARN/ERROR line count
+/// and its last log lines.
+#[derive(Default)]
+struct BridgeLeft {
+    warnings: u64,
+    log_tail: String,
+}
+
+/// Cleans up whatever happened: the bridge, the broker topology, scratch
+/// files (and the cluster's schema).
+async fn clean_up(scenario: Scenario, ctx: &Ctx) -> BridgeLeft {
+    let mut left = BridgeLeft::default();
     if let Some(mut bridge) = ctx.bridge.lock().await.take() {
-        warnings = bridge.warnings();
-        log_tail = bridge.log_tail();
+        left.warnings = bridge.warnings();
+        left.log_tail = bridge.log_tail();
         match bridge.stop().await {
             Ok(Some(0)) | Ok(None) => {}
             Ok(Some(code)) => eprintln!("notify-bridge-bench: the bridge exited with code {code}"),
@@ -311,7 +341,7 @@ async fn main() -> ExitCode {
     if let Err(e) = bridge::delete_topology(&ctx.opts.amqp_url, &ctx.names).await {
         eprintln!("notify-bridge-bench: clean-up: {e:#}");
     }
-    if cli.scenario == Scenario::Cluster {
+    if scenario == Scenario::Cluster {
         let postgres_url = ctx.opts.postgres_url.as_deref();
         let cleaned = scenarios::cluster_cleanup(&ctx.opts.amqp_url, postgres_url, &ctx.names);
         if let Err(e) = cleaned.await {
@@ -319,10 +349,15 @@ async fn main() -> ExitCode {
         }
     }
     let _ = std::fs::remove_dir_all(bridge::work_dir(&ctx.opts.out_dir, &ctx.names));
+    left
+}
 
+/// Prints the report (or the error and the bridge's log) and chooses the
+/// exit code: 3 for `--strict` with problems, 1 for a failed run.
+fn finish(cli: &Cli, outcome: anyhow::Result<report::Report>, left: BridgeLeft) -> ExitCode {
     match outcome {
         Ok(mut report) => {
-            report.param("bridge_warnings", warnings);
+            report.param("bridge_warnings", left.warnings);
             report.print();
             if cli.strict && !report.problems.is_empty() {
                 for p in &report.problems {
@@ -337,8 +372,8 @@ async fn main() -> ExitCode {
                 "notify-bridge-bench: {} failed: {e:#}",
                 format!("{:?}", cli.scenario).to_lowercase()
             );
-            if !log_tail.is_empty() {
-                eprintln!("--- the bridge's last log lines ---\n{log_tail}");
+            if !left.log_tail.is_empty() {
+                eprintln!("--- the bridge's last log lines ---\n{}", left.log_tail);
             }
             ExitCode::FAILURE
         }

@@ -19,6 +19,8 @@ pub struct Target {
 }
 
 impl Target {
+    /// Met or missed: printed and in the JSON; never fails a run (targets are
+    /// for full runs).
     pub fn met(&self) -> bool {
         if self.at_least {
             self.value >= self.limit
@@ -42,15 +44,18 @@ pub struct Report {
     pub problems: Vec<String>,
 }
 
+/// Nanoseconds as milliseconds, the unit the targets are written in.
 pub fn ms(nanos: u64) -> String {
     format!("{:.3} ms", nanos as f64 / 1e6)
 }
 
+/// Bytes as MiB, the unit memory is read in.
 pub fn mib(bytes: f64) -> String {
     format!("{:.1} MiB", bytes / (1024.0 * 1024.0))
 }
 
 impl Report {
+    /// An empty report for `scenario`.
     pub fn new(scenario: &str) -> Self {
         Self {
             scenario: scenario.to_string(),
@@ -64,6 +69,8 @@ impl Report {
         }
     }
 
+    /// An input of the run, so a result can be compared only with results of
+    /// the same inputs.
     pub fn param(&mut self, key: &str, value: impl Into<Value>) {
         self.params.insert(key.to_string(), value.into());
     }
@@ -93,6 +100,8 @@ impl Report {
         ));
     }
 
+    /// A target and this run's value (`at_least`: the value must reach the
+    /// limit, else stay below it).
     pub fn target(&mut self, name: &str, value: f64, limit: f64, at_least: bool, unit: &str) {
         self.targets.push(Target {
             name: name.to_string(),
@@ -103,14 +112,19 @@ impl Report {
         });
     }
 
+    /// A correctness failure: `--strict` exits 3 on any.
     pub fn problem(&mut self, text: impl Into<String>) {
         self.problems.push(text.into());
     }
 
+    /// Context a reader of the figures needs (limits of this machine, log
+    /// lines).
     pub fn note(&mut self, text: impl Into<String>) {
         self.notes.push(text.into());
     }
 
+    /// The table for people, then the `RESULT {json}` line for scripts, on
+    /// stdout.
     pub fn print(&self) {
         let width = self
             .rows
@@ -160,6 +174,8 @@ impl Report {
         println!("RESULT {}", self.json());
     }
 
+    /// Everything in one JSON object: the `RESULT` line that scripts and
+    /// docs/performance.md read.
     pub fn json(&self) -> Value {
         let targets: Vec<Value> = self
             .targets
@@ -308,7 +324,43 @@ fn esc(text: &str) -> String {
         .replace('>', "&gt;")
 }
 
-/// Writes a line plot as a standalone SVG file.
+/// The plot area inside the SVG canvas: one place for the margins that the
+/// frame, the ticks and the lines must agree on.
+struct Canvas {
+    w: f64,
+    h: f64,
+    left: f64,
+    top: f64,
+    /// Width and height of the plot area.
+    pw: f64,
+    ph: f64,
+}
+
+impl Canvas {
+    fn new() -> Self {
+        let (w, h) = (760.0, 460.0);
+        let (left, right, top, bottom) = (70.0, 20.0, 40.0, 60.0);
+        Self {
+            w,
+            h,
+            left,
+            top,
+            pw: w - left - right,
+            ph: h - top - bottom,
+        }
+    }
+
+    /// Where a data point lands, in SVG coordinates (y grows downwards).
+    fn point(&self, x: &Axis, y: &Axis, vx: f64, vy: f64) -> (f64, f64) {
+        (
+            self.left + x.pos(vx, self.pw),
+            self.top + self.ph - y.pos(vy, self.ph),
+        )
+    }
+}
+
+/// Writes a line plot as a standalone SVG file (no plotting crate: the
+/// plots are simple and the bench's dependencies stay few).
 pub fn write_svg(
     path: &Path,
     title: &str,
@@ -316,10 +368,24 @@ pub fn write_svg(
     y: &Axis,
     series: &[Series],
 ) -> anyhow::Result<()> {
-    let (w, h) = (760.0, 460.0);
-    let (left, right, top, bottom) = (70.0, 20.0, 40.0, 60.0);
-    let (pw, ph) = (w - left - right, h - top - bottom);
+    let c = Canvas::new();
     let mut s = String::new();
+    svg_header(&mut s, &c, title);
+    svg_grid(&mut s, &c, x, y);
+    svg_frame(&mut s, &c, x, y);
+    for (i, series) in series.iter().enumerate() {
+        svg_series(&mut s, &c, x, y, i, series);
+    }
+    s.push_str("</svg>\n");
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    std::fs::write(path, s).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// The `<svg>` element, a white background and the title.
+fn svg_header(s: &mut String, c: &Canvas, title: &str) {
+    let (w, h) = (c.w, c.h);
     let _ = writeln!(
         s,
         r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="12">"#
@@ -331,7 +397,11 @@ pub fn write_svg(
         w / 2.0,
         esc(title)
     );
-    // Grid and ticks.
+}
+
+/// Grid lines and tick labels of both axes.
+fn svg_grid(s: &mut String, c: &Canvas, x: &Axis, y: &Axis) {
+    let (left, top, pw, ph) = (c.left, c.top, c.pw, c.ph);
     for (v, label) in &x.ticks {
         let px = left + x.pos(*v, pw);
         let _ = writeln!(
@@ -353,6 +423,11 @@ pub fn write_svg(
             esc(label)
         );
     }
+}
+
+/// The plot area's border and the two axis labels.
+fn svg_frame(s: &mut String, c: &Canvas, x: &Axis, y: &Axis) {
+    let (left, top, pw, ph) = (c.left, c.top, c.pw, c.ph);
     let _ = writeln!(
         s,
         r#"<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="black"/>"#
@@ -361,7 +436,7 @@ pub fn write_svg(
         s,
         r#"<text x="{}" y="{}" text-anchor="middle">{}</text>"#,
         left + pw / 2.0,
-        h - 18.0,
+        c.h - 18.0,
         esc(&x.label)
     );
     let _ = writeln!(
@@ -371,41 +446,34 @@ pub fn write_svg(
         top + ph / 2.0,
         esc(&y.label)
     );
-    // Lines and legend.
-    for (i, series) in series.iter().enumerate() {
-        let color = COLORS[i % COLORS.len()];
-        let points: Vec<String> = series
-            .points
-            .iter()
-            .map(|(vx, vy)| {
-                format!(
-                    "{:.1},{:.1}",
-                    left + x.pos(*vx, pw),
-                    top + ph - y.pos(*vy, ph)
-                )
-            })
-            .collect();
-        let _ = writeln!(
-            s,
-            r#"<polyline fill="none" stroke="{color}" stroke-width="2" points="{}"/>"#,
-            points.join(" ")
-        );
-        let ly = top + 16.0 + 18.0 * i as f64;
-        let _ = writeln!(
-            s,
-            r#"<line x1="{}" y1="{ly}" x2="{}" y2="{ly}" stroke="{color}" stroke-width="3"/><text x="{}" y="{}">{}</text>"#,
-            left + 10.0,
-            left + 34.0,
-            left + 40.0,
-            ly + 4.0,
-            esc(&series.name)
-        );
-    }
-    s.push_str("</svg>\n");
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    }
-    std::fs::write(path, s).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// The `i`-th series: its line, and its entry in the legend.
+fn svg_series(s: &mut String, c: &Canvas, x: &Axis, y: &Axis, i: usize, series: &Series) {
+    let color = COLORS[i % COLORS.len()];
+    let points: Vec<String> = series
+        .points
+        .iter()
+        .map(|(vx, vy)| {
+            let (px, py) = c.point(x, y, *vx, *vy);
+            format!("{px:.1},{py:.1}")
+        })
+        .collect();
+    let _ = writeln!(
+        s,
+        r#"<polyline fill="none" stroke="{color}" stroke-width="2" points="{}"/>"#,
+        points.join(" ")
+    );
+    let (left, ly) = (c.left, c.top + 16.0 + 18.0 * i as f64);
+    let _ = writeln!(
+        s,
+        r#"<line x1="{}" y1="{ly}" x2="{}" y2="{ly}" stroke="{color}" stroke-width="3"/><text x="{}" y="{}">{}</text>"#,
+        left + 10.0,
+        left + 34.0,
+        left + 40.0,
+        ly + 4.0,
+        esc(&series.name)
+    );
 }
 
 /// Writes the latency CDF of one or more runs.

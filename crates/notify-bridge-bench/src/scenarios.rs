@@ -221,6 +221,132 @@ struct Measured {
     cpu: bridge::CpuUse,
 }
 
+impl Measured {
+    /// What a unicast run's recorder holds once its stream was waited for;
+    /// the rate is from the first publish to the last frame.
+    fn of(rec: &Recorder, published: clients::Published, cpu: bridge::CpuUse) -> Self {
+        let received = rec.seqs.unique();
+        let cdf = rec.latency.cdf();
+        Self {
+            rate: per_sec(received, published.first_ns, rec.last_receive.get()),
+            received,
+            duplicates: rec.seqs.duplicates(),
+            strays: rec.seqs.strays(),
+            cdf,
+            summary: rec.latency.summary(),
+            published,
+            cpu,
+        }
+    }
+}
+
+/// A nacked publish is a message the run cannot count as lost or
+/// delivered: the run fails instead.
+fn ensure_confirmed(published: &clients::Published) -> anyhow::Result<()> {
+    if published.nacked > 0 {
+        bail!("the broker nacked {} publishes", published.nacked);
+    }
+    Ok(())
+}
+
+/// Publishes one message per entry of `targets` (to that user) as run
+/// `run`, paced at `--rate`: the unicast stream every unicast-like
+/// scenario measures.
+pub(super) async fn publish_to_users(
+    ctx: &Ctx,
+    publisher: &Publisher,
+    targets: &[u32],
+    run: usize,
+) -> anyhow::Result<clients::Published> {
+    let o = &ctx.opts;
+    publisher
+        .run(
+            targets.len() as u64,
+            o.rate,
+            o.window,
+            ctx.clock,
+            &ctx.progress,
+            |s, t, out| {
+                let user = targets[s as usize];
+                clients::body(
+                    out,
+                    &format!(r#""user_id":{user}"#),
+                    run,
+                    s,
+                    t,
+                    o.payload_bytes,
+                )
+            },
+        )
+        .await
+}
+
+/// Unmeasured messages (run 0) to every user in turn, unpaced, until they
+/// arrived or stopped arriving, so that first-use costs stay out of the
+/// measured window. Nothing with `--warmup 0`.
+async fn warm_up(ctx: &Ctx, publisher: &Publisher, phase: &str) -> anyhow::Result<()> {
+    let o = &ctx.opts;
+    if o.warmup == 0 {
+        return Ok(());
+    }
+    ctx.progress.phase(phase);
+    let before = ctx.progress.received.load(Relaxed);
+    let users = o.users;
+    publisher
+        .run(
+            o.warmup,
+            0.0,
+            o.window,
+            ctx.clock,
+            &ctx.progress,
+            |s, t, out| {
+                let user = 1 + s % users;
+                clients::body(
+                    out,
+                    &format!(r#""user_id":{user}"#),
+                    0,
+                    s,
+                    t,
+                    o.payload_bytes,
+                )
+            },
+        )
+        .await?;
+    let progress = ctx.progress.clone();
+    wait_for(
+        || progress.received.load(Relaxed) - before,
+        o.warmup,
+        o.drain_timeout,
+    )
+    .await;
+    Ok(())
+}
+
+/// Writes the latency CDF plot `<name>.svg` of `runs` and lists it in the
+/// report, as every scenario's last step.
+pub(super) fn plot_latency(
+    ctx: &Ctx,
+    r: &mut Report,
+    name: &str,
+    title: &str,
+    runs: &[(String, Vec<(f64, f64)>)],
+) -> anyhow::Result<()> {
+    let path = ctx.plot_path(name);
+    report::latency_plot(&path, title, runs)?;
+    r.plots.push(path.display().to_string());
+    Ok(())
+}
+
+/// The latency CDFs of some of `recorders`' runs, each with its legend.
+pub(super) fn run_cdfs(
+    recorders: &Recorders,
+    runs: &[(&str, usize)],
+) -> Vec<(String, Vec<(f64, f64)>)> {
+    runs.iter()
+        .map(|(label, run)| (label.to_string(), recorders.runs[*run].latency.cdf()))
+        .collect()
+}
+
 /// Publishes the unicast stream (run 1) after `warmup` messages (run 0)
 /// to `exchange`, and waits for the receivers behind `recorders`.
 async fn drive_unicast(
@@ -232,33 +358,7 @@ async fn drive_unicast(
 ) -> anyhow::Result<Measured> {
     let opts = &ctx.opts;
     let publisher = Publisher::connect(&opts.amqp_url, exchange, opts.publishers).await?;
-    let pad = opts.payload_bytes;
-    if opts.warmup > 0 {
-        ctx.progress.phase(&format!("{label}: warm-up"));
-        let before = ctx.progress.received.load(Relaxed);
-        let n = opts.warmup;
-        let users = opts.users;
-        publisher
-            .run(
-                n,
-                0.0,
-                opts.window,
-                ctx.clock,
-                &ctx.progress,
-                |seq, t, out| {
-                    let user = 1 + seq % users;
-                    clients::body(out, &format!(r#""user_id":{user}"#), 0, seq, t, pad)
-                },
-            )
-            .await?;
-        let progress = ctx.progress.clone();
-        wait_for(
-            || progress.received.load(Relaxed) - before,
-            n,
-            opts.drain_timeout,
-        )
-        .await;
-    }
+    warm_up(ctx, &publisher, &format!("{label}: warm-up")).await?;
     ctx.progress.phase(&format!("{label}: measuring"));
     let rec = recorders.runs[1].clone();
     ctx.progress.target.store(targets.len() as u64, Relaxed);
@@ -272,26 +372,11 @@ async fn drive_unicast(
         .filter(|_| label != "baseline");
     bridge::window_hook(opts.window_hook.as_deref(), "start", bridge_pid).await?;
     let cpu = bridge::CpuWindow::start(bridge_pid);
-    let published = publisher
-        .run(
-            targets.len() as u64,
-            opts.rate,
-            opts.window,
-            ctx.clock,
-            &ctx.progress,
-            |seq, t, out| {
-                let user = targets[seq as usize];
-                clients::body(out, &format!(r#""user_id":{user}"#), 1, seq, t, pad)
-            },
-        )
-        .await?;
+    let published = publish_to_users(ctx, &publisher, targets, 1).await?;
     publisher.close().await;
-    if published.nacked > 0 {
-        bail!("the broker nacked {} publishes", published.nacked);
-    }
-    let rec2 = rec.clone();
+    ensure_confirmed(&published)?;
     wait_for(
-        move || rec2.seqs.unique(),
+        || rec.seqs.unique(),
         targets.len() as u64,
         opts.drain_timeout,
     )
@@ -299,18 +384,7 @@ async fn drive_unicast(
     let cpu = cpu.stop();
     bridge::window_hook(opts.window_hook.as_deref(), "stop", bridge_pid).await?;
     ctx.progress.target.store(0, Relaxed);
-    let received = rec.seqs.unique();
-    let cdf = rec.latency.cdf();
-    Ok(Measured {
-        rate: per_sec(received, published.first_ns, rec.last_receive.get()),
-        received,
-        duplicates: rec.seqs.duplicates(),
-        strays: rec.seqs.strays(),
-        cdf,
-        summary: rec.latency.summary(),
-        published,
-        cpu,
-    })
+    Ok(Measured::of(&rec, published, cpu))
 }
 
 /// The bare consumer on the same stream.
@@ -468,6 +542,8 @@ async fn bridge_figures(r: &mut Report, handle: &Handle) {
 
 // ---------------------------------------------------------------------------
 
+/// baseline: the unicast stream through a bare consumer only, what the broker
+/// and the clients allow without the bridge.
 pub async fn baseline(ctx: &Ctx) -> anyhow::Result<Report> {
     let o = &ctx.opts;
     let mut r = base_report(ctx, "baseline");
@@ -477,16 +553,18 @@ pub async fn baseline(ctx: &Ctx) -> anyhow::Result<Report> {
     let targets = unicast_targets(o.seed, o.messages, o.users);
     let m = run_baseline(ctx, &targets).await?;
     add_measured(&mut r, "baseline", "baseline", &m, o.messages);
-    let path = ctx.plot_path("baseline");
-    report::latency_plot(
-        &path,
+    plot_latency(
+        ctx,
+        &mut r,
+        "baseline",
         "baseline: publish → bare consumer",
         &[("baseline".into(), m.cdf.clone())],
     )?;
-    r.plots.push(path.display().to_string());
     Ok(r)
 }
 
+/// unicast: the stream through the bridge (after the same stream through
+/// the bare consumer, the baseline its throughput is compared with).
 pub async fn unicast(ctx: &Ctx) -> anyhow::Result<Report> {
     let o = &ctx.opts;
     ctx.check_fd_budget(o.users)?;
@@ -501,31 +579,66 @@ pub async fn unicast(ctx: &Ctx) -> anyhow::Result<Report> {
     } else {
         None
     };
-
     let handle = ctx.start_bridge().await?;
+    let (m, readers) = unicast_through_bridge(ctx, &mut r, &handle, &targets).await?;
+    let runs = unicast_figures(&mut r, o, &m, base.as_ref());
+    bridge_figures(&mut r, &handle).await;
+    sockets_closed_early(&mut r, readers);
+    let rate = if o.rate > 0.0 {
+        format!("{} msg/s", o.rate)
+    } else {
+        "max rate".into()
+    };
+    let title = format!(
+        "unicast: {} users, {rate}{}{}",
+        o.users,
+        if o.inbox { ", inbox" } else { "" },
+        if o.receipts { ", receipts" } else { "" }
+    );
+    plot_latency(ctx, &mut r, "unicast", &title, &runs)?;
+    Ok(r)
+}
+
+/// Connects every user to the bridge and drives the stream; with
+/// `--receipts`, drains the receipts and adds their rows. The readers stay
+/// open for the figures that follow.
+async fn unicast_through_bridge(
+    ctx: &Ctx,
+    r: &mut Report,
+    handle: &Handle,
+    targets: &[u32],
+) -> anyhow::Result<(Measured, Vec<Reader>)> {
+    let o = &ctx.opts;
     let receipts = match o.receipts {
         true => Some(crate::receipts::Sink::bind(&o.amqp_url, &ctx.names).await?),
         false => None,
     };
     ctx.progress.phase("connecting");
-    let sockets = ctx.connect(&handle, 1, o.users, 0, None).await?;
+    let sockets = ctx.connect(handle, 1, o.users, 0, None).await?;
     let recorders = ctx.recorders(vec![
         Recorder::unicast(o.warmup),
         Recorder::unicast(o.messages),
     ]);
-    let readers: Vec<Reader> = sockets
-        .into_iter()
-        .map(|(_, ws)| Reader::spawn(ws, recorders.clone()))
-        .collect();
-    let m = drive_unicast(ctx, &ctx.names.exchange, &recorders, &targets, "bridge").await?;
+    let readers = Reader::spawn_all(sockets, &recorders);
+    let m = drive_unicast(ctx, &ctx.names.exchange, &recorders, targets, "bridge").await?;
     if let Some(sink) = receipts {
-        sink.finish(&mut r, o.warmup + o.messages).await;
+        sink.finish(r, o.warmup + o.messages).await;
     }
+    Ok((m, readers))
+}
 
-    add_measured(&mut r, "unicast", "bridge", &m, o.messages);
+/// The bridge's rows, the baseline's and their ratio, and the target that
+/// applies (throughput at max rate, p99 when paced); the CDFs to plot.
+fn unicast_figures(
+    r: &mut Report,
+    o: &Options,
+    m: &Measured,
+    base: Option<&Measured>,
+) -> Vec<(String, Vec<(f64, f64)>)> {
+    add_measured(r, "unicast", "bridge", m, o.messages);
     let mut runs = vec![("bridge".to_string(), m.cdf.clone())];
-    if let Some(b) = &base {
-        add_measured(&mut r, "baseline", "baseline", b, o.messages);
+    if let Some(b) = base {
+        add_measured(r, "baseline", "baseline", b, o.messages);
         let ratio = if b.rate > 0.0 { m.rate / b.rate } else { 0.0 };
         r.add(
             "ratio_to_baseline",
@@ -547,7 +660,12 @@ pub async fn unicast(ctx: &Ctx) -> anyhow::Result<Report> {
             "ms",
         );
     }
-    bridge_figures(&mut r, &handle).await;
+    runs
+}
+
+/// How many sockets the bridge closed during the run (none should be);
+/// then stops the readers.
+fn sockets_closed_early(r: &mut Report, readers: Vec<Reader>) {
     let closed = readers
         .iter()
         .filter(|c| c.state.ended.load(Relaxed))
@@ -558,29 +676,11 @@ pub async fn unicast(ctx: &Ctx) -> anyhow::Result<Report> {
         closed as u64,
         closed.to_string(),
     );
-    for reader in readers {
-        reader.task.abort();
-    }
-    let path = ctx.plot_path("unicast");
-    let rate = if o.rate > 0.0 {
-        format!("{} msg/s", o.rate)
-    } else {
-        "max rate".into()
-    };
-    report::latency_plot(
-        &path,
-        &format!(
-            "unicast: {} users, {rate}{}{}",
-            o.users,
-            if o.inbox { ", inbox" } else { "" },
-            if o.receipts { ", receipts" } else { "" }
-        ),
-        &runs,
-    )?;
-    r.plots.push(path.display().to_string());
-    Ok(r)
+    Reader::abort_all(readers);
 }
 
+/// broadcast: every message to every socket; frames/s and the latency to the
+/// last socket (fan-out cost).
 pub async fn broadcast(ctx: &Ctx) -> anyhow::Result<Report> {
     let o = &ctx.opts;
     ctx.check_fd_budget(o.users)?;
@@ -600,10 +700,7 @@ pub async fn broadcast(ctx: &Ctx) -> anyhow::Result<Report> {
     let sockets = ctx.connect(&handle, 1, o.users, 0, None).await?;
     let warm = 5u64;
     let recorders = ctx.recorders(vec![Recorder::broadcast(warm), Recorder::broadcast(k)]);
-    let readers: Vec<Reader> = sockets
-        .into_iter()
-        .map(|(_, ws)| Reader::spawn(ws, recorders.clone()))
-        .collect();
+    let readers = Reader::spawn_all(sockets, &recorders);
     let publisher = Publisher::connect(&o.amqp_url, &ctx.names.exchange, o.publishers).await?;
     broadcast_warm_up(ctx, &publisher, warm).await?;
     let rec = recorders.runs[1].clone();
@@ -611,12 +708,11 @@ pub async fn broadcast(ctx: &Ctx) -> anyhow::Result<Report> {
     let tally = Tally::of(&rec, k, o.users);
     broadcast_figures(&mut r, ctx, &rec, &published, &cpu, &tally, base_rate);
     bridge_figures(&mut r, &handle).await;
-    for reader in readers {
-        reader.task.abort();
-    }
-    let path = ctx.plot_path("broadcast");
-    report::latency_plot(
-        &path,
+    Reader::abort_all(readers);
+    plot_latency(
+        ctx,
+        &mut r,
+        "broadcast",
         &format!("broadcast: {} sockets × {k} messages", o.users),
         &[
             ("every frame".into(), rec.latency.cdf()),
@@ -626,7 +722,6 @@ pub async fn broadcast(ctx: &Ctx) -> anyhow::Result<Report> {
             ),
         ],
     )?;
-    r.plots.push(path.display().to_string());
     Ok(r)
 }
 
@@ -822,19 +917,7 @@ fn broadcast_figures(
         &tally.last_socket.summary(),
     );
     if let Some(b) = base_rate {
-        let ratio = if b > 0.0 { msgs_per_sec / b } else { 0.0 };
-        r.add(
-            "baseline_msgs_per_sec",
-            "baseline: consumed msg/s (same stream)",
-            b.round(),
-            format!("{b:.0}"),
-        );
-        r.add(
-            "ratio_to_baseline",
-            "broadcast msg/s ÷ baseline msg/s",
-            (ratio * 1000.0).round() / 1000.0,
-            format!("{ratio:.3}"),
-        );
+        add_broadcast_baseline(r, msgs_per_sec, b);
     }
     if frames < expected || duplicates > 0 {
         r.problem(format!(
@@ -851,6 +934,26 @@ fn broadcast_figures(
     );
 }
 
+/// The baseline's msg/s on the same broadcast stream, and the bridge's
+/// msg/s as a ratio to it.
+fn add_broadcast_baseline(r: &mut Report, msgs_per_sec: f64, b: f64) {
+    let ratio = if b > 0.0 { msgs_per_sec / b } else { 0.0 };
+    r.add(
+        "baseline_msgs_per_sec",
+        "baseline: consumed msg/s (same stream)",
+        b.round(),
+        format!("{b:.0}"),
+    );
+    r.add(
+        "ratio_to_baseline",
+        "broadcast msg/s ÷ baseline msg/s",
+        (ratio * 1000.0).round() / 1000.0,
+        format!("{ratio:.3}"),
+    );
+}
+
+/// idle: connected sockets that receive nothing; the bridge's RSS and fds per
+/// socket (what a connection costs at rest).
 pub async fn idle(ctx: &Ctx) -> anyhow::Result<Report> {
     let o = &ctx.opts;
     ctx.check_fd_budget(o.users)?;
@@ -866,10 +969,7 @@ pub async fn idle(ctx: &Ctx) -> anyhow::Result<Report> {
 
     let (sockets, connect_secs, mut curve) = connect_sampling_rss(ctx, handle, rss0).await?;
     let recorders = ctx.recorders(vec![Recorder::broadcast(0), Recorder::broadcast(1)]);
-    let readers: Vec<Reader> = sockets
-        .into_iter()
-        .map(|(_, ws)| Reader::spawn(ws, recorders.clone()))
-        .collect();
+    let readers = Reader::spawn_all(sockets, &recorders);
     ctx.progress.phase("holding");
     tokio::time::sleep(Duration::from_secs(2)).await;
     let fds1 = handle.open_fds()?;
@@ -885,9 +985,7 @@ pub async fn idle(ctx: &Ctx) -> anyhow::Result<Report> {
         alive,
     };
     idle_figures(&mut r, o.users, &held);
-    for reader in readers {
-        reader.task.abort();
-    }
+    Reader::abort_all(readers);
     let path = ctx.plot_path("idle");
     let ymax = curve.iter().map(|p| p.1).fold(0.0, f64::max);
     report::write_svg(
@@ -1057,6 +1155,9 @@ fn idle_figures(r: &mut Report, users: u64, h: &Held) {
     ));
 }
 
+/// slow-client: the others' latency with every client reading (phase A),
+/// then with some clients that never read (phase B), and how the bridge
+/// closed the slow ones.
 pub async fn slow_client(ctx: &Ctx) -> anyhow::Result<Report> {
     let o = &ctx.opts;
     ctx.check_fd_budget(o.users + 2 * o.slow)?;
@@ -1067,22 +1168,7 @@ pub async fn slow_client(ctx: &Ctx) -> anyhow::Result<Report> {
     r.param("slow_rate", o.slow_rate);
     r.param("slow_payload", o.slow_payload as u64);
     r.param("duration_s", o.duration.as_secs_f64());
-    let total_rate = o.rate + o.slow_rate;
-    let count = (total_rate * o.duration.as_secs_f64()).round() as u64;
-    // The stream: which messages go to slow users (the same in both phases).
-    let mut rng = Rng::new(o.seed);
-    let plan: Vec<(bool, u32)> = (0..count)
-        .map(|_| {
-            let slow = (rng.below(1_000_000) as f64) < o.slow_rate / total_rate * 1e6;
-            let user = if slow {
-                o.users + 1 + rng.below(o.slow.max(1))
-            } else {
-                1 + rng.below(o.users)
-            };
-            (slow, user as u32)
-        })
-        .collect();
-    let regular = plan.iter().filter(|(s, _)| !s).count() as u64;
+    let plan = SlowPlan::new(o);
 
     let handle = ctx.start_bridge().await?;
     ctx.progress.phase("connecting");
@@ -1091,95 +1177,196 @@ pub async fn slow_client(ctx: &Ctx) -> anyhow::Result<Report> {
     // clients, 3/4 = what the slow users got in each phase.
     let recorders = ctx.recorders(vec![
         Recorder::unicast(0),
-        Recorder::unicast(count),
-        Recorder::unicast(count),
-        Recorder::unicast(count),
-        Recorder::unicast(count),
+        Recorder::unicast(plan.count),
+        Recorder::unicast(plan.count),
+        Recorder::unicast(plan.count),
+        Recorder::unicast(plan.count),
     ]);
-    let mut readers: Vec<Reader> = sockets
-        .into_iter()
-        .map(|(_, ws)| Reader::spawn(ws, recorders.clone()))
-        .collect();
+    let mut readers = Reader::spawn_all(sockets, &recorders);
     let publisher = Publisher::connect(&o.amqp_url, &ctx.names.exchange, o.publishers).await?;
-    let phase = |run: usize| {
-        let plan = &plan;
-        let publisher = &publisher;
-        let recorders = recorders.clone();
-        async move {
-            ctx.progress.phase(&format!(
-                "phase {}",
-                if run == 1 { "A (all read)" } else { "B (slow)" }
-            ));
-            ctx.progress.received.store(0, Relaxed);
-            let p = publisher
-                .run(
-                    count,
-                    total_rate,
-                    o.window,
-                    ctx.clock,
-                    &ctx.progress,
-                    |s, t, out| {
-                        let (slow, user) = plan[s as usize];
-                        let (run, pad) = if slow {
-                            (run + 2, o.slow_payload)
-                        } else {
-                            (run, o.payload_bytes)
-                        };
-                        clients::body(out, &format!(r#""user_id":{user}"#), run, s, t, pad)
-                    },
-                )
-                .await?;
-            let rec = recorders.runs[run].clone();
-            wait_for(move || rec.seqs.unique(), regular, o.drain_timeout).await;
-            anyhow::Ok(p)
-        }
-    };
-    phase(1).await?;
-    // Phase B: the slow users reconnect with sockets that never read.
+    slow_phase(ctx, &publisher, &plan, &recorders, 1).await?;
     let slow_readers = readers.split_off(o.users as usize);
-    for reader in slow_readers {
-        if let Some(mut ws) = reader.into_socket().await {
-            let _ = tokio::time::timeout(Duration::from_secs(2), ws.close(None)).await;
+    let slow_sockets = reconnect_slow(ctx, &handle, slow_readers).await?;
+    let closes_before = slow_closes(&handle).await;
+    slow_phase(ctx, &publisher, &plan, &recorders, 2).await?;
+    publisher.close().await;
+    let closes = slow_closes(&handle).await - closes_before;
+    let outcomes = CloseOutcomes::drain(ctx, slow_sockets).await;
+
+    let change = others_figures(&mut r, &recorders, plan.regular);
+    slow_figures(&mut r, o, closes, &outcomes);
+    r.target(
+        "others' p99 change with slow clients",
+        change,
+        10.0,
+        false,
+        "%",
+    );
+    bridge_figures(&mut r, &handle).await;
+    Reader::abort_all(readers);
+    let title = format!(
+        "slow-client: {} users at {} msg/s, {} slow",
+        o.users, o.rate, o.slow
+    );
+    let runs = [
+        ("others, all clients reading", 1),
+        ("others, slow clients present", 2),
+    ];
+    plot_latency(
+        ctx,
+        &mut r,
+        "slow-client",
+        &title,
+        &run_cdfs(&recorders, &runs),
+    )?;
+    Ok(r)
+}
+
+/// The slow-client stream, the same in both phases: per message, whether
+/// it goes to a slow user, and the user.
+struct SlowPlan {
+    messages: Vec<(bool, u32)>,
+    /// Messages per phase, and those to the regular users.
+    count: u64,
+    regular: u64,
+    /// The regular and the slow users' rates together.
+    total_rate: f64,
+}
+
+impl SlowPlan {
+    fn new(o: &Options) -> Self {
+        let total_rate = o.rate + o.slow_rate;
+        let count = (total_rate * o.duration.as_secs_f64()).round() as u64;
+        let mut rng = Rng::new(o.seed);
+        let messages: Vec<(bool, u32)> = (0..count)
+            .map(|_| {
+                let slow = (rng.below(1_000_000) as f64) < o.slow_rate / total_rate * 1e6;
+                let user = if slow {
+                    o.users + 1 + rng.below(o.slow.max(1))
+                } else {
+                    1 + rng.below(o.users)
+                };
+                (slow, user as u32)
+            })
+            .collect();
+        let regular = messages.iter().filter(|(s, _)| !s).count() as u64;
+        Self {
+            messages,
+            count,
+            regular,
+            total_rate,
         }
     }
-    ctx.progress.phase("connecting slow");
-    let slow_sockets = ctx
-        .connect(
-            &handle,
-            o.users + 1,
-            o.slow,
-            (o.users + o.slow) as usize,
-            Some(4096),
+}
+
+/// One phase (run 1: A, all read; run 2: B, slow clients): the whole plan,
+/// the slow users' messages padded and recorded as run + 2; waits for the
+/// regular users' messages.
+async fn slow_phase(
+    ctx: &Ctx,
+    publisher: &Publisher,
+    plan: &SlowPlan,
+    recorders: &Recorders,
+    run: usize,
+) -> anyhow::Result<()> {
+    let o = &ctx.opts;
+    ctx.progress.phase(&format!(
+        "phase {}",
+        if run == 1 { "A (all read)" } else { "B (slow)" }
+    ));
+    ctx.progress.received.store(0, Relaxed);
+    publisher
+        .run(
+            plan.count,
+            plan.total_rate,
+            o.window,
+            ctx.clock,
+            &ctx.progress,
+            |s, t, out| {
+                let (slow, user) = plan.messages[s as usize];
+                let (run, pad) = if slow {
+                    (run + 2, o.slow_payload)
+                } else {
+                    (run, o.payload_bytes)
+                };
+                clients::body(out, &format!(r#""user_id":{user}"#), run, s, t, pad)
+            },
         )
         .await?;
-    let closes_before = handle
-        .metric("notify_bridge_slow_client_closes_total", "")
-        .await
-        .unwrap_or(0.0);
-    phase(2).await?;
-    publisher.close().await;
-    let closes = handle
+    let rec = recorders.runs[run].clone();
+    wait_for(move || rec.seqs.unique(), plan.regular, o.drain_timeout).await;
+    Ok(())
+}
+
+/// Phase B's set-up: the slow users close their reading sockets and
+/// reconnect with sockets that never read (a small receive buffer, so the
+/// bridge's send queue fills soon).
+async fn reconnect_slow(
+    ctx: &Ctx,
+    handle: &Handle,
+    slow_readers: Vec<Reader>,
+) -> anyhow::Result<Vec<(u64, Ws)>> {
+    let o = &ctx.opts;
+    for reader in slow_readers {
+        close_reader(reader, true).await;
+    }
+    ctx.progress.phase("connecting slow");
+    ctx.connect(
+        handle,
+        o.users + 1,
+        o.slow,
+        (o.users + o.slow) as usize,
+        Some(4096),
+    )
+    .await
+}
+
+/// The bridge's count of slow clients it closed (0 when unreadable).
+async fn slow_closes(handle: &Handle) -> f64 {
+    handle
         .metric("notify_bridge_slow_client_closes_total", "")
         .await
         .unwrap_or(0.0)
-        - closes_before;
-    ctx.progress.phase("draining slow sockets");
-    let mut outcomes = (0, 0, 0, 0); // 1013, other code, dropped, still open
-    let drained = futures_util::future::join_all(
-        slow_sockets
-            .into_iter()
-            .map(|(_, ws)| clients::drain_for_close(ws, Duration::from_secs(5))),
-    )
-    .await;
-    for code in drained {
-        match code {
-            Some(1013) => outcomes.0 += 1,
-            Some(0) => outcomes.3 += 1,
-            Some(_) => outcomes.1 += 1,
-            None => outcomes.2 += 1,
-        }
-    }
+}
 
+/// How the slow sockets ended, read after phase B.
+#[derive(Default)]
+struct CloseOutcomes {
+    /// A close frame with 1013 (the contract's "queue full").
+    code_1013: u64,
+    other_code: u64,
+    /// The connection dropped without a close frame.
+    dropped: u64,
+    still_open: u64,
+}
+
+impl CloseOutcomes {
+    /// Reads each slow socket to its end (5 s at most) and counts how it
+    /// ended.
+    async fn drain(ctx: &Ctx, slow_sockets: Vec<(u64, Ws)>) -> Self {
+        ctx.progress.phase("draining slow sockets");
+        let drained = futures_util::future::join_all(
+            slow_sockets
+                .into_iter()
+                .map(|(_, ws)| clients::drain_for_close(ws, Duration::from_secs(5))),
+        )
+        .await;
+        let mut out = Self::default();
+        for code in drained {
+            match code {
+                Some(1013) => out.code_1013 += 1,
+                Some(0) => out.still_open += 1,
+                Some(_) => out.other_code += 1,
+                None => out.dropped += 1,
+            }
+        }
+        out
+    }
+}
+
+/// The regular users' rows in both phases (latency, loss); their p99
+/// change in percent, the scenario's target.
+fn others_figures(r: &mut Report, recorders: &Recorders, regular: u64) -> f64 {
     let a = recorders.runs[1].latency.summary();
     let b = recorders.runs[2].latency.summary();
     r.latency(
@@ -1218,6 +1405,12 @@ pub async fn slow_client(ctx: &Ctx) -> anyhow::Result<Report> {
             ));
         }
     }
+    change
+}
+
+/// The slow clients' rows: the bridge's count of closes and how the
+/// sockets ended.
+fn slow_figures(r: &mut Report, o: &Options, closes: f64, c: &CloseOutcomes) {
     r.add(
         "slow_client_closes",
         "slow clients closed by the bridge (metric)",
@@ -1227,46 +1420,17 @@ pub async fn slow_client(ctx: &Ctx) -> anyhow::Result<Report> {
     r.add(
         "slow_close_frames_1013",
         "slow sockets: 1013 frame / other / dropped / open",
-        outcomes.0,
+        c.code_1013,
         format!(
             "{} / {} / {} / {}",
-            outcomes.0, outcomes.1, outcomes.2, outcomes.3
+            c.code_1013, c.other_code, c.dropped, c.still_open
         ),
     );
     r.note("a slow client whose close frame cannot be written within 2 s is dropped without one (contract); the metric counts both");
-    r.target(
-        "others' p99 change with slow clients",
-        change,
-        10.0,
-        false,
-        "%",
-    );
-    bridge_figures(&mut r, &handle).await;
-    for reader in readers {
-        reader.task.abort();
-    }
-    let path = ctx.plot_path("slow-client");
-    report::latency_plot(
-        &path,
-        &format!(
-            "slow-client: {} users at {} msg/s, {} slow",
-            o.users, o.rate, o.slow
-        ),
-        &[
-            (
-                "others, all clients reading".into(),
-                recorders.runs[1].latency.cdf(),
-            ),
-            (
-                "others, slow clients present".into(),
-                recorders.runs[2].latency.cdf(),
-            ),
-        ],
-    )?;
-    r.plots.push(path.display().to_string());
-    Ok(r)
 }
 
+/// soak: steady traffic with connection churn; RSS and open fds must stay flat
+/// (no leak per connection).
 pub async fn soak(ctx: &Ctx) -> anyhow::Result<Report> {
     let o = &ctx.opts;
     let churn_pool = (o.churn.ceil() as u64).max(1);
@@ -1283,10 +1447,7 @@ pub async fn soak(ctx: &Ctx) -> anyhow::Result<Report> {
     ctx.progress.phase("connecting");
     let sockets = ctx.connect(&handle, 1, o.users, 0, None).await?;
     let recorders = ctx.recorders(vec![Recorder::unicast(0), Recorder::unicast(count)]);
-    let readers: Vec<Reader> = sockets
-        .into_iter()
-        .map(|(_, ws)| Reader::spawn(ws, recorders.clone()))
-        .collect();
+    let readers = Reader::spawn_all(sockets, &recorders);
     tokio::time::sleep(Duration::from_secs(1)).await;
     let start = (handle.rss_bytes()?, handle.open_fds()?);
 
@@ -1314,9 +1475,7 @@ pub async fn soak(ctx: &Ctx) -> anyhow::Result<Report> {
     };
     soak_figures(&mut r, &soaked);
     bridge_figures(&mut r, &handle).await;
-    for reader in readers {
-        reader.task.abort();
-    }
+    Reader::abort_all(readers);
     soak_plots(ctx, &mut r, &soaked)?;
     Ok(r)
 }
@@ -1426,26 +1585,7 @@ async fn publish_soak(ctx: &Ctx, targets: &[u32]) -> anyhow::Result<clients::Pub
     ctx.progress.phase("soaking");
     ctx.progress.target.store(count, Relaxed);
     ctx.progress.received.store(0, Relaxed);
-    let published = publisher
-        .run(
-            count,
-            o.rate,
-            o.window,
-            ctx.clock,
-            &ctx.progress,
-            |s, t, out| {
-                let user = targets[s as usize];
-                clients::body(
-                    out,
-                    &format!(r#""user_id":{user}"#),
-                    1,
-                    s,
-                    t,
-                    o.payload_bytes,
-                )
-            },
-        )
-        .await?;
+    let published = publish_to_users(ctx, &publisher, targets, 1).await?;
     publisher.close().await;
     Ok(published)
 }
@@ -1595,16 +1735,16 @@ fn soak_memory_figures(r: &mut Report, s: &Soaked) -> f64 {
 /// The latency CDF and the resources-over-time plot.
 fn soak_plots(ctx: &Ctx, r: &mut Report, s: &Soaked) -> anyhow::Result<()> {
     let o = &ctx.opts;
-    let path = ctx.plot_path("soak");
-    report::latency_plot(
-        &path,
+    plot_latency(
+        ctx,
+        r,
+        "soak",
         &format!(
             "soak: {} users, {} msg/s, churn {}/s",
             o.users, o.rate, o.churn
         ),
         &[("stable users".into(), s.rec.latency.cdf())],
     )?;
-    r.plots.push(path.display().to_string());
     let res_path = ctx.plot_path("soak-resources");
     let tmax = s.samples.last().map_or(1.0, |s| s.0);
     let rss_pts: Vec<(f64, f64)> = s

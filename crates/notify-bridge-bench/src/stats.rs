@@ -43,6 +43,7 @@ impl Histogram {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// Records one latency; never fails (values past the range saturate).
     pub fn record(&self, nanos: u64) {
         let mut h = self.lock();
         // Grows to fit (auto-resize); only a value past u64::MAX / 2 fails.
@@ -51,6 +52,7 @@ impl Histogram {
         }
     }
 
+    /// The percentiles the report prints (zeros when nothing was recorded).
     pub fn summary(&self) -> Summary {
         let h = self.lock();
         if h.is_empty() {
@@ -93,6 +95,7 @@ pub struct SeqSet {
 }
 
 impl SeqSet {
+    /// A set for sequence numbers `0..len`; others count as strays.
     pub fn new(len: u64) -> Self {
         Self {
             bits: (0..len.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
@@ -120,10 +123,12 @@ impl SeqSet {
         }
     }
 
+    /// Sequence numbers seen at least once: the delivered count.
     pub fn unique(&self) -> u64 {
         self.unique.load(Relaxed)
     }
 
+    /// Second and later sightings of a sequence number (should be 0).
     pub fn duplicates(&self) -> u64 {
         self.duplicates.load(Relaxed)
     }
@@ -139,9 +144,11 @@ impl SeqSet {
 pub struct LastSeen(AtomicU64);
 
 impl LastSeen {
+    /// Moves the instant forward (never back), from any task.
     pub fn update(&self, nanos: u64) {
         self.0.fetch_max(nanos, Relaxed);
     }
+    /// The latest instant recorded (0: none).
     pub fn get(&self) -> u64 {
         self.0.load(Relaxed)
     }
@@ -154,9 +161,11 @@ impl LastSeen {
 pub struct Clock(Instant);
 
 impl Clock {
+    /// Starts the clock: every timestamp of the run counts from here.
     pub fn new() -> Self {
         Self(Instant::now())
     }
+    /// Nanoseconds since the clock started.
     pub fn now(&self) -> u64 {
         self.0.elapsed().as_nanos() as u64
     }
@@ -173,6 +182,7 @@ pub struct Progress {
 }
 
 impl Progress {
+    /// Names what the run is doing, for the progress line.
     pub fn phase(&self, phase: &str) {
         if let Ok(mut p) = self.phase.lock() {
             *p = phase.to_string();
@@ -249,9 +259,12 @@ impl Drop for ProgressGuard {
 pub struct Rng(u64);
 
 impl Rng {
+    /// A generator from `seed` (0 is taken as 1: xorshift needs a non-zero
+    /// state).
     pub fn new(seed: u64) -> Self {
         Self(seed.max(1))
     }
+    /// The next value of the sequence.
     pub fn next_u64(&mut self) -> u64 {
         let mut x = self.0;
         x ^= x >> 12;

@@ -9,18 +9,21 @@
 
 use std::{net::SocketAddr, sync::atomic::Ordering::Relaxed, sync::Arc, time::Duration};
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use lapin::{
     options::{ExchangeDeleteOptions, QueueDeleteOptions},
     Connection, ConnectionProperties,
 };
 use testkit::proc::{self, Pid};
 
-use super::{add_measured, base_report, per_sec, unicast_targets, wait_for, Ctx, Measured};
+use super::{
+    add_measured, base_report, ensure_confirmed, plot_latency, publish_to_users, unicast_targets,
+    wait_for, warm_up, Ctx, Measured,
+};
 use crate::{
     bridge::{self, Bridge, BridgeOptions, Handle, Names},
     clients::{self, Publisher, Reader, Recorder, Recorders},
-    report::{self, Report},
+    report::Report,
 };
 
 /// The cluster's instance ids, in start order: A starts first, so it is
@@ -268,53 +271,9 @@ async fn connect_spread(
             &ctx.progress,
         )
         .await?;
-        readers.extend(
-            sockets
-                .into_iter()
-                .map(|(_, ws)| Reader::spawn(ws, recorders.clone())),
-        );
+        readers.extend(Reader::spawn_all(sockets, recorders));
     }
     Ok(readers)
-}
-
-/// Unmeasured messages (run 0) to every user in turn, unpaced, until they
-/// arrived or stopped arriving.
-async fn warm_up(ctx: &Ctx, publisher: &Publisher) -> anyhow::Result<()> {
-    let o = &ctx.opts;
-    if o.warmup == 0 {
-        return Ok(());
-    }
-    ctx.progress.phase("warm-up");
-    let before = ctx.progress.received.load(Relaxed);
-    let users = o.users;
-    publisher
-        .run(
-            o.warmup,
-            0.0,
-            o.window,
-            ctx.clock,
-            &ctx.progress,
-            |s, t, out| {
-                let user = 1 + s % users;
-                clients::body(
-                    out,
-                    &format!(r#""user_id":{user}"#),
-                    0,
-                    s,
-                    t,
-                    o.payload_bytes,
-                )
-            },
-        )
-        .await?;
-    let progress = ctx.progress.clone();
-    wait_for(
-        || progress.received.load(Relaxed) - before,
-        o.warmup,
-        o.drain_timeout,
-    )
-    .await;
-    Ok(())
 }
 
 /// Each process's CPU (% of a core) over a quiet window: what heartbeats
@@ -346,7 +305,7 @@ async fn drive(
     let recorders = ctx.recorders(vec![Recorder::unicast(o.warmup), Recorder::unicast(count)]);
     let readers = connect_spread(ctx, &homes, &recorders).await?;
     let publisher = Publisher::connect(&o.amqp_url, exchange, o.publishers).await?;
-    warm_up(ctx, &publisher).await?;
+    warm_up(ctx, &publisher, "warm-up").await?;
     let idle = idle_cpu(&pids, Duration::from_secs(2)).await;
     let before = Counters::read_all(bridges).await;
     ctx.progress.phase(&format!("{label}: measuring"));
@@ -387,17 +346,9 @@ async fn measure(
     let usage = bridge::CpuWindow::start(pids.first().copied());
     let ticks = Ticks::start(pids.to_vec());
     let pg = Ticks::start(proc::pids_named("postgres"));
-    let make = |s: u64, t: u64, out: &mut Vec<u8>| {
-        let user = format!(r#""user_id":{}"#, targets[s as usize]);
-        clients::body(out, &user, 1, s, t, o.payload_bytes)
-    };
-    let published = publisher
-        .run(count, o.rate, o.window, ctx.clock, &ctx.progress, make)
-        .await?;
+    let published = publish_to_users(ctx, &publisher, targets, 1).await?;
     publisher.close().await;
-    if published.nacked > 0 {
-        bail!("the broker nacked {} publishes", published.nacked);
-    }
+    ensure_confirmed(&published)?;
     wait_for(|| rec.seqs.unique(), count, o.drain_timeout).await;
     let (cpu, seconds) = ticks.stop();
     let postgres = pg.stop().0.into_iter().flatten().sum::<f64>();
@@ -406,19 +357,8 @@ async fn measure(
     used.bridge = Some(total * 100.0 / seconds);
     used.bridge_seconds = Some(total);
     ctx.progress.target.store(0, Relaxed);
-    let received = rec.seqs.unique();
-    let measured = Measured {
-        rate: per_sec(received, published.first_ns, rec.last_receive.get()),
-        received,
-        duplicates: rec.seqs.duplicates(),
-        strays: rec.seqs.strays(),
-        cdf: rec.latency.cdf(),
-        summary: rec.latency.summary(),
-        published,
-        cpu: used,
-    };
     Ok(Window {
-        measured,
+        measured: Measured::of(rec, published, used),
         cpu,
         seconds,
         postgres,
@@ -526,9 +466,7 @@ async fn run_cluster(
     for (c, h) in counters.iter_mut().zip(&handles) {
         *c = Counters::read(h).await;
     }
-    for reader in readers {
-        reader.task.abort();
-    }
+    Reader::abort_all(readers);
     stop_all(r, "cluster", "cluster A / B / C", bridges).await;
     Ok((load, counters))
 }
@@ -545,9 +483,7 @@ async fn run_single(
     let bridge = start_instance(ctx, &names, inbox, suffix, Vec::new()).await?;
     let h = bridge.handle();
     let (load, readers) = drive(ctx, &names.exchange, &[h], 1, targets, suffix).await?;
-    for reader in readers {
-        reader.task.abort();
-    }
+    Reader::abort_all(readers);
     let key = if inbox { "sqlite" } else { "no_inbox" };
     stop_all(r, key, &format!("one instance, {suffix}"), vec![bridge]).await;
     Ok(load)
@@ -588,9 +524,10 @@ pub async fn cluster(ctx: &Ctx) -> anyhow::Result<Report> {
         false,
         "ms",
     );
-    let path = ctx.plot_path("cluster");
-    report::latency_plot(
-        &path,
+    plot_latency(
+        ctx,
+        &mut r,
+        "cluster",
         &format!("cluster: {} users on A and B, {} msg/s", o.users, o.rate),
         &[
             ("cluster (PostgreSQL inbox)".into(), cl.measured.cdf.clone()),
@@ -598,7 +535,6 @@ pub async fn cluster(ctx: &Ctx) -> anyhow::Result<Report> {
             ("one instance, no inbox".into(), none.measured.cdf.clone()),
         ],
     )?;
-    r.plots.push(path.display().to_string());
     Ok(r)
 }
 
@@ -632,6 +568,18 @@ fn add_breakdown(r: &mut Report, key: &str, label: &str, load: &Load) {
     );
 }
 
+/// One figure of each of A, B and C in one row (a JSON array, `a / b / c`
+/// in the table); the figures.
+fn add_per_instance(r: &mut Report, key: &str, label: &str, each: [f64; 3]) -> [f64; 3] {
+    r.add(
+        key,
+        label,
+        serde_json::json!(each),
+        format!("{} / {} / {}", each[0], each[1], each[2]),
+    );
+    each
+}
+
 /// Per instance: CPU, live messages received; C's share; the writer.
 fn describe_cluster(r: &mut Report, cl: &Load, counters: &[Counters; 3]) {
     let delivered = cl.measured.received.max(1) as f64;
@@ -653,12 +601,11 @@ fn describe_cluster(r: &mut Report, cl: &Load, counters: &[Counters; 3]) {
             format!("{} / {} / {}", show(cl.idle[i], " %"), show(pct, " %"), show(us, " µs")),
         );
     }
-    let live: Vec<f64> = counters.iter().map(|c| c.live_received).collect();
-    r.add(
+    let live = add_per_instance(
+        r,
         "cluster_live_received",
         "cluster: live messages received A / B / C (whole run)",
-        serde_json::json!(live),
-        format!("{} / {} / {}", live[0], live[1], live[2]),
+        counters.map(|c| c.live_received),
     );
     if live[2] != 0.0 {
         r.problem(format!(
@@ -666,12 +613,11 @@ fn describe_cluster(r: &mut Report, cl: &Load, counters: &[Counters; 3]) {
             live[2]
         ));
     }
-    let stored: Vec<f64> = counters.iter().map(|c| c.stored).collect();
-    r.add(
+    add_per_instance(
+        r,
         "cluster_stored",
         "cluster: entries stored by A / B / C (whole run)",
-        serde_json::json!(stored),
-        format!("{} / {} / {}", stored[0], stored[1], stored[2]),
+        counters.map(|c| c.stored),
     );
     r.add(
         "cluster_gap_repairs",

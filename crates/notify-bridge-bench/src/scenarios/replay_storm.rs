@@ -17,7 +17,7 @@ use futures_util::StreamExt;
 use testkit::proc::{self, Pid};
 use tokio_tungstenite::tungstenite::Message;
 
-use super::{base_report, wait_for, Ctx};
+use super::{base_report, plot_latency, publish_to_users, run_cdfs, wait_for, Ctx};
 use crate::{
     bridge::{self, Handle},
     clients::{self, Publisher, Reader, Recorder, Recorders},
@@ -225,13 +225,7 @@ async fn run_phase(ctx: &Ctx, rig: &Rig<'_>, run: usize, label: &str) -> anyhow:
     let before = Commits::read(rig.handle).await?;
     let cpu = bridge::CpuWindow::start(Some(rig.handle.pid));
     let peak_reset = proc::reset_peak_rss(Pid::Of(rig.handle.pid)).is_ok();
-    let make = |s: u64, t: u64, out: &mut Vec<u8>| {
-        let target = format!(r#""user_id":{}"#, rig.plan[s as usize]);
-        clients::body(out, &target, run, s, t, o.payload_bytes)
-    };
-    rig.publisher
-        .run(count, o.rate, o.window, ctx.clock, &ctx.progress, make)
-        .await?;
+    publish_to_users(ctx, rig.publisher, rig.plan, run).await?;
     let rec = rig.recorders.runs[run].clone();
     let unique = wait_for(|| rec.seqs.unique(), count, o.drain_timeout).await;
     let after = Commits::read(rig.handle).await?;
@@ -284,10 +278,7 @@ pub async fn replay_storm(ctx: &Ctx) -> anyhow::Result<Report> {
             .map(|i| Recorder::unicast(if i == 0 { 0 } else { count }))
             .collect(),
     );
-    let readers: Vec<Reader> = sockets
-        .into_iter()
-        .map(|(_, ws)| Reader::spawn(ws, recorders.clone()))
-        .collect();
+    let readers = Reader::spawn_all(sockets, &recorders);
 
     let rig = Rig {
         handle: &handle,
@@ -303,31 +294,25 @@ pub async fn replay_storm(ctx: &Ctx) -> anyhow::Result<Report> {
     }
     let storm = rig.storm;
     publisher.close().await;
-    for reader in readers {
-        reader.task.abort();
-    }
+    Reader::abort_all(readers);
     describe(&mut r, &phases, &storm, count);
     super::bridge_figures(&mut r, &handle).await;
-    let path = ctx.plot_path("replay-storm");
-    report::latency_plot(
-        &path,
-        &format!(
-            "replay-storm: {} users at {} msg/s, one user replaying {} entries in a loop",
-            o.users, o.rate, o.storm_entries
-        ),
-        &[
-            ("others, quiet".into(), recorders.runs[1].latency.cdf()),
-            (
-                "others, during the storm".into(),
-                recorders.runs[2].latency.cdf(),
-            ),
-            (
-                "others, quiet again".into(),
-                recorders.runs[3].latency.cdf(),
-            ),
-        ],
+    let title = format!(
+        "replay-storm: {} users at {} msg/s, one user replaying {} entries in a loop",
+        o.users, o.rate, o.storm_entries
+    );
+    let runs = [
+        ("others, quiet", 1),
+        ("others, during the storm", 2),
+        ("others, quiet again", 3),
+    ];
+    plot_latency(
+        ctx,
+        &mut r,
+        "replay-storm",
+        &title,
+        &run_cdfs(&recorders, &runs),
     )?;
-    r.plots.push(path.display().to_string());
     Ok(r)
 }
 
@@ -343,39 +328,7 @@ fn percent(after: f64, before: f64) -> f64 {
 fn describe(r: &mut Report, phases: &[Phase], storm: &Storm, count: u64) {
     let names = ["quiet", "storm", "quiet_again"];
     for (phase, name) in phases.iter().zip(names) {
-        let (commits, mean, p99) = phase.commits;
-        r.add(
-            &format!("commit_mean_ms_{name}"),
-            &format!("others' commit mean ({name})"),
-            (mean * 1e6).round() / 1e3,
-            format!(
-                "{:.3} ms over {commits} commits, p99 ≤ {} ms",
-                mean * 1e3,
-                p99 * 1e3
-            ),
-        );
-        r.latency(
-            &format!("others_latency_{name}"),
-            &format!("others, {name}"),
-            &phase.latency,
-        );
-        super::add_cpu(
-            r,
-            &format!("cpu_{name}"),
-            &format!("CPU, {name}"),
-            &phase.cpu,
-        );
-        if let Some(peak) = phase.peak_rss {
-            r.add(
-                &format!("peak_rss_bytes_{name}"),
-                &format!("bridge: peak RSS ({name})"),
-                peak,
-                report::mib(peak as f64),
-            );
-        }
-        if phase.lost > 0 {
-            r.problem(format!("{name}: {} of {count} messages lost", phase.lost));
-        }
+        describe_phase(r, phase, name, count);
     }
     let (quiet, storm_mean, again) = (
         phases[0].commits.1,
@@ -402,6 +355,59 @@ fn describe(r: &mut Report, phases: &[Phase], storm: &Storm, count: u64) {
         p99_change,
         format!("{p99_change:+.1} %"),
     );
+    describe_storm(r, storm);
+    r.target(
+        "others' commit mean change during the storm",
+        change,
+        10.0,
+        false,
+        "%",
+    );
+}
+
+/// One phase's rows (`name` in their keys): the others' commit mean,
+/// latency, CPU and the bridge's peak RSS; a problem when messages were
+/// lost.
+fn describe_phase(r: &mut Report, phase: &Phase, name: &str, count: u64) {
+    let (commits, mean, p99) = phase.commits;
+    r.add(
+        &format!("commit_mean_ms_{name}"),
+        &format!("others' commit mean ({name})"),
+        (mean * 1e6).round() / 1e3,
+        format!(
+            "{:.3} ms over {commits} commits, p99 ≤ {} ms",
+            mean * 1e3,
+            p99 * 1e3
+        ),
+    );
+    r.latency(
+        &format!("others_latency_{name}"),
+        &format!("others, {name}"),
+        &phase.latency,
+    );
+    super::add_cpu(
+        r,
+        &format!("cpu_{name}"),
+        &format!("CPU, {name}"),
+        &phase.cpu,
+    );
+    if let Some(peak) = phase.peak_rss {
+        r.add(
+            &format!("peak_rss_bytes_{name}"),
+            &format!("bridge: peak RSS ({name})"),
+            peak,
+            report::mib(peak as f64),
+        );
+    }
+    if phase.lost > 0 {
+        r.problem(format!("{name}: {} of {count} messages lost", phase.lost));
+    }
+}
+
+/// What the storm user read: whole replays, frames, bytes, errors; a
+/// problem when it never read a whole one (then the storm measured
+/// nothing).
+fn describe_storm(r: &mut Report, storm: &Storm) {
     let replays = storm.replays.load(Relaxed);
     r.add(
         "storm_replays",
@@ -417,11 +423,4 @@ fn describe(r: &mut Report, phases: &[Phase], storm: &Storm, count: u64) {
     if replays == 0 {
         r.problem("the storm user never read a whole replay");
     }
-    r.target(
-        "others' commit mean change during the storm",
-        change,
-        10.0,
-        false,
-        "%",
-    );
 }
