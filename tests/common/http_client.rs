@@ -7,9 +7,6 @@
 
 use std::net::SocketAddr;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use tokio::{
     io::{AsyncRead, AsyncWrite},
@@ -91,25 +88,13 @@ pub fn build(
         .unwrap_or_else(|e| panic!("a valid request {method} {path}: {e}"))
 }
 
-/// One request over `io`, the answer read whole; the connection is
-/// dropped after it.
+/// One request over `io` (testkit's hyper client), the answer read whole.
 pub async fn exchange<S>(io: S, request: http::Request<String>) -> hyper::Result<HttpReply>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
-    let driver = tokio::spawn(connection);
-    let answer = async {
-        let response = sender
-            .send_request(request.map(|b| Full::new(Bytes::from(b))))
-            .await?;
-        let (parts, body) = response.into_parts();
-        let body = body.collect().await?.to_bytes();
-        Ok(HttpReply::from_parts(&parts, &body))
-    }
-    .await;
-    driver.abort();
-    answer
+    let (parts, body) = testkit::http::exchange(io, request).await?;
+    Ok(HttpReply::from_parts(&parts, &body))
 }
 
 /// One request over a fresh TCP connection, within [`WAIT`].

@@ -20,10 +20,6 @@ use lapin::{
     Connection, ConnectionProperties,
 };
 use testkit::proc::{self, Pid};
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
-};
 
 /// The HS256 secret the bench configures and signs client tokens with.
 pub const SECRET: &str = "notify-bridge-bench-secret-0123456789";
@@ -451,45 +447,13 @@ fn parse_metric(body: &str, name: &str, labels: &str) -> f64 {
         .sum()
 }
 
-/// A minimal HTTP/1.1 GET: status and body.
+/// A GET of the bridge's side port (testkit's hyper client): status and
+/// body, within 5 s.
 pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
-    let exchange = async {
-        let mut stream = TcpStream::connect(addr).await?;
-        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-        stream.write_all(request.as_bytes()).await?;
-        let mut raw = Vec::new();
-        stream.read_to_end(&mut raw).await?;
-        anyhow::Ok(String::from_utf8_lossy(&raw).into_owned())
-    };
-    let text = tokio::time::timeout(Duration::from_secs(5), exchange)
+    tokio::time::timeout(Duration::from_secs(5), testkit::http::get(addr, path))
         .await
-        .map_err(|_| anyhow!("GET {path}: no answer within 5 s"))??;
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| anyhow!("GET {path}: incomplete response"))?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| anyhow!("GET {path}: no status line"))?;
-    let chunked = head.lines().any(|l| {
-        let l = l.to_ascii_lowercase();
-        l.starts_with("transfer-encoding:") && l.contains("chunked")
-    });
-    Ok((status, if chunked { dechunk(body) } else { body.into() }))
-}
-
-fn dechunk(mut body: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = body.split_once("\r\n") {
-        let size = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
-        if size == 0 || size > rest.len() {
-            break;
-        }
-        out.push_str(&rest[..size]);
-        body = rest[size..].trim_start_matches("\r\n");
-    }
-    out
+        .map_err(|_| anyhow!("GET {path}: no answer within 5 s"))?
+        .map_err(|e| anyhow!("GET {path}: {e}"))
 }
 
 /// Deletes this run's queues and exchanges (the bridge's and the
