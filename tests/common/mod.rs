@@ -13,6 +13,7 @@ pub mod daemon;
 pub mod http_client;
 pub mod in_process;
 pub mod inbox;
+pub mod lines;
 pub mod receipts;
 pub mod tls;
 
