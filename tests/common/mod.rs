@@ -15,6 +15,7 @@ pub mod in_process;
 pub mod inbox;
 pub mod lines;
 pub mod receipts;
+pub mod scripts;
 pub mod tls;
 
 // Each test binary uses some of these (the glob `use common::*`).
