@@ -480,3 +480,30 @@ async fn the_writer_decides_delivered_and_offline_receipts_by_presence() {
     results.assert_empty(Duration::from_millis(500)).await;
     cluster.stop().await;
 }
+
+#[tokio::test]
+async fn a_connection_whose_presence_cannot_be_written_is_closed_with_1011() {
+    let Some(cluster) = TestCluster::start(1).await else {
+        return;
+    };
+    let bridge = &cluster.bridges[0];
+    let db = pg::connect(&cluster.db).await;
+    db.batch_execute("ALTER TABLE cluster_presence RENAME TO cluster_presence_away")
+        .await
+        .unwrap();
+    let url = bridge.ws_url(&format!("/ws?token={}", token("no-presence", &[])));
+    let (mut client, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    assert_eq!(close_code(&mut client).await, Some(1011));
+    // Gone from the router too, and the next connection, once presence can
+    // be written again, is served.
+    let metrics = bridge.running().metrics.clone();
+    eventually(Duration::from_secs(3), "connection unregistered", || {
+        metrics.connections.get() == 0
+    })
+    .await;
+    db.batch_execute("ALTER TABLE cluster_presence_away RENAME TO cluster_presence")
+        .await
+        .unwrap();
+    let _served = bridge.connect("no-presence").await;
+    cluster.stop().await;
+}

@@ -44,9 +44,11 @@ const OPENING_DEADLINE: Duration = Duration::from_secs(10);
 /// the connection and its user (a debug span: free at the default level,
 /// where an idle socket's every byte counts).
 ///
-/// Not an `async fn`: one would hold the socket and the session a second
-/// time beside [`Session::run`]'s future (about 750 bytes of every idle
-/// connection's task); the combinator holds that future alone.
+/// Not an `async fn`, and everything the session owns is captured by the
+/// one `async move` block, which only lends it to [`Session::run`]: an
+/// `async fn` keeps each argument twice (as the argument and as the local
+/// it was moved into) for the task's whole life, about 1 KB of every idle
+/// connection (docs/performance.md, "Idle memory").
 pub fn run(
     ws: WebSocketStream<ServerStream>,
     admission: Admission,
@@ -70,10 +72,16 @@ pub fn run(
         last_seq: 0,
         ctx,
     };
-    session
-        .run(ws, remote_addr, queue)
-        .instrument(span)
-        .map(move |()| drop(permit))
+    // Split here, not in the task: the halves share one heap cell, so the
+    // task holds two pointers rather than the whole stream.
+    let (sink, stream) = ws.split();
+    let mut connection = (session, sink, stream, queue);
+    async move {
+        let (session, sink, stream, queue) = &mut connection;
+        session.run(sink, stream, queue, remote_addr).await;
+    }
+    .instrument(span)
+    .map(move |()| drop(permit))
 }
 
 /// Cluster mode: the user's presence row (before the replay is read, so
@@ -280,7 +288,10 @@ impl SeqCursor<'_> {
         if seq > *self.last + 1 {
             if let Some((inbox, user)) = self.repair {
                 self.metrics.inbox_gap_repairs.inc();
-                self.fill(sink, inbox, user, seq - 1).await?;
+                // Boxed: the store read's state (1.8 KB) would otherwise be
+                // part of every session's task for its whole life, for a
+                // repair that only a lost live message makes.
+                Box::pin(self.fill(sink, inbox, user, seq - 1)).await?;
             }
         }
         *self.last = seq;
@@ -446,11 +457,14 @@ impl Session {
     }
 
     /// Registers, opens, serves, and closes the session.
+    /// Registers, opens, serves and closes; the router and the cluster
+    /// forget the connection before the close handshake.
     async fn run(
-        mut self,
-        ws: WebSocketStream<ServerStream>,
+        &mut self,
+        sink: &mut Sink,
+        stream: &mut Stream,
+        queue: &mut OutboundReceiver,
         remote_addr: SocketAddr,
-        mut queue: OutboundReceiver,
     ) {
         let (id, ctx) = (self.handle.id, self.ctx.clone());
         let channels = self.admission.channels.clone();
@@ -461,26 +475,21 @@ impl Session {
         {
             return;
         }
-        if let Err(e) = join_cluster(&ctx, &self.admission).await {
-            tracing::error!(error = %e, user = %self.admission.user, "cannot write presence; closing 1011");
-            ctx.router.unregister(id).await;
-            leave_cluster(&ctx, &self.admission.user, &self.admission.channels).await;
-            let mut ws = ws;
-            let frame = CloseFrame {
-                code: CloseCode::from(1011),
-                reason: Utf8Bytes::from_static("inbox unavailable"),
-            };
-            let _ = tokio::time::timeout(CLOSE_DEADLINE, ws.close(Some(frame))).await;
-            return;
-        }
-        debug!("connected");
-        let (mut sink, mut stream) = ws.split();
-        let ending = self
-            .open_and_serve(&mut sink, &mut stream, &mut queue)
-            .await;
+        // Boxed: the presence write's state (2.3 KB) would otherwise be
+        // part of every session's task for its whole life.
+        let ending = match Box::pin(join_cluster(&ctx, &self.admission)).await {
+            Ok(()) => {
+                debug!("connected");
+                self.open_and_serve(sink, stream, queue).await
+            }
+            Err(e) => {
+                tracing::error!(error = %e, user = %self.admission.user, "cannot write presence; closing 1011");
+                Ending::Close(1011, "inbox unavailable")
+            }
+        };
         ctx.router.unregister(id).await;
         leave_cluster(&ctx, &self.admission.user, &self.admission.channels).await;
-        finish(&mut sink, &mut stream, ending).await;
+        finish(sink, stream, ending).await;
         debug!("disconnected");
     }
 
