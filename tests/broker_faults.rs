@@ -16,36 +16,18 @@ mod common;
 #[path = "broker_faults/stream.rs"]
 mod stream;
 
-use std::{process::Command, time::Duration};
+use std::time::Duration;
 
-use common::*;
+use common::{scripts::run_script, *};
 use serde_json::{json, Value};
 use tokio::{net::TcpListener, sync::Mutex, time::Instant};
 
 /// Serializes the tests of this binary.
 static BROKER: Mutex<()> = Mutex::const_new(());
 
-/// `scripts/rabbitmq ARGS` from the repository root; its stdout, or a
-/// panic on failure.
-fn scripts_rabbitmq(args: &[&str]) -> String {
-    let output = Command::new("bash")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/rabbitmq"))
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .expect("run scripts/rabbitmq");
-    assert!(
-        output.status.success(),
-        "scripts/rabbitmq {args:?} failed: {}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
 /// `rabbitmqctl ARGS` against our node.
 fn rabbitmqctl(args: &[&str]) -> String {
-    scripts_rabbitmq(&[&["ctl"], args].concat())
+    run_script("rabbitmq", &[&["ctl"], args].concat())
 }
 
 /// What a watcher saw while the broker connection was cut.
@@ -234,8 +216,8 @@ impl BrokerFault {
                 rabbitmqctl(&["start_app"]);
             }
             BrokerFault::Kill => {
-                scripts_rabbitmq(&["kill"]);
-                scripts_rabbitmq(&["start"]);
+                run_script("rabbitmq", &["kill"]);
+                run_script("rabbitmq", &["start"]);
             }
         }
     }
@@ -243,7 +225,7 @@ impl BrokerFault {
 
 /// The outage tests need to stop the broker: only our own node can be.
 fn assert_our_node() {
-    let said = scripts_rabbitmq(&["status"]);
+    let said = run_script("rabbitmq", &["status"]);
     assert!(
         said.contains("our node") && said.contains("is running"),
         "the outage tests stop and kill the broker, so they need the node that \

@@ -19,7 +19,10 @@ use std::{
 };
 
 use base64::Engine as _;
-use common::*;
+use common::{
+    inbox::{wait_for_stored, with_inbox, ScratchStore},
+    *,
+};
 use futures_util::{SinkExt, StreamExt};
 use notify_bridge::config::AuthMode;
 use serde_json::{json, Value};
@@ -293,6 +296,33 @@ impl Cdp {
             .await;
     }
 
+    /// The text content of the element with id `id`.
+    async fn text_of(&mut self, id: &str) -> Value {
+        let expression = format!("document.getElementById({}).textContent", json!(id));
+        self.eval(&expression).await
+    }
+
+    /// Waits until the element with id `id` shows `text` (`what` names it
+    /// in the failure message).
+    async fn wait_for_text(&mut self, what: &str, id: &str, text: &str) {
+        let expression = format!(
+            "document.getElementById({}).textContent.includes({})",
+            json!(id),
+            json!(text)
+        );
+        self.wait_for(what, &expression).await;
+    }
+
+    /// Joins `channel` with the demo page's channel field and button.
+    async fn subscribe_in_page(&mut self, channel: &str) {
+        self.eval(&format!(
+            "document.getElementById('channel').value = {}; \
+             document.getElementById('subscribe').click()",
+            json!(channel)
+        ))
+        .await;
+    }
+
     /// The text of `[data-notification-id="ID"]` once it is there.
     async fn notification_text(&mut self, id: &str) -> String {
         let expression = format!(
@@ -350,6 +380,24 @@ impl Cdp {
             .collect();
         assert!(bad.is_empty(), "page errors or dialogs: {bad:#?}");
     }
+}
+
+/// Chromium with the page it opened at start, or None when the test is
+/// skipped (see `chromium_binary`).
+async fn open_browser() -> Option<(Browser, Cdp)> {
+    let browser = Browser::launch(&chromium_binary()?);
+    let page = browser.page().await;
+    Some((browser, page))
+}
+
+/// How a test of the demo page ends: the page threw nothing, and the
+/// browser is gone before the bridge stops (so the bridge's shutdown does
+/// not wait on the page's socket).
+async fn finish(page: Cdp, browser: Browser, bridge: Bridge) {
+    page.assert_no_page_errors();
+    drop(page);
+    drop(browser);
+    bridge.stop().await;
 }
 
 /// GET on Chromium's DevTools HTTP endpoint (which keeps the connection
@@ -412,13 +460,11 @@ async fn start_bridge(tweak: impl FnOnce(&mut notify_bridge::config::Config)) ->
 
 #[tokio::test]
 async fn demo_page_receives_sends_reconnects_and_fits_a_phone() {
-    let Some(binary) = chromium_binary() else {
+    let Some((browser, mut page)) = open_browser().await else {
         return;
     };
     let bridge = start_bridge(|_| {}).await;
     let publisher = Publisher::connect().await;
-    let browser = Browser::launch(&binary);
-    let mut page = browser.page().await;
     page.call(
         "Emulation.setDeviceMetricsOverride",
         json!({"width": 1280, "height": 900, "deviceScaleFactor": 1, "mobile": false}),
@@ -452,9 +498,7 @@ async fn demo_page_receives_sends_reconnects_and_fits_a_phone() {
     // connected with a one-time ticket instead.
     let href = page.eval("location.href").await;
     assert_eq!(href, Value::from(format!("http://{http_addr}/")), "{href}");
-    let ws_url = page
-        .eval("document.getElementById('ws-url').textContent")
-        .await;
+    let ws_url = page.text_of("ws-url").await;
     let ws_url = ws_url.as_str().unwrap_or_default();
     assert!(
         ws_url.contains("ticket=") && !ws_url.contains("token="),
@@ -531,16 +575,9 @@ async fn demo_page_receives_sends_reconnects_and_fits_a_phone() {
     );
 
     // 5. Channels: subscribe from the page; a refused one shows the error frame.
-    page.eval(
-        "document.getElementById('channel').value = 'public:news'; \
-         document.getElementById('subscribe').click()",
-    )
-    .await;
-    page.wait_for(
-        "subscribed shown",
-        "document.getElementById('channels').textContent.includes('public:news')",
-    )
-    .await;
+    page.subscribe_in_page("public:news").await;
+    page.wait_for_text("subscribed shown", "channels", "public:news")
+        .await;
     bridge
         .publish(
             &publisher,
@@ -552,14 +589,11 @@ async fn demo_page_receives_sends_reconnects_and_fits_a_phone() {
         text.contains("channel news") && text.contains("channel public:news"),
         "{text}"
     );
-    page.eval(
-        "document.getElementById('channel').value = 'secret'; \
-         document.getElementById('subscribe').click()",
-    )
-    .await;
-    page.wait_for(
+    page.subscribe_in_page("secret").await;
+    page.wait_for_text(
         "error frame for a refused channel shown",
-        "document.getElementById('log').textContent.includes('error forbidden')",
+        "log",
+        "error forbidden",
     )
     .await;
 
@@ -592,9 +626,7 @@ async fn demo_page_receives_sends_reconnects_and_fits_a_phone() {
             "document.getElementById('send-result').dataset.status",
         )
         .await;
-    let answer = page
-        .eval("document.getElementById('send-result').textContent")
-        .await;
+    let answer = page.text_of("send-result").await;
     assert_eq!(status, "202", "{answer}");
     let answer = answer.as_str().unwrap();
     let body: Value = serde_json::from_str(answer.split_once('\n').unwrap().1).unwrap();
@@ -624,17 +656,12 @@ async fn demo_page_receives_sends_reconnects_and_fits_a_phone() {
     // each connection from the side port that served it): the page shows the
     // 1001 close, reconnects with backoff, and receives again.
     let (ws_addr, http_addr) = (bridge.running().ws_addr, bridge.running().http_addr);
-    let before = page
-        .eval("document.getElementById('connection-id').textContent")
-        .await;
+    let before = page.text_of("connection-id").await;
     bridge.stop().await;
     // (The page may already have retried, and failed, while the old bridge
     // was cleaning up: the 1001 is in the log, not necessarily the last close.)
-    page.wait_for(
-        "1001 shown",
-        "document.getElementById('log').textContent.includes('closed: 1001')",
-    )
-    .await;
+    page.wait_for_text("1001 shown", "log", "closed: 1001")
+        .await;
     page.wait_for(
         "reconnecting state",
         "['reconnecting', 'connecting'].includes(document.body.dataset.state)",
@@ -650,17 +677,13 @@ async fn demo_page_receives_sends_reconnects_and_fits_a_phone() {
     let after = connection_ids(&bridge, "1").await;
     assert_eq!(after.len(), 1, "{after:?}");
     assert_eq!(
-        page.eval("document.getElementById('connection-id').textContent")
-            .await,
+        page.text_of("connection-id").await,
         after[0],
         "the new connection id is shown (was {before})"
     );
     // Channels joined before the drop are joined again.
-    page.wait_for(
-        "public:news joined again",
-        "document.getElementById('channels').textContent.includes('public:news')",
-    )
-    .await;
+    page.wait_for_text("public:news joined again", "channels", "public:news")
+        .await;
     bridge
         .publish(
             &publisher,
@@ -684,9 +707,7 @@ async fn demo_page_receives_sends_reconnects_and_fits_a_phone() {
     assert_eq!(status, 204, "{body}");
     page.wait_for("stopped state", "document.body.dataset.state === 'stopped'")
         .await;
-    let status_text = page
-        .eval("document.getElementById('state-text').textContent")
-        .await;
+    let status_text = page.text_of("state-text").await;
     assert!(
         status_text.as_str().unwrap().contains("1008"),
         "{status_text}"
@@ -697,15 +718,12 @@ async fn demo_page_receives_sends_reconnects_and_fits_a_phone() {
         "the page reconnected after a 1008"
     );
 
-    page.assert_no_page_errors();
-    drop(page);
-    drop(browser);
-    bridge.stop().await;
+    finish(page, browser, bridge).await;
 }
 
 #[tokio::test]
 async fn demo_page_in_auth_none_mode_connects_with_user_id_and_gets_tokens_only_when_enabled() {
-    let Some(binary) = chromium_binary() else {
+    let Some((browser, mut page)) = open_browser().await else {
         return;
     };
     let bridge = start_bridge(|c| {
@@ -714,8 +732,6 @@ async fn demo_page_in_auth_none_mode_connects_with_user_id_and_gets_tokens_only_
     })
     .await;
     let publisher = Publisher::connect().await;
-    let browser = Browser::launch(&binary);
-    let mut page = browser.page().await;
 
     let http_addr = bridge.running().http_addr;
     page.navigate(&format!(
@@ -724,17 +740,10 @@ async fn demo_page_in_auth_none_mode_connects_with_user_id_and_gets_tokens_only_
     .await;
     page.wait_for("connected", "document.body.dataset.state === 'open'")
         .await;
-    assert_eq!(
-        page.eval("document.getElementById('welcome-user').textContent")
-            .await,
-        "alice"
-    );
+    assert_eq!(page.text_of("welcome-user").await, "alice");
     // ?channel= is joined after the welcome.
-    page.wait_for(
-        "public:room joined",
-        "document.getElementById('channels').textContent.includes('public:room')",
-    )
-    .await;
+    page.wait_for_text("public:room joined", "channels", "public:room")
+        .await;
     // No token UI in none mode, and no dev-token button without dev_tokens.
     assert_eq!(
         page.eval(
@@ -753,21 +762,16 @@ async fn demo_page_in_auth_none_mode_connects_with_user_id_and_gets_tokens_only_
         .await;
     assert!(page.notification_text("none-1").await.contains("hi alice"));
 
-    page.assert_no_page_errors();
-    drop(page);
-    drop(browser);
-    bridge.stop().await;
+    finish(page, browser, bridge).await;
 }
 
 #[tokio::test]
 async fn dev_token_button_and_the_client_js_example_work_in_the_browser() {
-    let Some(binary) = chromium_binary() else {
+    let Some((browser, mut page)) = open_browser().await else {
         return;
     };
     let bridge = start_bridge(|_| {}).await;
     let publisher = Publisher::connect().await;
-    let browser = Browser::launch(&binary);
-    let mut page = browser.page().await;
     let http_addr = bridge.running().http_addr;
 
     // The "get token" button fetches /api/dev/token and connects.
@@ -784,11 +788,7 @@ async fn dev_token_button_and_the_client_js_example_work_in_the_browser() {
     .await;
     page.wait_for("connected as 7", "document.body.dataset.state === 'open'")
         .await;
-    assert_eq!(
-        page.eval("document.getElementById('welcome-user').textContent")
-            .await,
-        "7"
-    );
+    assert_eq!(page.text_of("welcome-user").await, "7");
     assert!(page
         .eval("document.getElementById('token').value")
         .await
@@ -826,10 +826,7 @@ async fn dev_token_button_and_the_client_js_example_work_in_the_browser() {
     page.wait_for("client.js closed", "states.includes('closed')")
         .await;
 
-    page.assert_no_page_errors();
-    drop(page);
-    drop(browser);
-    bridge.stop().await;
+    finish(page, browser, bridge).await;
 }
 
 /// docs/management-ui.md, followed literally in the RabbitMQ management UI:
@@ -839,7 +836,7 @@ async fn dev_token_button_and_the_client_js_example_work_in_the_browser() {
 /// answers.
 #[tokio::test]
 async fn management_ui_publish_reaches_a_socket() {
-    let Some(binary) = chromium_binary() else {
+    let Some((browser, mut page)) = open_browser().await else {
         return;
     };
     let port: u16 = std::env::var("MANAGEMENT_PORT")
@@ -853,8 +850,6 @@ async fn management_ui_publish_reaches_a_socket() {
     }
     let bridge = start_bridge(|_| {}).await;
     let mut client = bridge.connect("1").await;
-    let browser = Browser::launch(&binary);
-    let mut page = browser.page().await;
 
     // Step 1: log in as guest / guest.
     page.navigate(&format!("http://{management}/")).await;
@@ -929,16 +924,11 @@ async fn management_ui_publish_reaches_a_socket() {
 
 #[tokio::test]
 async fn demo_page_with_the_inbox_replays_counts_marks_read_and_resumes_after_a_reload() {
-    let Some(binary) = chromium_binary() else {
+    let Some((browser, mut page)) = open_browser().await else {
         return;
     };
-    let scratch = tempfile::tempdir().unwrap();
-    let store = scratch.path().join("inbox.db");
-    let bridge = start_bridge(|c| {
-        c.inbox.enabled = true;
-        c.inbox.path = store;
-    })
-    .await;
+    let store = ScratchStore::new();
+    let bridge = start_bridge(with_inbox(store.path())).await;
     let publisher = Publisher::connect().await;
     // Two notifications while the user is offline.
     for id in ["off-1", "off-2"] {
@@ -949,34 +939,20 @@ async fn demo_page_with_the_inbox_replays_counts_marks_read_and_resumes_after_a_
             )
             .await;
     }
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while bridge.running().metrics.inbox_stored.get() < 2 {
-        assert!(tokio::time::Instant::now() < deadline, "not stored");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for_stored(&bridge, 2).await;
 
-    let browser = Browser::launch(&binary);
-    let mut page = browser.page().await;
     let http_addr = bridge.running().http_addr;
     let url = format!("http://{http_addr}/?token={}", token("in", &[]));
     page.navigate(&url).await;
     // First visit: since=0 replays both, and the badge shows the inbox's count.
     page.notification_text("off-1").await;
     page.notification_text("off-2").await;
-    page.wait_for(
-        "2 unread",
-        "document.getElementById('unread').textContent === '2 unread'",
-    )
-    .await;
+    wait_for_unread(&mut page, "2 unread", 2).await;
 
     // Clicking a stored notification marks it read; the counts frame updates the badge.
     page.eval("document.querySelector('[data-notification-id=\"off-1\"] pre').click()")
         .await;
-    page.wait_for(
-        "1 unread after the click",
-        "document.getElementById('unread').textContent === '1 unread'",
-    )
-    .await;
+    wait_for_unread(&mut page, "1 unread after the click", 1).await;
 
     // A live one arrives with the next seq; the badge follows.
     bridge
@@ -986,11 +962,7 @@ async fn demo_page_with_the_inbox_replays_counts_marks_read_and_resumes_after_a_
         )
         .await;
     page.notification_text("live-3").await;
-    page.wait_for(
-        "2 unread with the live one",
-        "document.getElementById('unread').textContent === '2 unread'",
-    )
-    .await;
+    wait_for_unread(&mut page, "2 unread with the live one", 2).await;
 
     // Reload: the page reconnects with since=3, so nothing is replayed twice,
     // and what came while it was away arrives.
@@ -1016,8 +988,13 @@ async fn demo_page_with_the_inbox_replays_counts_marks_read_and_resumes_after_a_
             .await,
         "4"
     );
-    page.assert_no_page_errors();
-    bridge.stop().await;
+    finish(page, browser, bridge).await;
+}
+
+/// Waits until the demo page's badge says exactly `n` unread.
+async fn wait_for_unread(page: &mut Cdp, what: &str, n: u64) {
+    let expression = format!("document.getElementById('unread').textContent === '{n} unread'");
+    page.wait_for(what, &expression).await;
 }
 
 /// Serves one small page to every request on 127.0.0.1, as a site of
@@ -1061,7 +1038,7 @@ async fn socket_from_page(page: &mut Cdp, ws_url: &str) -> String {
 
 #[tokio::test]
 async fn a_cookie_connects_from_an_allowed_origin_but_not_from_another_site() {
-    let Some(binary) = chromium_binary() else {
+    let Some((_browser, mut page)) = open_browser().await else {
         return;
     };
     // The side port's origin is the allowed one, so its port is chosen first.
@@ -1074,8 +1051,6 @@ async fn a_cookie_connects_from_an_allowed_origin_but_not_from_another_site() {
     })
     .await;
     let ws_url = format!("ws://{}/ws", bridge.running().ws_addr);
-    let browser = Browser::launch(&binary);
-    let mut page = browser.page().await;
 
     // The app (on the allowed origin) sets its cookie; its page connects
     // with no token in the URL.

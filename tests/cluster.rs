@@ -389,15 +389,9 @@ async fn a_lost_live_message_is_repaired_from_the_store_before_the_next_frame() 
 }
 
 async fn ticket_on(bridge: &Bridge, user: &str, channels: &[&str]) -> String {
-    let auth = format!("Bearer {}", token(user, channels));
-    let reply = http_request(
-        bridge.running().http_addr,
-        "POST",
-        "/api/ws-ticket",
-        &[("authorization", &auth)],
-        "",
-    )
-    .await;
+    let reply = bridge
+        .request_as(user, channels, "POST", "/api/ws-ticket", "")
+        .await;
     assert_eq!(reply.status, 201, "{}", reply.body);
     reply.json()["ticket"].as_str().unwrap().to_string()
 }

@@ -9,9 +9,9 @@
 mod common;
 mod pg;
 
-use std::{process::Command, time::Duration};
+use std::time::Duration;
 
-use common::{daemon::*, *};
+use common::{daemon::*, scripts::run_script, *};
 use serde_json::Value;
 use tokio::sync::Mutex;
 
@@ -215,20 +215,6 @@ async fn users_of_a_killed_instance_reconnect_elsewhere_and_miss_nothing() {
     setup.cleanup().await;
 }
 
-fn script(name: &str, args: &[&str]) {
-    let output = Command::new("bash")
-        .arg(format!("{}/scripts/{name}", env!("CARGO_MANIFEST_DIR")))
-        .args(args)
-        .output()
-        .expect("run the script");
-    assert!(
-        output.status.success(),
-        "scripts/{name} {args:?}: {}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
-
 /// Polls `/readyz` until it answers `want`; false after 60 s.
 async fn readyz_becomes(addr: std::net::SocketAddr, want: u16) -> bool {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
@@ -257,12 +243,12 @@ async fn a_broker_kill_and_a_database_stop_mid_stream_lose_nothing_stored() {
         .await;
     drop(publisher);
     // The broker dies while the writer works through the slice.
-    script("rabbitmq", &["kill"]);
+    run_script("rabbitmq", &["kill"]);
     assert!(
         readyz_becomes(a.http_addr, 503).await,
         "/readyz dips without the broker"
     );
-    script("rabbitmq", &["start"]);
+    run_script("rabbitmq", &["start"]);
     assert!(
         readyz_becomes(a.http_addr, 200).await,
         "/readyz returns with the broker"
@@ -277,12 +263,12 @@ async fn a_broker_kill_and_a_database_stop_mid_stream_lose_nothing_stored() {
     // crash restart (its presence row, unlogged, is gone after it).
     let mut open_tab = tab(&b, "u0", None).await;
     // The database stops at once while the next slice is committed.
-    script("postgres", &["stop-immediate"]);
+    run_script("postgres", &["stop-immediate"]);
     assert!(
         readyz_becomes(a.http_addr, 503).await,
         "/readyz dips without the database"
     );
-    script("postgres", &["start"]);
+    run_script("postgres", &["start"]);
     assert!(
         readyz_becomes(a.http_addr, 200).await,
         "/readyz returns with the database"

@@ -118,11 +118,7 @@ async fn subscribe_and_unsubscribe_frames() {
         (Some("error"), Some("forbidden"))
     );
 
-    send_text(&mut client, r#"{"type":"subscribe","channel":"allowed"}"#).await;
-    assert_eq!(
-        next_json(&mut client).await,
-        json!({"type": "subscribed", "channel": "allowed"})
-    );
+    change_subscription(&mut client, "subscribe", "allowed").await;
     bridge
         .publish(
             &publisher,
@@ -137,11 +133,7 @@ async fn subscribe_and_unsubscribe_frames() {
         )
         .await;
 
-    send_text(&mut client, r#"{"type":"unsubscribe","channel":"allowed"}"#).await;
-    assert_eq!(
-        next_json(&mut client).await,
-        json!({"type": "unsubscribed", "channel": "allowed"})
-    );
+    change_subscription(&mut client, "unsubscribe", "allowed").await;
     bridge
         .publish(
             &publisher,

@@ -13,13 +13,10 @@ use std::{net::SocketAddr, path::Path, process::Stdio, time::Duration};
 
 use common::{
     amqp_url, broker_addr, daemon::TempDir, delete_topology, http_get, http_request,
-    next_json_within, send_text, unique, Client,
+    lines::SeenLines, next_json_within, send_text, unique, Client,
 };
 use serde_json::Value;
-use tokio::{
-    io::{AsyncBufReadExt, BufReader, Lines},
-    process::{Child, ChildStdout, Command},
-};
+use tokio::process::{Child, ChildStdout, Command};
 
 /// Everything the script does before printing: the broker and database
 /// checks, three starts and readiness (a debug build starts in a second).
@@ -32,8 +29,7 @@ const HOP: Duration = Duration::from_secs(20);
 /// failing test leaves nothing behind.
 struct Demo {
     child: Child,
-    stdout: Lines<BufReader<ChildStdout>>,
-    seen: Vec<String>,
+    stdout: SeenLines<ChildStdout>,
     dir: TempDir,
 }
 
@@ -89,18 +85,13 @@ impl Demo {
             )
             .env("NOTIFY_BRIDGE_INBOX__POSTGRES_URL", db);
         let mut child = command.spawn().expect("bash runs scripts/demo");
-        let stdout = BufReader::new(child.stdout.take().unwrap()).lines();
-        Self {
-            child,
-            stdout,
-            seen: Vec::new(),
-            dir,
-        }
+        let stdout = SeenLines::new(child.stdout.take().unwrap());
+        Self { child, stdout, dir }
     }
 
     /// What the script said so far, and its stderr and the bridges' logs.
     fn output(&self) -> String {
-        let mut text = format!("stdout:\n{}\n", self.seen.join("\n"));
+        let mut text = format!("stdout:\n{}\n", self.stdout.text());
         for name in ["stderr", "bridge-a.log", "bridge-b.log", "bridge-c.log"] {
             let log = std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default();
             let tail: Vec<&str> = log.lines().rev().take(15).collect();
@@ -112,19 +103,8 @@ impl Demo {
 
     /// Reads stdout up to the line containing `needle`.
     async fn read_until(&mut self, needle: &str, within: Duration) {
-        let deadline = tokio::time::Instant::now() + within;
-        loop {
-            match tokio::time::timeout_at(deadline, self.stdout.next_line()).await {
-                Ok(Ok(Some(line))) => {
-                    let found = line.contains(needle);
-                    self.seen.push(line);
-                    if found {
-                        return;
-                    }
-                }
-                Ok(_) => panic!("the script ended before {needle:?}\n{}", self.output()),
-                Err(_) => panic!("no {needle:?} within {within:?}\n{}", self.output()),
-            }
+        if let Err(e) = self.stdout.until(needle, within).await {
+            panic!("scripts/demo: {e}\n{}", self.output());
         }
     }
 
@@ -136,7 +116,8 @@ impl Demo {
                 .unwrap_or_else(|| panic!("{word}"));
             rest.split('/').next().unwrap().parse().unwrap()
         };
-        self.seen
+        self.stdout
+            .seen
             .iter()
             .filter_map(|line| line.trim().strip_prefix("instance "))
             .map(|rest| {
@@ -154,6 +135,7 @@ impl Demo {
     /// the next space or quote.
     fn printed(&self, marker: &str) -> String {
         let line = self
+            .stdout
             .seen
             .iter()
             .find(|l| l.contains(marker))

@@ -15,10 +15,9 @@ use std::{
     time::Duration,
 };
 
-use common::{inbox::ScratchStore, *};
+use common::{inbox::ScratchStore, lines::SeenLines, *};
 use serde_json::Value;
 use tokio::{
-    io::{AsyncBufReadExt, BufReader, Lines},
     process::{Child, ChildStderr, ChildStdout, Command},
     sync::OnceCell,
 };
@@ -142,10 +141,8 @@ async fn make_venv() -> Result<PathBuf, String> {
 /// A running example, its output read line by line.
 struct Running {
     child: Child,
-    stdout: Lines<BufReader<ChildStdout>>,
-    stderr: Lines<BufReader<ChildStderr>>,
-    stdout_seen: Vec<String>,
-    stderr_seen: Vec<String>,
+    stdout: SeenLines<ChildStdout>,
+    stderr: SeenLines<ChildStderr>,
 }
 
 fn spawn(program: &Path, args: &[&str]) -> Running {
@@ -160,78 +157,41 @@ fn spawn(program: &Path, args: &[&str]) -> Running {
         .spawn()
         .unwrap_or_else(|e| panic!("cannot run {}: {e}", program.display()));
     Running {
-        stdout: BufReader::new(child.stdout.take().unwrap()).lines(),
-        stderr: BufReader::new(child.stderr.take().unwrap()).lines(),
+        stdout: SeenLines::new(child.stdout.take().unwrap()),
+        stderr: SeenLines::new(child.stderr.take().unwrap()),
         child,
-        stdout_seen: Vec::new(),
-        stderr_seen: Vec::new(),
     }
 }
 
 impl Running {
     /// Reads stderr until a line contains `needle`.
     async fn wait_stderr(&mut self, needle: &str) {
-        let deadline = tokio::time::Instant::now() + STEP;
-        loop {
-            match tokio::time::timeout_at(deadline, self.stderr.next_line()).await {
-                Ok(Ok(Some(line))) => {
-                    let found = line.contains(needle);
-                    self.stderr_seen.push(line);
-                    if found {
-                        return;
-                    }
-                }
-                Ok(_) => panic!(
-                    "stderr ended before {needle:?}:\n{}",
-                    self.stderr_seen.join("\n")
-                ),
-                Err(_) => panic!(
-                    "no {needle:?} on stderr within {STEP:?}:\n{}",
-                    self.stderr_seen.join("\n")
-                ),
-            }
+        if let Err(e) = self.stderr.until(needle, STEP).await {
+            panic!("stderr: {e}:\n{}", self.stderr.text());
         }
     }
 
     /// The next line on stdout (kept for `finish` too).
     async fn next_stdout_line(&mut self) -> String {
-        let line = tokio::time::timeout(STEP, self.stdout.next_line())
-            .await
-            .unwrap_or_else(|_| {
-                panic!(
-                    "no output within {STEP:?}:\n{}",
-                    self.stderr_seen.join("\n")
-                )
-            })
-            .unwrap()
-            .expect("stdout open");
-        self.stdout_seen.push(line.clone());
-        line
+        let line = self.stdout.next(STEP).await;
+        line.unwrap_or_else(|e| panic!("stdout: {e}:\n{}", self.stderr.text()))
     }
 
     /// Waits for the exit; returns the status, all of stdout and of stderr.
     async fn finish(mut self) -> (ExitStatus, String, String) {
         let collect = async {
-            while let Some(line) = self.stdout.next_line().await.unwrap() {
-                self.stdout_seen.push(line);
-            }
-            while let Some(line) = self.stderr.next_line().await.unwrap() {
-                self.stderr_seen.push(line);
-            }
+            self.stdout.rest().await.unwrap();
+            self.stderr.rest().await.unwrap();
             self.child.wait().await.unwrap()
         };
         let Ok(status) = tokio::time::timeout(STEP, collect).await else {
             panic!(
                 "the example did not exit within {STEP:?}\nstdout:\n{}\nstderr:\n{}",
-                self.stdout_seen.join("\n"),
-                self.stderr_seen.join("\n")
+                self.stdout.text(),
+                self.stderr.text()
             );
         };
-        (
-            status,
-            self.stdout_seen.join("\n"),
-            self.stderr_seen.join("\n"),
-        )
+        (status, self.stdout.text(), self.stderr.text())
     }
 }
 
@@ -259,6 +219,46 @@ fn json_lines(text: &str) -> Vec<Value> {
         .collect()
 }
 
+/// listen.py on `ws_url` as the holder of `token` with `more` flags,
+/// once it has said `welcome`.
+async fn listen_py(python: &Path, ws_url: &str, token: &str, more: &[&str]) -> Running {
+    let script = example("listen.py");
+    let mut args = vec![script.as_str(), "--url", ws_url, "--token", token];
+    args.extend(more);
+    let mut listener = spawn(python, &args);
+    listener.wait_stderr("welcome").await;
+    listener
+}
+
+/// publish_amqp.py to `exchange` on the test broker for user 1, with `more`
+/// flags, run to its end.
+async fn publish_amqp_py(
+    python: &Path,
+    exchange: &str,
+    more: &[&str],
+) -> (ExitStatus, String, String) {
+    let (script, amqp) = (example("publish_amqp.py"), amqp_url());
+    let mut args = vec![script.as_str(), "--amqp-url", &amqp, "--exchange", exchange];
+    args.extend(["--user", "1"]);
+    args.extend(more);
+    run(python, &args).await
+}
+
+/// send_http.py to user 1 through the bridge at `http_url` with `api_key`
+/// and `more` flags, run to its end.
+async fn send_http_py(
+    python: &Path,
+    http_url: &str,
+    api_key: &str,
+    more: &[&str],
+) -> (ExitStatus, String, String) {
+    let script = example("send_http.py");
+    let mut args = vec![script.as_str(), "--url", http_url, "--api-key", api_key];
+    args.extend(["--user", "1"]);
+    args.extend(more);
+    run(python, &args).await
+}
+
 /// A bodiless request with the admin key: status and body.
 async fn admin(addr: std::net::SocketAddr, method: &str, path: &str) -> (u16, String) {
     let key = format!("Bearer {ADMIN_KEY}");
@@ -276,61 +276,21 @@ async fn publish_amqp_py_single_and_feed_reach_listen_py() {
     let bridge = start_bridge().await;
     let ws_url = bridge.ws_url("/ws");
     let token = token("1", &[]);
-    let mut listener = spawn(
-        &python,
-        &[
-            &example("listen.py"),
-            "--url",
-            &ws_url,
-            "--token",
-            &token,
-            "--json",
-            "--count",
-            "4",
-        ],
-    );
-    listener.wait_stderr("welcome").await;
+    let listener = listen_py(&python, &ws_url, &token, &["--json", "--count", "4"]).await;
 
-    let amqp = amqp_url();
     let exchange = bridge.config.amqp.exchange.clone();
-    let (status, out, err) = run(
+    let (status, out, err) = publish_amqp_py(
         &python,
-        &[
-            &example("publish_amqp.py"),
-            "--amqp-url",
-            &amqp,
-            "--exchange",
-            &exchange,
-            "--user",
-            "1",
-            "--text",
-            "hello from pika",
-            "--id",
-            "py-1",
-        ],
+        &exchange,
+        &["--text", "hello from pika", "--id", "py-1"],
     )
     .await;
     assert!(status.success(), "{out}{err}");
     assert!(out.contains("published id=py-1"), "{out}");
 
     // The live feed: three positions, 0.2 s apart, then it stops by itself.
-    let (status, out, err) = run(
-        &python,
-        &[
-            &example("publish_amqp.py"),
-            "--amqp-url",
-            &amqp,
-            "--exchange",
-            &exchange,
-            "--user",
-            "1",
-            "--every",
-            "0.2",
-            "--count",
-            "3",
-        ],
-    )
-    .await;
+    let (status, out, err) =
+        publish_amqp_py(&python, &exchange, &["--every", "0.2", "--count", "3"]).await;
     assert!(status.success(), "{out}{err}");
     assert_eq!(out.matches("published id=").count(), 3, "{out}");
     assert!(out.contains(r#""store": false"#), "{out}");
@@ -348,19 +308,7 @@ async fn publish_amqp_py_single_and_feed_reach_listen_py() {
     }
 
     // No exchange of that name: a clear error, not a hang.
-    let (status, _, err) = run(
-        &python,
-        &[
-            &example("publish_amqp.py"),
-            "--amqp-url",
-            &amqp,
-            "--exchange",
-            &unique("missing"),
-            "--user",
-            "1",
-        ],
-    )
-    .await;
+    let (status, _, err) = publish_amqp_py(&python, &unique("missing"), &[]).await;
     assert!(!status.success());
     assert!(err.contains("404") && err.contains("exchange"), "{err}");
     bridge.stop().await;
@@ -387,41 +335,19 @@ async fn send_http_py_reaches_listen_py_with_a_dev_token() {
     );
     listener.wait_stderr("welcome").await;
 
-    let (status, out, err) = run(
-        &python,
-        &[
-            &example("send_http.py"),
-            "--url",
-            &http_url,
-            "--api-key",
-            "wrong-key",
-            "--user",
-            "1",
-        ],
-    )
-    .await;
+    let (status, out, err) = send_http_py(&python, &http_url, "wrong-key", &[]).await;
     assert_eq!(status.code(), Some(1), "{out}{err}");
     assert!(out.contains("HTTP 401"), "{out}");
 
-    let (status, out, err) = run(
-        &python,
-        &[
-            &example("send_http.py"),
-            "--url",
-            &http_url,
-            "--api-key",
-            API_KEY,
-            "--user",
-            "1",
-            "--text",
-            "hello over HTTP",
-            "--id",
-            "http-1",
-            "--event",
-            "greeting",
-        ],
-    )
-    .await;
+    let more = [
+        "--text",
+        "hello over HTTP",
+        "--id",
+        "http-1",
+        "--event",
+        "greeting",
+    ];
+    let (status, out, err) = send_http_py(&python, &http_url, API_KEY, &more).await;
     assert!(status.success(), "{out}{err}");
     assert!(
         out.starts_with("HTTP 202") && out.contains(r#""queued""#),
@@ -446,22 +372,8 @@ async fn listen_py_reconnects_after_a_bridge_restart_and_stops_on_1008() {
     let publisher = Publisher::connect().await;
     let ws_url = bridge.ws_url("/ws");
     let token = token("3", &[]);
-    let mut listener = spawn(
-        &python,
-        &[
-            &example("listen.py"),
-            "--url",
-            &ws_url,
-            "--token",
-            &token,
-            "--json",
-            "--count",
-            "2",
-            "--max-backoff",
-            "2",
-        ],
-    );
-    listener.wait_stderr("welcome").await;
+    let more = ["--json", "--count", "2", "--max-backoff", "2"];
+    let mut listener = listen_py(&python, &ws_url, &token, &more).await;
     bridge
         .publish(
             &publisher,
@@ -490,11 +402,7 @@ async fn listen_py_reconnects_after_a_bridge_restart_and_stops_on_1008() {
     assert_eq!(ids, ["before", "after"], "{out}");
 
     // An admin closes it with 1008: listen.py says so and exits 1.
-    let mut listener = spawn(
-        &python,
-        &[&example("listen.py"), "--url", &ws_url, "--token", &token],
-    );
-    listener.wait_stderr("welcome").await;
+    let listener = listen_py(&python, &ws_url, &token, &[]).await;
     let (status, body) = admin(
         bridge.running().http_addr,
         "GET",

@@ -261,11 +261,7 @@ async fn auth_mode_none_takes_the_user_from_the_url() {
     .await;
 
     // Every channel may be joined later too.
-    send_text(&mut by_path, r#"{"type":"subscribe","channel":"whatever"}"#).await;
-    assert_eq!(
-        next_json(&mut by_path).await,
-        json!({"type": "subscribed", "channel": "whatever"})
-    );
+    change_subscription(&mut by_path, "subscribe", "whatever").await;
     bridge
         .publish(&publisher, r#"{"user_id":5,"id":"n5","payload":1}"#)
         .await;
@@ -276,29 +272,6 @@ async fn auth_mode_none_takes_the_user_from_the_url() {
     assert_eq!(next_json(&mut by_path).await["id"], "w");
     drop((by_query, by_path));
     bridge.stop().await;
-}
-
-/// Connects `user` until accepted (limits are released asynchronously).
-async fn connect_when_released(bridge: &Bridge, user: &str) -> Client {
-    let url = bridge.ws_url(&format!("/ws?token={}", token(user, &[])));
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        match tokio_tungstenite::connect_async(url.as_str()).await {
-            Ok((mut client, _)) => {
-                assert_eq!(next_json(&mut client).await["type"], "welcome");
-                return client;
-            }
-            Err(e) => {
-                let e = describe_ws_error(e);
-                assert!(e.starts_with("HTTP 503"), "{e}");
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "the limit was not released: {e}"
-                );
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-    }
 }
 
 #[tokio::test]
@@ -316,7 +289,7 @@ async fn per_user_connection_limit() {
 
     first.close(None).await.unwrap();
     drop(first);
-    let again = connect_when_released(&bridge, "1").await;
+    let again = bridge.connect_when_released("1").await;
     assert_refused(request(&url, &[]), 503, "unavailable").await;
     drop((other, again));
     bridge.stop().await;
@@ -333,7 +306,7 @@ async fn global_connection_limit() {
 
     // Dropping the TCP connection without a close frame also frees it.
     drop(first);
-    let second = connect_when_released(&bridge, "2").await;
+    let second = bridge.connect_when_released("2").await;
     assert_refused(request(&url, &[]), 503, "unavailable").await;
     drop(second);
     bridge.stop().await;

@@ -614,26 +614,6 @@ async fn slowloris_handshakes_time_out_while_others_connect() {
     bridge.stop().await;
 }
 
-/// Connects until accepted (limits are released asynchronously).
-async fn connect_when_released(bridge: &Bridge, user: &str) -> Client {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let url = bridge.ws_url(&format!("/ws?token={}", token(user, &[])));
-        match tokio_tungstenite::connect_async(url).await {
-            Ok((mut client, _)) => {
-                assert_eq!(next_json(&mut client).await["type"], "welcome");
-                return client;
-            }
-            Err(e) => {
-                let e = describe_ws_error(e);
-                assert!(e.starts_with("HTTP 503"), "{e}");
-                assert!(Instant::now() < deadline, "never released: {e}");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-    }
-}
-
 #[tokio::test]
 async fn a_flood_over_the_limits_gets_503_and_places_come_back() {
     const MAX: usize = 200;
@@ -701,7 +681,7 @@ async fn a_flood_over_the_limits_gets_503_and_places_come_back() {
         drop(client);
     }
     for i in 0..20 {
-        open.push(connect_when_released(&bridge, &format!("y{i}")).await);
+        open.push(bridge.connect_when_released(&format!("y{i}")).await);
     }
     assert_refused(
         request(

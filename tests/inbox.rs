@@ -3,21 +3,15 @@
 
 mod common;
 
-use std::{path::PathBuf, time::Duration};
+use std::time::Duration;
 
-use common::{inbox::ScratchStore, *};
-use notify_bridge::config::Config;
+use common::{
+    inbox::{wait_for_stored, with_inbox, ScratchStore},
+    *,
+};
 use serde_json::{json, Value};
 
 const ADMIN_KEY: &str = "inbox-admin-key";
-
-fn with_inbox(path: PathBuf) -> impl FnOnce(&mut Config) {
-    move |c: &mut Config| {
-        c.inbox.enabled = true;
-        c.inbox.path = path;
-        c.http.admin_keys = vec![ADMIN_KEY.into()];
-    }
-}
 
 async fn connect_since(bridge: &Bridge, user: &str, since: Option<u64>) -> (Client, Value) {
     let since = since.map(|s| s.to_string());
@@ -36,17 +30,6 @@ async fn publish_many(
     publisher
         .publish_all(&bridge.config.amqp.exchange, bodies)
         .await;
-}
-
-async fn wait_for_stored(bridge: &Bridge, at_least: u64) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while bridge.running().metrics.inbox_stored.get() < at_least {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "entries not stored in time"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test]
@@ -284,7 +267,12 @@ async fn http(
 #[tokio::test]
 async fn http_list_and_patch() {
     let store = ScratchStore::new();
-    let bridge = Bridge::start_with(with_inbox(store.path())).await;
+    let inbox = with_inbox(store.path());
+    let bridge = Bridge::start_with(|c| {
+        inbox(c);
+        c.http.admin_keys = vec![ADMIN_KEY.into()];
+    })
+    .await;
     let publisher = Publisher::connect().await;
     publish_many(&bridge, &publisher, "h", 0..6).await;
     wait_for_stored(&bridge, 6).await;

@@ -7,38 +7,18 @@ mod common;
 
 use std::{path::PathBuf, time::Duration};
 
-use common::{inbox::ScratchStore, *};
-use notify_bridge::config::Config;
+use common::{
+    inbox::{wait_for_stored, with_inbox, ScratchStore},
+    *,
+};
 use serde_json::{json, Value};
-
-fn with_inbox(path: PathBuf) -> impl FnOnce(&mut Config) {
-    move |c: &mut Config| {
-        c.inbox.enabled = true;
-        c.inbox.path = path;
-    }
-}
 
 async fn connect_since(bridge: &Bridge, user: &str, since: &str) -> (Client, Value) {
     common::inbox::connect_since(bridge, user, Some(since)).await
 }
 
-async fn wait_for_stored(bridge: &Bridge, at_least: u64) {
-    eventually(Duration::from_secs(30), "entries stored", || {
-        bridge.running().metrics.inbox_stored.get() >= at_least
-    })
-    .await;
-}
-
 async fn http(bridge: &Bridge, method: &str, path: &str, user: &str, body: &str) -> (u16, Value) {
-    let auth = format!("Bearer {}", token(user, &[]));
-    let reply = http_request(
-        bridge.running().http_addr,
-        method,
-        path,
-        &[("authorization", &auth)],
-        body,
-    )
-    .await;
+    let reply = bridge.request_as(user, &[], method, path, body).await;
     let value = serde_json::from_str(&reply.body).unwrap_or(Value::Null);
     (reply.status, value)
 }
@@ -210,7 +190,8 @@ async fn the_inbox_folder_and_files_are_private() {
 }
 
 /// The first schema (`SCHEMA` in src/inbox/store.rs before payloads were
-/// stored once), verbatim.
+/// stored once), verbatim. A frozen copy on purpose: the migration test must
+/// start from the schema as the first release wrote it, never from today's code.
 const V1_SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS inbox_users (
     user_id TEXT PRIMARY KEY,
@@ -339,15 +320,8 @@ async fn long_listings_and_replays_come_whole_and_in_order_across_pages() {
         .await;
     wait_for_stored(&bridge, 300).await;
 
-    let auth = format!("Bearer {}", token("pages", &[]));
-    let reply = http_request(
-        bridge.running().http_addr,
-        "GET",
-        "/api/me/notifications?limit=500&before=290",
-        &[("authorization", &auth)],
-        "",
-    )
-    .await;
+    let path = "/api/me/notifications?limit=500&before=290";
+    let reply = bridge.request_as("pages", &[], "GET", path, "").await;
     assert_eq!(reply.status, 200);
     // Streamed a page at a time, not built whole (11 MB here).
     assert_eq!(reply.header("transfer-encoding"), Some("chunked"));

@@ -29,95 +29,61 @@ const USERS: u64 = 10;
 /// One malformed body of each kind the contract names (and some it implies),
 /// with the words its logged reason must contain.
 fn malformed_kinds() -> Vec<(&'static str, Vec<u8>, &'static str)> {
+    let kind = |name, body: &[u8], reason| (name, body.to_vec(), reason);
+    let too_large = format!(r#"{{"user_id":1,"payload":"{}"}}"#, "x".repeat(MAX_BYTES));
     vec![
-        ("not-json", b"hello there".to_vec(), "not valid JSON"),
-        ("empty", Vec::new(), "empty"),
-        ("not-utf8", b"\xff\xfe{\"user_id\":1}".to_vec(), "not UTF-8"),
-        ("array", b"[1,2,3]".to_vec(), "JSON"),
-        ("string", br#""just a string""#.to_vec(), "JSON"),
-        ("null", b"null".to_vec(), "JSON"),
-        (
-            "truncated",
-            br#"{"user_id":1,"payload":{"a":"#.to_vec(),
-            "JSON",
-        ),
-        ("no-target", br#"{"payload":{}}"#.to_vec(), "target"),
-        ("no-payload", br#"{"user_id":1}"#.to_vec(), "payload"),
-        (
-            "float-user",
-            br#"{"user_id":1.5,"payload":1}"#.to_vec(),
-            "user_id",
-        ),
-        (
-            "bool-user",
-            br#"{"user_id":true,"payload":1}"#.to_vec(),
-            "user_id",
-        ),
-        (
-            "empty-user",
-            br#"{"user_id":"","payload":1}"#.to_vec(),
-            "user_id",
-        ),
-        (
-            "object-user",
-            br#"{"user_id":{},"payload":1}"#.to_vec(),
-            "user_id",
-        ),
-        (
-            "huge-user",
-            br#"{"user_id":1e400,"payload":1}"#.to_vec(),
-            "JSON",
-        ),
-        (
+        kind("not-json", b"hello there", "not valid JSON"),
+        kind("empty", b"", "empty"),
+        kind("not-utf8", b"\xff\xfe{\"user_id\":1}", "not UTF-8"),
+        kind("array", b"[1,2,3]", "JSON"),
+        kind("string", br#""just a string""#, "JSON"),
+        kind("null", b"null", "JSON"),
+        kind("truncated", br#"{"user_id":1,"payload":{"a":"#, "JSON"),
+        kind("no-target", br#"{"payload":{}}"#, "target"),
+        kind("no-payload", br#"{"user_id":1}"#, "payload"),
+        kind("float-user", br#"{"user_id":1.5,"payload":1}"#, "user_id"),
+        kind("bool-user", br#"{"user_id":true,"payload":1}"#, "user_id"),
+        kind("empty-user", br#"{"user_id":"","payload":1}"#, "user_id"),
+        kind("object-user", br#"{"user_id":{},"payload":1}"#, "user_id"),
+        kind("huge-user", br#"{"user_id":1e400,"payload":1}"#, "JSON"),
+        kind(
             "empty-user-ids",
-            br#"{"user_ids":[],"payload":1}"#.to_vec(),
+            br#"{"user_ids":[],"payload":1}"#,
             "user_ids",
         ),
-        (
+        kind(
             "null-in-user-ids",
-            br#"{"user_ids":[1,null],"payload":1}"#.to_vec(),
+            br#"{"user_ids":[1,null],"payload":1}"#,
             "user_ids",
         ),
-        (
+        kind(
             "two-targets",
-            br#"{"user_id":1,"channel":"x","payload":1}"#.to_vec(),
+            br#"{"user_id":1,"channel":"x","payload":1}"#,
             "target",
         ),
-        (
-            "empty-channel",
-            br#"{"channel":"","payload":1}"#.to_vec(),
-            "channel",
-        ),
-        (
+        kind("empty-channel", br#"{"channel":"","payload":1}"#, "channel"),
+        kind(
             "broadcast-string",
-            br#"{"broadcast":"yes","payload":1}"#.to_vec(),
+            br#"{"broadcast":"yes","payload":1}"#,
             "broadcast",
         ),
-        (
+        kind(
             "store-string",
-            br#"{"user_id":1,"payload":1,"store":"no"}"#.to_vec(),
+            br#"{"user_id":1,"payload":1,"store":"no"}"#,
             "store",
         ),
-        (
+        kind(
             "event-number",
-            br#"{"user_id":1,"payload":1,"event":5}"#.to_vec(),
+            br#"{"user_id":1,"payload":1,"event":5}"#,
             "event",
         ),
-        (
-            "id-number",
-            br#"{"user_id":1,"payload":1,"id":7}"#.to_vec(),
-            "id",
-        ),
-        (
+        kind("id-number", br#"{"user_id":1,"payload":1,"id":7}"#, "id"),
+        kind(
             "duplicate-key",
-            br#"{"user_id":1,"user_id":2,"payload":1}"#.to_vec(),
+            br#"{"user_id":1,"user_id":2,"payload":1}"#,
             "duplicate",
         ),
-        (
-            "too-large",
-            format!(r#"{{"user_id":1,"payload":"{}"}}"#, "x".repeat(MAX_BYTES)).into_bytes(),
-            "larger than",
-        ),
+        kind("too-large", too_large.as_bytes(), "larger than"),
     ]
 }
 

@@ -8,7 +8,7 @@ mod pg;
 
 use std::time::Duration;
 
-use common::*;
+use common::{inbox::wait_for_stored, *};
 use notify_bridge::config::{Config, InboxStoreKind};
 use serde_json::{json, Value};
 
@@ -22,14 +22,6 @@ fn with_postgres(url: String) -> impl FnOnce(&mut Config) {
 
 async fn connect_since(bridge: &Bridge, user: &str, since: u64) -> (Client, Value) {
     common::inbox::connect_since(bridge, user, Some(&since.to_string())).await
-}
-
-async fn wait_for_stored(bridge: &Bridge, at_least: u64) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while bridge.running().metrics.inbox_stored.get() < at_least {
-        assert!(tokio::time::Instant::now() < deadline, "not stored in time");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test]
@@ -160,12 +152,9 @@ async fn http_list_and_patch_on_postgres() {
         .publish_all(&bridge.config.amqp.exchange, bodies)
         .await;
     wait_for_stored(&bridge, 6).await;
-    let me = format!("Bearer {}", token("h", &[]));
-    let auth = [("authorization", me.as_str())];
     let (mut tab, _) = connect_since(&bridge, "h", 6).await;
-    let addr = bridge.running().http_addr;
     let path = "/api/me/notifications?limit=2&before=6";
-    let list = http_request(addr, "GET", path, &auth, "").await;
+    let list = bridge.request_as("h", &[], "GET", path, "").await;
     assert_eq!(list.status, 200, "{}", list.body);
     let list = list.json();
     assert_eq!(
@@ -174,7 +163,9 @@ async fn http_list_and_patch_on_postgres() {
     );
     assert_eq!(listed_seqs(&list), vec![5, 4]);
     let body = r#"{"action":"mark_read","ids":["h-0","h-1","nope"]}"#;
-    let patched = http_request(addr, "PATCH", "/api/me/notifications", &auth, body).await;
+    let patched = bridge
+        .request_as("h", &[], "PATCH", "/api/me/notifications", body)
+        .await;
     assert_eq!(patched.status, 200, "{}", patched.body);
     assert_eq!(patched.json(), json!({"total": 6, "unread": 4}));
     assert_eq!(

@@ -9,7 +9,11 @@ mod pg;
 
 use std::time::Duration;
 
-use common::{inbox::ScratchStore, receipts::ReceiptQueue as Inbox, *};
+use common::{
+    inbox::{with_inbox, ScratchStore},
+    receipts::ReceiptQueue as Inbox,
+    *,
+};
 use lapin::{
     types::{AMQPValue, FieldTable},
     BasicProperties,
@@ -22,11 +26,10 @@ fn receipts_on(c: &mut Config) {
 }
 
 fn with_sqlite_inbox(store: &ScratchStore) -> impl FnOnce(&mut Config) {
-    let path = store.path();
+    let inbox = with_inbox(store.path());
     move |c: &mut Config| {
         receipts_on(c);
-        c.inbox.enabled = true;
-        c.inbox.path = path;
+        inbox(c);
     }
 }
 
@@ -252,16 +255,12 @@ async fn read_receipts_are_sent_once(bridge: &Bridge) {
     // Read again (tab and HTTP), and remove an unread one: nothing.
     send_text(&mut tab, r#"{"type":"read","ids":["a"]}"#).await;
     send_text(&mut tab, r#"{"type":"remove","ids":["b"]}"#).await;
-    let me = format!("Bearer {}", token("r", &[]));
-    let patch = |body: &'static str| {
-        let me = me.clone();
-        async move {
-            let headers = [("authorization", me.as_str())];
-            let addr = bridge.running().http_addr;
-            http_request(addr, "PATCH", "/api/me/notifications", &headers, body)
-                .await
-                .status
-        }
+    let patch = |body: &'static str| async move {
+        let path = "/api/me/notifications";
+        bridge
+            .request_as("r", &[], "PATCH", path, body)
+            .await
+            .status
     };
     assert_eq!(patch(r#"{"action":"mark_read","ids":["a"]}"#).await, 200);
     results.assert_empty(Duration::from_millis(500)).await;

@@ -5,7 +5,9 @@ use std::{path::PathBuf, time::Duration};
 
 use serde_json::Value;
 
-use super::{next_json, next_json_within, token, Bridge, Client, Publisher};
+use notify_bridge::config::Config;
+
+use super::{eventually, next_json, next_json_within, token, Bridge, Client, Publisher};
 
 /// A SQLite inbox store in a scratch folder that is removed when this is
 /// dropped, also when the test panics; the two folders above the store
@@ -28,6 +30,25 @@ impl ScratchStore {
     pub fn path(&self) -> PathBuf {
         self.0.path().join("store").join("data").join("inbox.db")
     }
+}
+
+/// Turns the inbox on with its SQLite store at `path` (for
+/// `Bridge::start_with`; a restarted bridge given the same path finds the
+/// same store).
+pub fn with_inbox(path: PathBuf) -> impl FnOnce(&mut Config) {
+    move |c: &mut Config| {
+        c.inbox.enabled = true;
+        c.inbox.path = path;
+    }
+}
+
+/// Waits until the bridge has stored `at_least` inbox entries, whichever
+/// store it uses: publishing confirms only the broker's part.
+pub async fn wait_for_stored(bridge: &Bridge, at_least: u64) {
+    eventually(Duration::from_secs(30), "inbox entries stored", || {
+        bridge.running().metrics.inbox_stored.get() >= at_least
+    })
+    .await;
 }
 
 /// Connects as `user` (with `?since=` when given) and reads `welcome` and

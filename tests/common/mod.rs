@@ -13,7 +13,9 @@ pub mod daemon;
 pub mod http_client;
 pub mod in_process;
 pub mod inbox;
+pub mod lines;
 pub mod receipts;
+pub mod scripts;
 pub mod tls;
 
 // Each test binary uses some of these (the glob `use common::*`).
@@ -138,6 +140,45 @@ impl Bridge {
         let welcome = next_json(&mut client).await;
         assert_eq!(welcome["type"], "welcome", "{welcome}");
         client
+    }
+
+    /// Connects `user` until accepted: a connection limit is released
+    /// asynchronously after a close, so a refusal meanwhile must be a 503.
+    pub async fn connect_when_released(&self, user: &str) -> Client {
+        let url = self.ws_url(&format!("/ws?token={}", token(user, &[])));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            match tokio_tungstenite::connect_async(url.as_str()).await {
+                Ok((mut client, _)) => {
+                    assert_eq!(next_json(&mut client).await["type"], "welcome");
+                    return client;
+                }
+                Err(e) => {
+                    let e = describe_ws_error(e);
+                    assert!(e.starts_with("HTTP 503"), "{e}");
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "the limit was not released: {e}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+    }
+
+    /// `METHOD path` on this bridge's HTTP port as `user` (a bearer JWT
+    /// granting `channels`), the caller every user route is about.
+    pub async fn request_as(
+        &self,
+        user: &str,
+        channels: &[&str],
+        method: &str,
+        path: &str,
+        body: &str,
+    ) -> HttpReply {
+        let auth = format!("Bearer {}", token(user, channels));
+        let headers = [("authorization", auth.as_str())];
+        http_request(self.running().http_addr, method, path, &headers, body).await
     }
 
     /// Publishes to this bridge's exchange and waits for the broker's confirm.
@@ -265,6 +306,21 @@ pub async fn close_code(client: &mut Client) -> Option<u16> {
 
 pub async fn send_text(client: &mut Client, text: &str) {
     client.send(Message::Text(text.into())).await.unwrap();
+}
+
+/// Sends `{"type": action, "channel": channel}` (`subscribe` or
+/// `unsubscribe`) and asserts the reply confirms exactly that change.
+pub async fn change_subscription(client: &mut Client, action: &str, channel: &str) {
+    let (action_json, channel_json) = (Value::from(action), Value::from(channel));
+    send_text(
+        client,
+        &format!(r#"{{"type":{action_json},"channel":{channel_json}}}"#),
+    )
+    .await;
+    assert_eq!(
+        next_json(client).await,
+        serde_json::json!({"type": format!("{action}d"), "channel": channel})
+    );
 }
 
 /// An AMQP publisher with publisher confirms.
