@@ -21,6 +21,7 @@ mod ticket;
 use std::sync::Arc;
 
 use axum::{
+    extract::MatchedPath,
     http::{header, StatusCode},
     response::IntoResponse,
     routing::post,
@@ -28,6 +29,7 @@ use axum::{
 };
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tower_http::trace::TraceLayer;
 use utoipa::OpenApi as _;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
@@ -88,9 +90,29 @@ pub fn routes(state: Arc<HttpState>) -> Routes {
         .route("/api/notifications/send/", post(send::send))
         .split_for_parts();
     routes
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(request_span)
+                .on_request(())
+                .on_response(())
+                .on_body_chunk(())
+                .on_eos(())
+                .on_failure(()),
+        )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
+}
+
+/// The span every handler runs in: the method and the route as declared
+/// (`/api/users/{user}/notifications`), never the raw path or query, which
+/// may carry a token or be as long as a hostile client makes it.
+fn request_span(request: &axum::http::Request<axum::body::Body>) -> tracing::Span {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("", MatchedPath::as_str);
+    tracing::info_span!("request", method = %request.method(), route = %route)
 }
 
 /// Serves until shutdown, within `limits` (CONTRACT.md, "Limits on hostile

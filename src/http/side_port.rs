@@ -32,7 +32,7 @@ use tokio::{
     sync::{OwnedSemaphorePermit, Semaphore},
 };
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{debug, info_span, warn, Instrument};
 
 use super::{
     activity::{Activity, Watched},
@@ -162,11 +162,11 @@ impl SidePort {
         let (metrics, logs) = (self.metrics.clone(), self.logs.clone());
         let (tls, shutdown) = (self.tls.clone(), self.shutdown.clone());
         let timeout = self.limits.request_timeout;
-        tokio::spawn(async move {
-            let secured = secure(tcp, remote_addr, tls.as_deref(), timeout, &shutdown).await;
+        let connection = async move {
+            let secured = secure(tcp, tls.as_deref(), timeout, &shutdown).await;
             let stream = match secured {
                 Secured::Ready(stream) => stream,
-                Secured::TimedOut => return timed_out(remote_addr, timeout, &metrics, &logs),
+                Secured::TimedOut => return timed_out(timeout, &metrics, &logs),
                 Secured::Failed => return,
             };
             let io = TokioIo::new(Watched::new(stream, activity.clone()));
@@ -175,8 +175,10 @@ impl SidePort {
             if activity.idle_keep_alive() {
                 result = Ok(());
             }
-            closed(result, remote_addr, timeout, &metrics, &logs);
-        });
+            closed(result, timeout, &metrics, &logs);
+        };
+        // Whatever the connection logs, and its requests' spans, name the peer.
+        tokio::spawn(connection.instrument(info_span!("http_connection", %remote_addr)));
     }
 
     /// A connection past `http.max_connections`: answered, counted, closed.
@@ -205,7 +207,6 @@ enum Secured {
 /// otherwise), in the connection's own task.
 async fn secure(
     tcp: TcpStream,
-    remote_addr: SocketAddr,
     tls: Option<&ListenerTls>,
     timeout: Duration,
     shutdown: &CancellationToken,
@@ -218,7 +219,7 @@ async fn secure(
         accepted = tokio::time::timeout(timeout, tls.accept(tcp)) => match accepted {
             Ok(Ok(stream)) => Secured::Ready(stream),
             Ok(Err(e)) => {
-                debug!(%remote_addr, error = %e, "side port: TLS handshake failed");
+                debug!(error = %e, "side port: TLS handshake failed");
                 Secured::Failed
             }
             Err(_) => Secured::TimedOut,
@@ -227,12 +228,15 @@ async fn secure(
 }
 
 /// A TLS handshake that did not finish within `http.request_timeout`.
-fn timed_out(remote_addr: SocketAddr, timeout: Duration, metrics: &Metrics, logs: &Logs) {
+fn timed_out(timeout: Duration, metrics: &Metrics, logs: &Logs) {
     metrics.refused(Limit::HttpRequestTimeout);
     if let Some(unlogged) = logs.head_timeout.event() {
-        warn!(%remote_addr, limit = Limit::HttpRequestTimeout.label(), ?timeout,
+        warn!(
+            limit = Limit::HttpRequestTimeout.label(),
+            ?timeout,
             timed_out_since_last_log = unlogged,
-            "side port: a TLS handshake did not finish within http.request_timeout; closed");
+            "side port: a TLS handshake did not finish within http.request_timeout; closed"
+        );
     }
 }
 
@@ -265,25 +269,22 @@ fn service(
 /// A connection has ended: a head that did not arrive in time is a refusal
 /// (an idle keep-alive connection closed by the same timer is passed in as
 /// `Ok`, see [`Activity`]).
-fn closed(
-    result: Result<(), hyper::Error>,
-    remote_addr: SocketAddr,
-    timeout: Duration,
-    metrics: &Metrics,
-    logs: &Logs,
-) {
+fn closed(result: Result<(), hyper::Error>, timeout: Duration, metrics: &Metrics, logs: &Logs) {
     let Err(e) = result else {
         return;
     };
     if !e.is_timeout() {
-        debug!(%remote_addr, error = %e, "side port: connection failed");
+        debug!(error = %e, "side port: connection failed");
         return;
     }
     metrics.refused(Limit::HttpRequestTimeout);
     if let Some(unlogged) = logs.head_timeout.event() {
-        warn!(%remote_addr, limit = Limit::HttpRequestTimeout.label(), ?timeout,
+        warn!(
+            limit = Limit::HttpRequestTimeout.label(),
+            ?timeout,
             timed_out_since_last_log = unlogged,
-            "side port: a request head did not arrive within http.request_timeout; closed");
+            "side port: a request head did not arrive within http.request_timeout; closed"
+        );
     }
 }
 

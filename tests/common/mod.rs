@@ -14,6 +14,7 @@ pub mod http_client;
 pub mod in_process;
 pub mod inbox;
 pub mod lines;
+pub mod log_capture;
 pub mod receipts;
 pub mod scripts;
 pub mod tls;
