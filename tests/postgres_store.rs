@@ -155,6 +155,35 @@ async fn retention_makes_gaps_but_removals_do_not() {
     );
 }
 
+async fn held(s: &PgStore, user: &str) -> Vec<u64> {
+    seqs(&s.replay(user, Some(0), ALL).await.unwrap().entries)
+}
+
+/// Retention runs only for users who may be past the limit (the seqs
+/// between `dropped_through` and `next_seq` bound what a user holds): at
+/// the limit nothing goes, one past it the oldest goes, a batch larger
+/// than the limit keeps its newest, and removals never make it drop more.
+#[tokio::test]
+async fn retention_holds_at_the_limit_and_past_it_in_one_batch() {
+    let Some((s, _)) = store().await else { return };
+    for i in 1..=3 {
+        append(&s, &[new("u", &i.to_string())], 3).await;
+    }
+    assert_eq!(held(&s, "u").await, [1, 2, 3], "at the limit");
+    append(&s, &[new("u", "4")], 3).await;
+    assert_eq!(held(&s, "u").await, [2, 3, 4], "one past it");
+    let five: Vec<_> = (0..5).map(|i| new("v", &format!("b{i}"))).collect();
+    append(&s, &five, 3).await;
+    assert_eq!(held(&s, "v").await, [3, 4, 5], "a batch past it");
+    s.change("u", &Change::Remove(vec!["3".into()]))
+        .await
+        .unwrap();
+    append(&s, &[new("u", "5")], 3).await;
+    assert_eq!(held(&s, "u").await, [2, 4, 5], "a removal made room");
+    append(&s, &[new("u", "6"), new("u", "7")], 3).await;
+    assert_eq!(held(&s, "u").await, [5, 6, 7]);
+}
+
 #[tokio::test]
 async fn since_past_i64_replays_nothing_and_through_is_the_last_seq() {
     let Some((s, _)) = store().await else { return };

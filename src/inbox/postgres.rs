@@ -212,7 +212,7 @@ fn retryable(e: &tokio_postgres::Error) -> bool {
 const LOCK_USERS: &str = "INSERT INTO inbox_users (user_id, next_seq)
      SELECT u, 1 + k FROM unnest($1::text[], $2::bigint[]) AS v (u, k) ORDER BY u
      ON CONFLICT (user_id) DO UPDATE SET next_seq = inbox_users.next_seq + EXCLUDED.next_seq - 1
-     RETURNING user_id, next_seq";
+     RETURNING user_id, next_seq, dropped_through";
 
 /// The batch's (user, id) pairs already stored, probed pair by pair on
 /// the `(user_id, id)` index: the LATERAL subquery with its LIMIT cannot be
@@ -245,10 +245,22 @@ fn users_of(batch: &[NewMessage]) -> Vec<(&str, i64)> {
 }
 
 /// A user's seqs as the lock left them: `next` is the first one the batch
-/// may use, `reserved_end` the `next_seq` the lock wrote.
+/// may use, `reserved_end` the `next_seq` the lock wrote, and
+/// `dropped_through` the highest seq retention has dropped.
 struct Reserved {
     next: i64,
     reserved_end: i64,
+    dropped_through: i64,
+}
+
+impl Reserved {
+    /// Whether retention may have something to drop: every entry the user
+    /// can hold after this batch has a seq in `(dropped_through,
+    /// reserved_end)` (removals and expiry only leave fewer), so with no
+    /// more than `max` such seqs there is nothing past the limit.
+    fn may_exceed(&self, max: i64) -> bool {
+        self.reserved_end - 1 - self.dropped_through > max
+    }
 }
 
 /// Locks the users' rows (reserving their seqs), then finds the batch's
@@ -278,7 +290,13 @@ async fn lock_and_find(
             let user: String = r.get(0);
             let reserved_end: i64 = r.get(1);
             let next = reserved_end - reserved_for[user.as_str()];
-            (user, Reserved { next, reserved_end })
+            let dropped_through = r.get(2);
+            let seqs = Reserved {
+                next,
+                reserved_end,
+                dropped_through,
+            };
+            (user, seqs)
         })
         .collect();
     Ok((
@@ -391,10 +409,17 @@ async fn write(
         .filter(|(_, r)| r.next != r.reserved_end)
         .map(|(u, r)| (u.as_str(), r.next))
         .unzip();
-    let mut touched = users.clone();
+    let max = max_per_user as i64;
+    // Only the users who may be past the limit: for the others the trim
+    // would read their newest entries to find nothing to drop (a fifth of
+    // the batch's statement time in the cluster bench).
+    let mut touched: Vec<&str> = rows
+        .iter()
+        .map(|r| r.user)
+        .filter(|u| reserved[*u].may_exceed(max))
+        .collect();
     touched.sort_unstable();
     touched.dedup();
-    let max = max_per_user as i64;
     let insert_params: [&(dyn ToSql + Sync); 8] = [
         &ids, &events, &payloads, &now_ms, &users, &seqs, &entry_ids, &refs,
     ];
@@ -407,7 +432,7 @@ async fn write(
     if !names.is_empty() {
         statements.push((tx.prepare_cached(NEXT_SEQ).await?, &next_params[..]));
     }
-    if !rows.is_empty() {
+    if !touched.is_empty() {
         statements.push((tx.prepare_cached(TRIM).await?, &trim_params[..]));
     }
     futures_util::future::try_join_all(
