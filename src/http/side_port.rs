@@ -166,7 +166,10 @@ impl SidePort {
             let secured = secure(tcp, tls.as_deref(), timeout, &shutdown).await;
             let stream = match secured {
                 Secured::Ready(stream) => stream,
-                Secured::TimedOut => return timed_out(timeout, &metrics, &logs),
+                Secured::TimedOut => {
+                    let what = "a TLS handshake did not finish";
+                    return timed_out(what, timeout, &metrics, &logs);
+                }
                 Secured::Failed => return,
             };
             let io = TokioIo::new(Watched::new(stream, activity.clone()));
@@ -227,15 +230,16 @@ async fn secure(
     }
 }
 
-/// A TLS handshake that did not finish within `http.request_timeout`.
-fn timed_out(timeout: Duration, metrics: &Metrics, logs: &Logs) {
+/// Something that did not arrive within `http.request_timeout` (a TLS
+/// handshake, a request head): a refusal, counted, logged rate-limited.
+fn timed_out(what: &str, timeout: Duration, metrics: &Metrics, logs: &Logs) {
     metrics.refused(Limit::HttpRequestTimeout);
     if let Some(unlogged) = logs.head_timeout.event() {
         warn!(
             limit = Limit::HttpRequestTimeout.label(),
             ?timeout,
             timed_out_since_last_log = unlogged,
-            "side port: a TLS handshake did not finish within http.request_timeout; closed"
+            "side port: {what} within http.request_timeout; closed"
         );
     }
 }
@@ -277,15 +281,7 @@ fn closed(result: Result<(), hyper::Error>, timeout: Duration, metrics: &Metrics
         debug!(error = %e, "side port: connection failed");
         return;
     }
-    metrics.refused(Limit::HttpRequestTimeout);
-    if let Some(unlogged) = logs.head_timeout.event() {
-        warn!(
-            limit = Limit::HttpRequestTimeout.label(),
-            ?timeout,
-            timed_out_since_last_log = unlogged,
-            "side port: a request head did not arrive within http.request_timeout; closed"
-        );
-    }
+    timed_out("a request head did not arrive", timeout, metrics, logs);
 }
 
 /// The answer to a connection past `http.max_connections`: a complete 503
