@@ -20,7 +20,10 @@ impl CapturedLog {
             .with_ansi(false)
             .with_writer(move || writer.clone())
             .finish();
-        (log, tracing::subscriber::set_default(subscriber))
+        let guard = tracing::subscriber::set_default(subscriber);
+        // Call sites reached before, while nobody listened, listen again.
+        tracing::callsite::rebuild_interest_cache();
+        (log, guard)
     }
 
     /// The first line containing `needle`, if one was logged.
