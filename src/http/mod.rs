@@ -63,8 +63,9 @@ pub struct HttpState {
 /// Every route but the trailing-slash alias, each from its handler's
 /// `#[utoipa::path]`: this one list is both the router and the paths of
 /// `/openapi.json`, so neither can have a route the other lacks. One
-/// `routes!` per path: given handlers of two paths, utoipa-axum 0.2 mounts
-/// every handler's method on both.
+/// `routes!` per path: given handlers of two paths, utoipa-axum 0.2
+/// mounted every handler's method on both (0.3 is used now; one per path
+/// is right either way).
 fn documented_routes() -> OpenApiRouter<Arc<HttpState>> {
     OpenApiRouter::with_openapi(openapi::Base::openapi())
         .routes(routes!(send::send))
