@@ -456,7 +456,6 @@ impl Session {
         }
     }
 
-    /// Registers, opens, serves, and closes the session.
     /// Registers, opens, serves and closes; the router and the cluster
     /// forget the connection before the close handshake.
     async fn run(
