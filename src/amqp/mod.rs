@@ -5,6 +5,7 @@
 //! publishers (delivery receipts before the ack, `read` receipts after a
 //! change).
 
+mod ack_queue;
 pub mod connect;
 pub mod consumer;
 pub mod publisher;

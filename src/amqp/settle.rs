@@ -17,14 +17,13 @@ use lapin::{
 };
 use std::time::Duration;
 
-use tokio::{
-    sync::{mpsc, oneshot},
-    time::Instant,
-};
+use tokio::{sync::oneshot, time::Instant};
 use tracing::debug;
 
 use crate::{
-    amqp::receipt_publisher::DeliveryReceipts, message::Notification, receipts::Outcome,
+    amqp::{ack_queue, receipt_publisher::DeliveryReceipts},
+    message::Notification,
+    receipts::Outcome,
     router::Completion,
 };
 
@@ -41,12 +40,31 @@ enum Op {
     Flush(oneshot::Sender<()>),
 }
 
+impl Op {
+    /// Whether the settling task should see it before the owed ack is
+    /// due: rejects dead-letter promptly, and a flush is waited for.
+    fn urgent(&self) -> bool {
+        matches!(self, Op::Reject { .. } | Op::RejectAfter(..) | Op::Flush(_))
+    }
+}
+
+/// The settling task's queue.
+#[derive(Clone, Debug)]
+struct Queue(ack_queue::Sender<Op>);
+
+impl Queue {
+    fn send(&self, op: Op) -> bool {
+        let urgent = op.urgent();
+        self.0.send(op, urgent)
+    }
+}
+
 /// The acknowledgement owed for one delivery; dropping it unsent leaves the
 /// delivery unacknowledged (the broker redelivers it after a reconnect).
 #[derive(Debug)]
 pub struct Settlement {
     acker: Acker,
-    queue: mpsc::UnboundedSender<Op>,
+    queue: Queue,
     /// This connection's receipt publisher, for messages that get receipts.
     receipts: Option<DeliveryReceipts>,
 }
@@ -86,7 +104,7 @@ impl Completion for Settlement {
 /// connection: a delivery tag means nothing on another channel).
 #[derive(Clone)]
 pub struct Settler {
-    queue: mpsc::UnboundedSender<Op>,
+    queue: Queue,
 }
 
 /// How long an ack may wait for later ones to join it (one
@@ -101,9 +119,10 @@ impl Settler {
     /// or until `ack_every` deliveries are owed (a quarter of the prefetch
     /// keeps the broker's window open).
     pub fn spawn(ack_every: usize) -> Self {
-        let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run(rx, ack_every.max(1)));
-        Self { queue: tx }
+        let ack_every = ack_every.max(1);
+        let (tx, rx) = ack_queue::channel(ack_every);
+        tokio::spawn(run(rx, ack_every));
+        Self { queue: Queue(tx) }
     }
 
     /// The settlement to pass along with a delivery.
@@ -128,7 +147,7 @@ impl Settler {
     /// Waits until everything queued before was sent to the broker.
     pub async fn flush(&self) {
         let (tx, rx) = oneshot::channel();
-        if self.queue.send(Op::Flush(tx)).is_ok() {
+        if self.queue.send(Op::Flush(tx)) {
             let _ = rx.await;
         }
     }
@@ -155,37 +174,20 @@ impl Owed {
         self.since = None;
         self.newest.take()
     }
-}
 
-/// Waits for the next operations; with an ack owed, no longer than until
-/// it is due. `None` once every sender is gone.
-async fn next_ops(
-    rx: &mut mpsc::UnboundedReceiver<Op>,
-    batch: &mut Vec<Op>,
-    owed: &Owed,
-) -> Option<usize> {
-    let due = owed.since.map(|since| since + ACK_DELAY);
-    match due {
-        None => Some(rx.recv_many(batch, 256).await).filter(|n| *n > 0),
-        Some(due) => tokio::select! {
-            n = rx.recv_many(batch, 256) => Some(n).filter(|n| *n > 0),
-            _ = tokio::time::sleep_until(due) => Some(0),
-        },
+    /// When the owed ack must go out, if one is owed.
+    fn due(&self) -> Option<Instant> {
+        self.since.map(|since| since + ACK_DELAY)
     }
 }
 
-async fn run(mut rx: mpsc::UnboundedReceiver<Op>, ack_every: usize) {
+async fn run(mut rx: ack_queue::Receiver<Op>, ack_every: usize) {
     let mut batch = Vec::with_capacity(256);
     let mut owed = Owed::default();
     // Set when receipts were not confirmed: from then on nothing is
     // settled on this connection (its deliveries come back).
     let mut broken = false;
-    while let Some(received) = next_ops(&mut rx, &mut batch, &owed).await {
-        if received == 0 {
-            // The owed ack is due.
-            send_ack(owed.take()).await;
-            continue;
-        }
+    while rx.recv(&mut batch, 256, owed.due()).await.is_some() {
         for op in batch.drain(..) {
             match op {
                 Op::Ack(acker) if !broken => owed.add(acker),
@@ -211,7 +213,7 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Op>, ack_every: usize) {
                 Op::Ack(_) | Op::AckAfter(..) | Op::Reject { .. } | Op::RejectAfter(..) => {}
             }
         }
-        if owed.count >= ack_every {
+        if owed.count >= ack_every || owed.due().is_some_and(|due| due <= Instant::now()) {
             send_ack(owed.take()).await;
         }
     }
