@@ -358,9 +358,28 @@ fn broker_pid() -> Option<u32> {
     proc::pids_named("beam.smp").first().copied()
 }
 
-/// CPU use of the bridge, the broker and the bench over a window.
+/// Whose CPU a window measures as the thing under test.
+#[derive(Clone, Debug)]
+pub enum Subject {
+    /// The bridge's process.
+    Process(u32),
+    /// Some of the bench's own threads: the baseline consumer's.
+    Threads(Vec<u32>),
+}
+
+impl Subject {
+    fn ticks(&self) -> Option<u64> {
+        match self {
+            Subject::Process(pid) => proc::cpu_ticks(Pid::Of(*pid)).ok(),
+            Subject::Threads(tids) => proc::my_threads_cpu_ticks(tids).ok(),
+        }
+    }
+}
+
+/// CPU use of the subject (the bridge, or the baseline consumer), the
+/// broker and the bench over a window.
 pub struct CpuWindow {
-    bridge: Option<(Pid, u64)>,
+    subject: Option<(Subject, u64)>,
     broker: Option<(Pid, u64)>,
     bench: Option<u64>,
     started: std::time::Instant,
@@ -369,41 +388,54 @@ pub struct CpuWindow {
 /// Percent of one core each used during the window (None: unknown).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CpuUse {
+    /// The subject's: the bridge, or the baseline consumer.
     pub bridge: Option<f64>,
-    /// The bridge's CPU time in the window, in seconds (for CPU per
+    /// The subject's CPU time in the window, in seconds (for CPU per
     /// notification).
     pub bridge_seconds: Option<f64>,
     pub broker: Option<f64>,
+    /// The bench's, without a subject's threads of its own.
     pub bench: Option<f64>,
 }
 
 impl CpuWindow {
     /// Notes the CPU ticks now, so `stop` can tell what the window cost.
-    pub fn start(bridge_pid: Option<u32>) -> Self {
+    pub fn start(subject: Option<Subject>) -> Self {
         let at_start = |pid: Pid| Some((pid, proc::cpu_ticks(pid).ok()?));
         Self {
-            bridge: bridge_pid.and_then(|p| at_start(Pid::Of(p))),
+            subject: subject.and_then(|s| Some((s.clone(), s.ticks()?))),
             broker: broker_pid().and_then(|p| at_start(Pid::Of(p))),
             bench: proc::cpu_ticks(Pid::Myself).ok(),
             started: std::time::Instant::now(),
         }
     }
 
-    /// Each process's CPU (% of a core) since `start`; the bridge's also in
+    /// Each one's CPU (% of a core) since `start`; the subject's also in
     /// seconds, for CPU per notification.
     pub fn stop(&self) -> CpuUse {
         let secs = self.started.elapsed().as_secs_f64().max(1e-3);
-        let ticks = |before: Option<(Pid, u64)>| {
-            let (pid, t0) = before?;
-            Some(proc::cpu_ticks(pid).ok()?.saturating_sub(t0))
+        let subject = self
+            .subject
+            .as_ref()
+            .and_then(|(s, t0)| Some(s.ticks()?.saturating_sub(*t0)));
+        let broker = self
+            .broker
+            .and_then(|(pid, t0)| Some(proc::cpu_ticks(pid).ok()?.saturating_sub(t0)));
+        let own_threads = match &self.subject {
+            Some((Subject::Threads(_), _)) => subject.unwrap_or(0),
+            _ => 0,
         };
+        let bench = self.bench.and_then(|t0| {
+            let spent = proc::cpu_ticks(Pid::Myself).ok()?.saturating_sub(t0);
+            Some(spent.saturating_sub(own_threads))
+        });
         // Ticks are 1/100 s: ticks per second are % of a core.
-        let pct = |before| ticks(before).map(|t| t as f64 / secs);
+        let pct = |ticks: Option<u64>| ticks.map(|t| t as f64 / secs);
         CpuUse {
-            bridge: pct(self.bridge),
-            bridge_seconds: ticks(self.bridge).map(|t| t as f64 / 100.0),
-            broker: pct(self.broker),
-            bench: pct(self.bench.map(|t| (Pid::Myself, t))),
+            bridge: pct(subject),
+            bridge_seconds: subject.map(|t| t as f64 / 100.0),
+            broker: pct(broker),
+            bench: pct(bench),
         }
     }
 }

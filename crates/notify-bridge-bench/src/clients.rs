@@ -1,6 +1,6 @@
 //! The load: real WebSocket clients (JWT in the query, source addresses
 //! spread over 127.0.0.2…), a pipelined AMQP publisher with confirms, and
-//! the bare lapin consumer that is the baseline.
+//! the recorders both they and the baseline consumer (`baseline.rs`) fill.
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
@@ -12,13 +12,9 @@ use std::{
 };
 
 use anyhow::{anyhow, bail, Context};
-use futures_util::{stream, FutureExt, StreamExt};
+use futures_util::{stream, StreamExt};
 use lapin::{
-    options::{
-        BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-        ConfirmSelectOptions,
-    },
-    types::FieldTable,
+    options::{BasicPublishOptions, ConfirmSelectOptions},
     BasicProperties, Connection, ConnectionProperties,
 };
 use tokio::{net::TcpSocket, task::JoinHandle};
@@ -467,111 +463,6 @@ impl Publisher {
     /// Closes the connection (the confirms were awaited by `run`).
     pub async fn close(self) {
         let _ = self.connection.close(200, "bench done".into()).await;
-    }
-}
-
-/// The baseline: a bare lapin consumer with the bridge's prefetch and
-/// topology that decodes each body as JSON, reads its stamp and acks
-/// (coalesced, `multiple`, as the bridge does). No WebSockets.
-pub struct Baseline {
-    connection: Connection,
-    task: JoinHandle<anyhow::Result<()>>,
-}
-
-impl Baseline {
-    /// Declares the baseline's own exchange and queue with the daemon's
-    /// topology code and starts consuming, so its figures come from the same
-    /// broker path as the bridge's.
-    pub async fn start(
-        url: &str,
-        exchange: &str,
-        queue: &str,
-        prefetch: u16,
-        recorders: Arc<Recorders>,
-    ) -> anyhow::Result<Self> {
-        let connection = Connection::connect(url, ConnectionProperties::default())
-            .await
-            .with_context(|| format!("cannot connect the baseline consumer to {url}"))?;
-        let config = notify_bridge::config::AmqpConfig {
-            url: url.to_string(),
-            exchange: exchange.to_string(),
-            queue: queue.to_string(),
-            prefetch,
-            ..Default::default()
-        };
-        let ingest = notify_bridge::amqp::topology::IngestQueue::own(&config);
-        let channel = notify_bridge::amqp::topology::declare(&connection, &config, &ingest)
-            .await
-            .context("cannot declare the baseline's exchange and queue")?;
-        channel
-            .basic_qos(prefetch, BasicQosOptions::default())
-            .await?;
-        let mut consumer = channel
-            .basic_consume(
-                queue.into(),
-                "bench-baseline".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .context("cannot consume the baseline queue")?;
-        let task = tokio::spawn(async move {
-            while let Some(delivery) = consumer.next().await {
-                let mut last = delivery?;
-                record_delivery(&last.data, &recorders);
-                // Everything already here, then one ack covering it all.
-                for _ in 0..255 {
-                    match consumer.next().now_or_never() {
-                        Some(Some(Ok(d))) => {
-                            record_delivery(&d.data, &recorders);
-                            last = d;
-                        }
-                        Some(Some(Err(e))) => return Err(e.into()),
-                        Some(None) | None => break,
-                    }
-                }
-                last.acker
-                    .ack(BasicAckOptions { multiple: true })
-                    .await
-                    .context("baseline ack failed")?;
-            }
-            Ok(())
-        });
-        Ok(Self { connection, task })
-    }
-
-    /// Closes the connection and ends the consumer task.
-    pub async fn stop(self) -> anyhow::Result<()> {
-        let _ = self.connection.close(200, "baseline done".into()).await;
-        self.task.abort();
-        Ok(())
-    }
-}
-
-fn record_delivery(data: &[u8], recorders: &Recorders) {
-    let now = recorders.clock.now();
-    let Ok(value) = serde_json::from_slice::<serde_json::Value>(data) else {
-        return;
-    };
-    let payload = &value["payload"];
-    let (Some(run), Some(seq), Some(sent)) = (
-        payload["r"].as_u64(),
-        payload["s"].as_u64(),
-        payload["t"].as_u64(),
-    ) else {
-        return;
-    };
-    recorders.progress.received.fetch_add(1, Relaxed);
-    let Some(rec) = recorders.runs.get(run as usize) else {
-        return;
-    };
-    if run == 0 {
-        return;
-    }
-    rec.frames.fetch_add(1, Relaxed);
-    rec.last_receive.update(now);
-    if rec.seqs.mark(seq) {
-        rec.latency.record(now.saturating_sub(sent));
     }
 }
 

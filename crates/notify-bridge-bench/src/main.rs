@@ -17,6 +17,7 @@
 //! duplicates, progress), `report` (table, JSON line, SVG), `bridge` (the
 //! child process, /proc, /metrics, topology clean-up).
 
+mod baseline;
 mod bridge;
 mod clients;
 mod receipts;

@@ -18,8 +18,9 @@ mod cluster;
 pub use cluster::{cleanup as cluster_cleanup, cluster};
 
 use crate::{
+    baseline::Baseline,
     bridge::{self, Bridge, BridgeOptions, Handle, Names},
-    clients::{self, Baseline, Publisher, Reader, Recorder, Recorders, Ws},
+    clients::{self, Publisher, Reader, Recorder, Recorders, Ws},
     report::{self, mib, Axis, Report, Series},
     stats::{Clock, Histogram, Progress, Rng},
 };
@@ -238,6 +239,13 @@ impl Measured {
             cpu,
         }
     }
+
+    /// The subject's CPU per message received, in µs (None: unknown or
+    /// nothing received).
+    fn cpu_us_per_message(&self) -> Option<f64> {
+        let secs = self.cpu.bridge_seconds.filter(|_| self.received > 0)?;
+        Some(secs * 1e6 / self.received as f64)
+    }
 }
 
 /// A nacked publish is a message the run cannot count as lost or
@@ -355,6 +363,7 @@ async fn drive_unicast(
     recorders: &Arc<Recorders>,
     targets: &[u32],
     label: &str,
+    subject: bridge::Subject,
 ) -> anyhow::Result<Measured> {
     let opts = &ctx.opts;
     let publisher = Publisher::connect(&opts.amqp_url, exchange, opts.publishers).await?;
@@ -363,15 +372,12 @@ async fn drive_unicast(
     let rec = recorders.runs[1].clone();
     ctx.progress.target.store(targets.len() as u64, Relaxed);
     ctx.progress.received.store(0, Relaxed);
-    let bridge_pid = ctx
-        .bridge
-        .lock()
-        .await
-        .as_ref()
-        .map(|b| b.pid)
-        .filter(|_| label != "baseline");
+    let bridge_pid = match subject {
+        bridge::Subject::Process(pid) => Some(pid),
+        bridge::Subject::Threads(_) => None,
+    };
     bridge::window_hook(opts.window_hook.as_deref(), "start", bridge_pid).await?;
-    let cpu = bridge::CpuWindow::start(bridge_pid);
+    let cpu = bridge::CpuWindow::start(Some(subject));
     let published = publish_to_users(ctx, &publisher, targets, 1).await?;
     publisher.close().await;
     ensure_confirmed(&published)?;
@@ -408,6 +414,7 @@ async fn run_baseline(ctx: &Ctx, targets: &[u32]) -> anyhow::Result<Measured> {
         &recorders,
         targets,
         "baseline",
+        bridge::Subject::Threads(consumer.threads()),
     )
     .await;
     consumer.stop().await?;
@@ -453,11 +460,11 @@ fn add_measured(r: &mut Report, key: &str, label: &str, m: &Measured, expected: 
         String::new(),
     );
     add_cpu(r, key, label, &m.cpu);
-    if let Some(secs) = m.cpu.bridge_seconds.filter(|_| m.received > 0) {
-        let us = secs * 1e6 / m.received as f64;
+    if let Some(us) = m.cpu_us_per_message() {
+        let (subject_key, subject) = subject_names(key);
         r.add(
-            &format!("{key}_bridge_cpu_us_per_notification"),
-            &format!("{label}: bridge CPU per notification"),
+            &format!("{key}_{subject_key}_cpu_us_per_notification"),
+            &format!("{label}: {subject} CPU per notification"),
             (us * 10.0).round() / 10.0,
             format!("{us:.1} µs"),
         );
@@ -472,6 +479,15 @@ fn add_measured(r: &mut Report, key: &str, label: &str, m: &Measured, expected: 
     }
 }
 
+/// What the CPU rows of `key` measure: the bare consumer's threads for the
+/// baseline, the bridge's process otherwise (JSON key part, label).
+fn subject_names(key: &str) -> (&'static str, &'static str) {
+    match key {
+        "baseline" => ("consumer", "bare consumer"),
+        _ => ("bridge", "bridge"),
+    }
+}
+
 fn add_cpu(r: &mut Report, key: &str, label: &str, cpu: &bridge::CpuUse) {
     let show = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0} %"));
     let json = |v: Option<f64>| {
@@ -481,7 +497,10 @@ fn add_cpu(r: &mut Report, key: &str, label: &str, cpu: &bridge::CpuUse) {
     };
     r.add(
         &format!("{key}_cpu_percent"),
-        &format!("{label}: CPU (% of a core) bridge / broker / bench"),
+        &format!(
+            "{label}: CPU (% of a core) {} / broker / bench",
+            subject_names(key).1
+        ),
         serde_json::json!({"bridge": json(cpu.bridge), "broker": json(cpu.broker), "bench": json(cpu.bench)}),
         format!("{} / {} / {}", show(cpu.bridge), show(cpu.broker), show(cpu.bench)),
     );
@@ -620,7 +639,16 @@ async fn unicast_through_bridge(
         Recorder::unicast(o.messages),
     ]);
     let readers = Reader::spawn_all(sockets, &recorders);
-    let m = drive_unicast(ctx, &ctx.names.exchange, &recorders, targets, "bridge").await?;
+    let subject = bridge::Subject::Process(handle.pid);
+    let m = drive_unicast(
+        ctx,
+        &ctx.names.exchange,
+        &recorders,
+        targets,
+        "bridge",
+        subject,
+    )
+    .await?;
     if let Some(sink) = receipts {
         sink.finish(r, o.warmup + o.messages).await;
     }
@@ -648,6 +676,15 @@ fn unicast_figures(
         );
         if o.rate == 0.0 {
             r.target("unicast throughput ÷ baseline", ratio, 0.95, true, "×");
+        }
+        if let (Some(bridge), Some(bare)) = (m.cpu_us_per_message(), b.cpu_us_per_message()) {
+            let ratio = bridge / bare.max(1e-3);
+            r.add(
+                "cpu_ratio_to_baseline",
+                "bridge CPU ÷ bare consumer CPU per notification",
+                (ratio * 1000.0).round() / 1000.0,
+                format!("{ratio:.2}"),
+            );
         }
         runs.push(("baseline (bare consumer)".to_string(), b.cdf.clone()));
     }
@@ -808,7 +845,7 @@ async fn broadcast_measured(
     ctx.progress.received.store(0, Relaxed);
     ctx.progress.target.store(expected, Relaxed);
     let pm_sent = rec.per_message.as_ref().map(|pm| &pm.sent);
-    let cpu = bridge::CpuWindow::start(Some(handle.pid));
+    let cpu = bridge::CpuWindow::start(Some(bridge::Subject::Process(handle.pid)));
     let published = publisher
         .run(
             o.messages,

@@ -52,6 +52,31 @@ pub fn cpu_ticks(pid: Pid) -> ProcResult<u64> {
     Ok(stat.utime + stat.stime)
 }
 
+/// This process's threads named `comm` (`lapin-io-loop`, a runtime's
+/// `thread_name`): what a consumer running inside the bench costs, apart
+/// from the bench's own publisher.
+pub fn my_threads_named(comm: &str) -> Vec<u32> {
+    let Ok(tasks) = Process::myself().and_then(|p| p.tasks()) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter(|t| t.stat().is_ok_and(|s| s.comm == comm))
+        .map(|t| t.tid as u32)
+        .collect()
+}
+
+/// User plus system CPU time of some of this process's threads so far, in
+/// clock ticks; a thread that is gone counts nothing.
+pub fn my_threads_cpu_ticks(tids: &[u32]) -> ProcResult<u64> {
+    let me = Process::myself()?;
+    Ok(tids
+        .iter()
+        .filter_map(|tid| me.task_from_tid(*tid as i32).ok()?.stat().ok())
+        .map(|stat| stat.utime + stat.stime)
+        .sum())
+}
+
 /// The pids whose command name is `comm` (`beam.smp`, `postgres`): the
 /// broker's and the database's CPU use beside the bridge's.
 pub fn pids_named(comm: &str) -> Vec<u32> {

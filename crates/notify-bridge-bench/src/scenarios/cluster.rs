@@ -343,7 +343,7 @@ async fn measure(
     let count = targets.len() as u64;
     ctx.progress.target.store(count, Relaxed);
     ctx.progress.received.store(0, Relaxed);
-    let usage = bridge::CpuWindow::start(pids.first().copied());
+    let usage = bridge::CpuWindow::start(pids.first().copied().map(bridge::Subject::Process));
     let ticks = Ticks::start(pids.to_vec());
     let pg = Ticks::start(proc::pids_named("postgres"));
     let published = publish_to_users(ctx, &publisher, targets, 1).await?;

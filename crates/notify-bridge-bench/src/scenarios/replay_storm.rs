@@ -223,7 +223,7 @@ async fn run_phase(ctx: &Ctx, rig: &Rig<'_>, run: usize, label: &str) -> anyhow:
     ctx.progress.phase(&format!("phase {label}"));
     ctx.progress.received.store(0, Relaxed);
     let before = Commits::read(rig.handle).await?;
-    let cpu = bridge::CpuWindow::start(Some(rig.handle.pid));
+    let cpu = bridge::CpuWindow::start(Some(bridge::Subject::Process(rig.handle.pid)));
     let peak_reset = proc::reset_peak_rss(Pid::Of(rig.handle.pid)).is_ok();
     publish_to_users(ctx, rig.publisher, rig.plan, run).await?;
     let rec = rig.recorders.runs[run].clone();

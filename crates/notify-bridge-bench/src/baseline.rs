@@ -1,0 +1,178 @@
+//! The baseline: a bare lapin consumer with the bridge's prefetch and
+//! topology that decodes each body as JSON, reads its stamp and acks
+//! (`multiple`, one ack for what arrived together). No WebSockets.
+//!
+//! It runs on a tokio runtime of its own, so its CPU can be told apart
+//! from the bench's publisher: its runtime's threads plus its
+//! connection's lapin I/O thread. That CPU per message is the floor any
+//! lapin consumer pays on this machine, measured in the same run as the
+//! bridge's (issue 13: a target below it is a target for the AMQP client).
+
+use std::sync::{atomic::Ordering::Relaxed, Arc};
+
+use anyhow::Context;
+use futures_util::{FutureExt, StreamExt};
+use lapin::{
+    options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions},
+    types::FieldTable,
+    Connection, ConnectionProperties, Consumer,
+};
+use testkit::proc;
+use tokio::{runtime::Runtime, task::JoinHandle};
+
+use crate::clients::Recorders;
+
+/// The name of the baseline runtime's threads.
+const THREAD_NAME: &str = "bare-consumer";
+/// The name lapin gives each connection's I/O thread.
+const LAPIN_THREAD: &str = "lapin-io-loop";
+
+/// A running baseline consumer; [`Baseline::stop`] ends it.
+pub struct Baseline {
+    connection: Connection,
+    task: JoinHandle<anyhow::Result<()>>,
+    /// `None` once shut down (a runtime must not be dropped inside
+    /// another one's task, so it is shut down in the background).
+    runtime: Option<Runtime>,
+    threads: Vec<u32>,
+}
+
+impl Baseline {
+    /// Declares the baseline's own exchange and queue with the daemon's
+    /// topology code and starts consuming, so its figures come from the same
+    /// broker path as the bridge's.
+    pub async fn start(
+        url: &str,
+        exchange: &str,
+        queue: &str,
+        prefetch: u16,
+        recorders: Arc<Recorders>,
+    ) -> anyhow::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .thread_name(THREAD_NAME)
+            .enable_all()
+            .build()
+            .context("cannot start the baseline's runtime")?;
+        let lapin_before = proc::my_threads_named(LAPIN_THREAD);
+        let config = notify_bridge::config::AmqpConfig {
+            url: url.to_string(),
+            exchange: exchange.to_string(),
+            queue: queue.to_string(),
+            prefetch,
+            ..Default::default()
+        };
+        let (connection, consumer) = runtime.spawn(connect(config)).await??;
+        let mut threads = proc::my_threads_named(THREAD_NAME);
+        threads.extend(
+            proc::my_threads_named(LAPIN_THREAD)
+                .into_iter()
+                .filter(|tid| !lapin_before.contains(tid)),
+        );
+        let task = runtime.spawn(consume(consumer, recorders));
+        Ok(Self {
+            connection,
+            task,
+            runtime: Some(runtime),
+            threads,
+        })
+    }
+
+    /// The consumer's threads, for its CPU use.
+    pub fn threads(&self) -> Vec<u32> {
+        self.threads.clone()
+    }
+
+    /// Closes the connection and ends the consumer and its runtime.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.connection.close(200, "baseline done".into()).await;
+        self.task.abort();
+        Ok(())
+    }
+}
+
+impl Drop for Baseline {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// Connects, declares and starts consuming, on the baseline's runtime
+/// (lapin's connection lives on the runtime it was opened from).
+async fn connect(
+    config: notify_bridge::config::AmqpConfig,
+) -> anyhow::Result<(Connection, Consumer)> {
+    let url = &config.url;
+    let connection = Connection::connect(url, ConnectionProperties::default())
+        .await
+        .with_context(|| format!("cannot connect the baseline consumer to {url}"))?;
+    let ingest = notify_bridge::amqp::topology::IngestQueue::own(&config);
+    let channel = notify_bridge::amqp::topology::declare(&connection, &config, &ingest)
+        .await
+        .context("cannot declare the baseline's exchange and queue")?;
+    channel
+        .basic_qos(config.prefetch, BasicQosOptions::default())
+        .await?;
+    let consumer = channel
+        .basic_consume(
+            config.queue.as_str().into(),
+            "bench-baseline".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .context("cannot consume the baseline queue")?;
+    Ok((connection, consumer))
+}
+
+/// Records each delivery; everything already here is acked with one
+/// `multiple` ack.
+async fn consume(mut consumer: Consumer, recorders: Arc<Recorders>) -> anyhow::Result<()> {
+    while let Some(delivery) = consumer.next().await {
+        let mut last = delivery?;
+        record_delivery(&last.data, &recorders);
+        for _ in 0..255 {
+            match consumer.next().now_or_never() {
+                Some(Some(Ok(d))) => {
+                    record_delivery(&d.data, &recorders);
+                    last = d;
+                }
+                Some(Some(Err(e))) => return Err(e.into()),
+                Some(None) | None => break,
+            }
+        }
+        last.acker
+            .ack(BasicAckOptions { multiple: true })
+            .await
+            .context("baseline ack failed")?;
+    }
+    Ok(())
+}
+
+fn record_delivery(data: &[u8], recorders: &Recorders) {
+    let now = recorders.clock.now();
+    let Ok(value) = serde_json::from_slice::<serde_json::Value>(data) else {
+        return;
+    };
+    let payload = &value["payload"];
+    let (Some(run), Some(seq), Some(sent)) = (
+        payload["r"].as_u64(),
+        payload["s"].as_u64(),
+        payload["t"].as_u64(),
+    ) else {
+        return;
+    };
+    recorders.progress.received.fetch_add(1, Relaxed);
+    let Some(rec) = recorders.runs.get(run as usize) else {
+        return;
+    };
+    if run == 0 {
+        return;
+    }
+    rec.frames.fetch_add(1, Relaxed);
+    rec.last_receive.update(now);
+    if rec.seqs.mark(seq) {
+        rec.latency.record(now.saturating_sub(sent));
+    }
+}
