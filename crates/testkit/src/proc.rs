@@ -114,7 +114,7 @@ pub fn load_average() -> Option<f32> {
 mod tests {
     use super::*;
 
-    /// The two tests take turns: the fd count below would otherwise see the
+    /// The tests take turns: the fd count below would otherwise see the
     /// other one's reads of /proc open and close (it failed that way in a
     /// full `scripts/test` run: 9 open files instead of 10).
     static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -145,5 +145,42 @@ mod tests {
         assert!(pids_named(&me).contains(&std::process::id()));
         assert!(pids_named("no-such-command").is_empty());
         assert!(rss_bytes(Pid::Of(u32::MAX >> 1)).is_err());
+    }
+
+    #[test]
+    fn a_named_thread_is_found_and_its_cpu_counted_apart() {
+        let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+        let busy = std::thread::Builder::new()
+            .name("testkit-busy".into())
+            .spawn(move || {
+                // Spin until this thread has used 5 ticks (50 ms) of CPU,
+                // however busy the machine is.
+                let me = my_threads_named("testkit-busy");
+                let started = std::time::Instant::now();
+                while my_threads_cpu_ticks(&me).unwrap_or(0) < 5
+                    && started.elapsed() < std::time::Duration::from_secs(20)
+                {
+                    std::hint::black_box(started.elapsed());
+                }
+                ready_tx.send(()).unwrap();
+                let _ = stop_rx.recv();
+            })
+            .unwrap();
+        ready_rx.recv().unwrap();
+        let tids = my_threads_named("testkit-busy");
+        assert_eq!(tids.len(), 1, "one thread of that name");
+        let ticks = my_threads_cpu_ticks(&tids).unwrap();
+        assert!(ticks >= 5, "it spun for 5 ticks, counted {ticks}");
+        let mine = my_threads_cpu_ticks(&[std::process::id()]).unwrap();
+        assert!(mine < ticks, "the main thread did not spin: {mine} ticks");
+        drop(stop_tx);
+        busy.join().unwrap();
+        assert_eq!(
+            my_threads_cpu_ticks(&tids).unwrap(),
+            0,
+            "a thread that is gone counts nothing"
+        );
     }
 }
