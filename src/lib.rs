@@ -29,6 +29,7 @@
 //!   through `amqp::receipt_publisher` before the ack.
 //! - [`metrics`], [`readiness`]: shared state operators read.
 //! - [`memory`]: hands freed heap pages back after a crowd disconnects.
+//! - [`runtime`]: the tokio runtime and its worker count.
 //! - [`shutdown`]: the signal every task watches.
 //! - [`tls`]: wss and https, certificates re-read on SIGHUP.
 //!
@@ -54,6 +55,7 @@ pub mod query;
 pub mod readiness;
 pub mod receipts;
 pub mod router;
+pub mod runtime;
 pub mod shutdown;
 pub mod stage;
 pub mod tls;

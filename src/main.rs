@@ -89,8 +89,19 @@ fn main() -> ExitCode {
 }
 
 fn serve(config: Config) -> ExitCode {
+    use notify_bridge::runtime;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let configured = std::env::var(runtime::WORKER_THREADS_VAR).ok();
+    let workers = match runtime::worker_threads(cores, configured.as_deref()) {
+        Ok(workers) => workers,
+        Err(e) => {
+            eprintln!("notify-bridge: {e}");
+            return ExitCode::from(2);
+        }
+    };
     init_logging(&config);
-    let runtime = match tokio::runtime::Runtime::new() {
+    tracing::info!(worker_threads = workers, cores, "starting the runtime");
+    let runtime = match runtime::build(workers) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("notify-bridge: cannot start the runtime: {e}");

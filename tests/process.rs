@@ -84,6 +84,38 @@ async fn an_invalid_environment_value_exits_2_naming_key_and_variable() {
 }
 
 #[tokio::test]
+async fn the_runtime_has_a_worker_per_core_unless_told() {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let expected = format!("worker_threads={cores}");
+    let default = Daemon::start(&[]).await;
+    assert!(
+        default.log().contains(&expected),
+        "{expected}:\n{}",
+        default.log()
+    );
+    let told = Daemon::start(&[("TOKIO_WORKER_THREADS", "3")]).await;
+    assert!(told.log().contains("worker_threads=3"), "{}", told.log());
+    default.cleanup().await;
+    told.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_worker_count_that_is_not_a_number_exits_2_naming_the_variable() {
+    let dir = TempDir::new();
+    let mut command = bridge_command(dir.path());
+    command
+        .env("NOTIFY_BRIDGE_AUTH__JWT_SECRET", SECRET)
+        .env("NOTIFY_BRIDGE_WEBSOCKET__LISTEN", "127.0.0.1:0")
+        .env("NOTIFY_BRIDGE_HTTP__LISTEN", "127.0.0.1:0")
+        .env("TOKIO_WORKER_THREADS", "zero");
+    let output = run(command).await;
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("TOKIO_WORKER_THREADS=\"zero\""), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[tokio::test]
 async fn a_bad_config_file_exits_2_naming_the_dotted_key_and_the_file() {
     let dir = TempDir::new();
     let secret = format!("[auth]\njwt_secret = \"{SECRET}\"\n");
