@@ -70,13 +70,19 @@ impl SqliteStore {
     }
 }
 
+/// The newest entry past the limit: it and everything older go. The
+/// user is `CAST` to TEXT because with a bare `?1` beside `ORDER BY`, the
+/// bundled SQLite (STAT4) re-compiles the statement every time a new value
+/// is bound (~44,000 instructions, once per commit: docs/performance.md,
+/// "The inbox's commit"); the cast fixes the value's affinity, and the
+/// plan is the same primary-key search.
+const NEWEST_PAST_LIMIT: &str = "SELECT seq FROM inbox_entries WHERE user_id = CAST(?1 AS TEXT)
+     ORDER BY seq DESC LIMIT 1 OFFSET ?2";
+
 /// Drops `user`'s oldest entries past `max_per_user`, remembering the
 /// highest dropped seq for `gap`.
 fn trim(tx: &rusqlite::Transaction<'_>, user: &str, max_per_user: usize) -> rusqlite::Result<()> {
-    let mut newest_past = tx.prepare_cached(
-        "SELECT seq FROM inbox_entries WHERE user_id = ?1 ORDER BY seq DESC LIMIT 1 OFFSET ?2",
-    )?;
-    // The newest entry past the limit: it and everything older go.
+    let mut newest_past = tx.prepare_cached(NEWEST_PAST_LIMIT)?;
     let cut: Option<i64> = newest_past
         .query_row(params![user, max_per_user as i64], |r| r.get(0))
         .optional()?;
@@ -102,7 +108,10 @@ impl InboxStore for SqliteStore {
     ) -> anyhow::Result<Vec<Vec<Option<u64>>>> {
         let tx = self.db.transaction()?;
         let mut seqs = Vec::with_capacity(batch.len());
-        let mut touched: HashSet<&str> = HashSet::new();
+        // Users that may now hold more than `max_per_user` entries: only
+        // those are trimmed. A user holds at most the seqs after
+        // `dropped_through` (removals and expiry only take entries away).
+        let mut over_limit: HashSet<&str> = HashSet::new();
         {
             let mut exists =
                 tx.prepare_cached("SELECT 1 FROM inbox_entries WHERE user_id = ?1 AND id = ?2")?;
@@ -113,7 +122,7 @@ impl InboxStore for SqliteStore {
             let mut next = tx.prepare_cached(
                 "INSERT INTO inbox_users (user_id, next_seq) VALUES (?1, 2)
                  ON CONFLICT (user_id) DO UPDATE SET next_seq = next_seq + 1
-                 RETURNING next_seq - 1",
+                 RETURNING next_seq - 1, dropped_through",
             )?;
             let mut insert = tx.prepare_cached(
                 "INSERT INTO inbox_entries (user_id, seq, id, created_at, payload_ref)
@@ -137,15 +146,18 @@ impl InboxStore for SqliteStore {
                             })?,
                         ),
                     };
-                    let seq: i64 = next.query_row(params![user], |r| r.get(0))?;
+                    let (seq, dropped_through): (i64, i64) =
+                        next.query_row(params![user], |r| Ok((r.get(0)?, r.get(1)?)))?;
                     insert.execute(params![user, seq, m.id, now_ms, pid])?;
                     for_message.push(Some(seq as u64));
-                    touched.insert(user);
+                    if seq - dropped_through > max_per_user as i64 {
+                        over_limit.insert(user);
+                    }
                 }
                 seqs.push(for_message);
             }
         }
-        for user in touched {
+        for user in over_limit {
             trim(&tx, user, max_per_user)?;
         }
         tx.commit()?;
@@ -281,6 +293,33 @@ mod tests {
     /// Appends one-user messages; their seqs.
     fn append(s: &mut SqliteStore, batch: &[NewMessage], max: usize) -> Vec<Option<u64>> {
         s.append(batch, 0, max).unwrap().concat()
+    }
+
+    /// How often the retention query ran, and was re-compiled, so far.
+    fn trim_runs(s: &SqliteStore) -> (i32, i32) {
+        let query = s.db.prepare_cached(NEWEST_PAST_LIMIT).unwrap();
+        (
+            query.get_status(rusqlite::StatementStatus::Run),
+            query.get_status(rusqlite::StatementStatus::RePrepare),
+        )
+    }
+
+    #[test]
+    fn retention_is_checked_only_past_the_limit_and_never_recompiled() {
+        let (mut s, mut r, _dir) = store();
+        for i in 0..10 {
+            append(&mut s, &[new("a", &format!("m{i}"))], 10);
+        }
+        assert_eq!(trim_runs(&s), (0, 0), "nobody can be over the limit yet");
+        for i in 10..40 {
+            append(&mut s, &[new("a", &format!("m{i}"))], 10);
+        }
+        let (runs, recompiled) = trim_runs(&s);
+        assert_eq!(runs, 30, "one check per commit past the limit");
+        assert_eq!(recompiled, 0, "the statement is compiled once");
+        let replay = r.replay("a", Some(0), ALL).unwrap();
+        let seqs: Vec<u64> = replay.entries.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, (31..=40).collect::<Vec<_>>());
     }
 
     fn payloads(s: &SqliteStore) -> i64 {

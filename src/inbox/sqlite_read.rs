@@ -74,6 +74,24 @@ fn page_of(
     Ok(entries)
 }
 
+/// The user and the limit are `CAST`: with a bare `?` for either beside
+/// `ORDER BY`, the bundled SQLite (STAT4) re-compiles the statement every
+/// time a value is bound (see `sqlite.rs`, `NEWEST_PAST_LIMIT`); the plan
+/// stays the primary-key range, without a sort.
+fn replay_query() -> String {
+    format!(
+        "{COLUMNS} WHERE e.user_id = CAST(?1 AS TEXT) AND e.seq > ?2 AND e.seq <= ?3
+         ORDER BY e.seq LIMIT CAST(?4 AS INTEGER)"
+    )
+}
+
+fn list_query() -> String {
+    format!(
+        "{COLUMNS} WHERE e.user_id = CAST(?1 AS TEXT) AND e.seq < ?2 AND (?3 = 0 OR e.read = 0)
+         ORDER BY e.seq DESC LIMIT CAST(?4 AS INTEGER)"
+    )
+}
+
 fn replay_page(
     db: &Connection,
     user: &str,
@@ -81,9 +99,7 @@ fn replay_page(
     through: u64,
     page: PageBound,
 ) -> rusqlite::Result<Vec<Entry>> {
-    let mut stmt = db.prepare_cached(&format!(
-        "{COLUMNS} WHERE e.user_id = ?1 AND e.seq > ?2 AND e.seq <= ?3 ORDER BY e.seq LIMIT ?4"
-    ))?;
+    let mut stmt = db.prepare_cached(&replay_query())?;
     let limit = page.entries.max(1) as i64;
     page_of(
         &mut stmt,
@@ -98,10 +114,7 @@ fn list_page(
     query: ListQuery,
     page: PageBound,
 ) -> rusqlite::Result<Vec<Entry>> {
-    let mut stmt = db.prepare_cached(&format!(
-        "{COLUMNS} WHERE e.user_id = ?1 AND e.seq < ?2 AND (?3 = 0 OR e.read = 0)
-         ORDER BY e.seq DESC LIMIT ?4"
-    ))?;
+    let mut stmt = db.prepare_cached(&list_query())?;
     let (before, limit, page) = query.page_bounds(page);
     page_of(
         &mut stmt,
@@ -178,5 +191,65 @@ impl InboxReader for SqliteReader {
         page: PageBound,
     ) -> anyhow::Result<Vec<Entry>> {
         Ok(list_page(&self.db, user, query, page)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::inbox::{sqlite::SqliteStore, store::InboxStore, store::NewMessage};
+
+    #[test]
+    fn replay_and_list_pages_are_compiled_once_for_every_user() {
+        let dir = std::env::temp_dir().join(format!("nb-read-{}", uuid::Uuid::now_v7().simple()));
+        let path = dir.join("inbox.db");
+        let mut store = SqliteStore::open(&path).unwrap();
+        let users = ["a", "b", "c", "d"];
+        let batch: Vec<NewMessage> = users
+            .iter()
+            .map(|u| NewMessage {
+                users: vec![u.to_string()],
+                id: format!("m-{u}"),
+                event: "notification".into(),
+                payload: "{}".into(),
+            })
+            .collect();
+        store.append(&batch, 0, 100).unwrap();
+        let reader = SqliteReader::open(&path).unwrap();
+        let page = PageBound {
+            entries: 10,
+            bytes: usize::MAX,
+        };
+        let query = ListQuery {
+            unread_only: false,
+            before: None,
+            limit: 10,
+        };
+        for user in users {
+            assert_eq!(replay_page(&reader.db, user, 0, 10, page).unwrap().len(), 1);
+            assert_eq!(list_page(&reader.db, user, query, page).unwrap().len(), 1);
+        }
+        for sql in [replay_query(), list_query()] {
+            let stmt = reader.db.prepare_cached(&sql).unwrap();
+            let recompiled = stmt.get_status(rusqlite::StatementStatus::RePrepare);
+            assert_eq!(recompiled, 0, "{sql}");
+            let plan: Vec<String> = reader
+                .db
+                .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+                .unwrap()
+                .query_map(params!["a", 0, 10, 10], |r| r.get(3))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+            assert!(
+                plan.iter().any(|step| step.contains("USING PRIMARY KEY")),
+                "{plan:?}"
+            );
+            assert!(
+                !plan.iter().any(|step| step.contains("TEMP B-TREE")),
+                "{plan:?}"
+            );
+        }
+        let _ = std::fs::remove_dir_all(dir);
     }
 }
