@@ -24,6 +24,20 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
+/// Runs the daemon with a minimal valid environment plus `var=value` (a
+/// setting it must refuse before it starts): its exit code and stderr.
+async fn run_with_env(var: &str, value: &str) -> (Option<i32>, String) {
+    let dir = TempDir::new();
+    let mut command = bridge_command(dir.path());
+    command
+        .env("NOTIFY_BRIDGE_AUTH__JWT_SECRET", SECRET)
+        .env("NOTIFY_BRIDGE_WEBSOCKET__LISTEN", "127.0.0.1:0")
+        .env("NOTIFY_BRIDGE_HTTP__LISTEN", "127.0.0.1:0")
+        .env(var, value);
+    let output = run(command).await;
+    (output.status.code(), text(&output.stderr))
+}
+
 #[tokio::test]
 async fn sigterm_closes_clients_with_1001_and_exits_0() {
     let mut daemon = Daemon::start(&[]).await;
@@ -65,16 +79,8 @@ async fn sigterm_closes_clients_with_1001_and_exits_0() {
 
 #[tokio::test]
 async fn an_invalid_environment_value_exits_2_naming_key_and_variable() {
-    let dir = TempDir::new();
-    let mut command = bridge_command(dir.path());
-    command
-        .env("NOTIFY_BRIDGE_AUTH__JWT_SECRET", SECRET)
-        .env("NOTIFY_BRIDGE_WEBSOCKET__LISTEN", "127.0.0.1:0")
-        .env("NOTIFY_BRIDGE_HTTP__LISTEN", "127.0.0.1:0")
-        .env("NOTIFY_BRIDGE_WEBSOCKET__SEND_QUEUE", "abc");
-    let output = run(command).await;
-    let stderr = text(&output.stderr);
-    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    let (code, stderr) = run_with_env("NOTIFY_BRIDGE_WEBSOCKET__SEND_QUEUE", "abc").await;
+    assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("websocket.send_queue"), "{stderr}");
     assert!(
         stderr.contains("NOTIFY_BRIDGE_WEBSOCKET__SEND_QUEUE"),
@@ -101,16 +107,8 @@ async fn the_runtime_has_a_worker_per_core_unless_told() {
 
 #[tokio::test]
 async fn a_worker_count_that_is_not_a_number_exits_2_naming_the_variable() {
-    let dir = TempDir::new();
-    let mut command = bridge_command(dir.path());
-    command
-        .env("NOTIFY_BRIDGE_AUTH__JWT_SECRET", SECRET)
-        .env("NOTIFY_BRIDGE_WEBSOCKET__LISTEN", "127.0.0.1:0")
-        .env("NOTIFY_BRIDGE_HTTP__LISTEN", "127.0.0.1:0")
-        .env("TOKIO_WORKER_THREADS", "zero");
-    let output = run(command).await;
-    let stderr = text(&output.stderr);
-    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    let (code, stderr) = run_with_env("TOKIO_WORKER_THREADS", "zero").await;
+    assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("TOKIO_WORKER_THREADS=\"zero\""), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
