@@ -73,9 +73,9 @@ impl SqliteStore {
 /// The newest entry past the limit: it and everything older go. The
 /// user is `CAST` to TEXT because with a bare `?1` beside `ORDER BY`, the
 /// bundled SQLite (STAT4) re-compiles the statement every time a new value
-/// is bound (~44,000 instructions, once per commit: docs/performance.md,
-/// "The inbox's commit"); the cast fixes the value's affinity, and the
-/// plan is the same primary-key search.
+/// is bound (~44,000 instructions per user a commit touched:
+/// docs/performance.md, "The inbox's commit"); the cast fixes the value's
+/// affinity, and the plan is the same primary-key search.
 const NEWEST_PAST_LIMIT: &str = "SELECT seq FROM inbox_entries WHERE user_id = CAST(?1 AS TEXT)
      ORDER BY seq DESC LIMIT 1 OFFSET ?2";
 

@@ -501,7 +501,7 @@ fn add_cpu(r: &mut Report, key: &str, label: &str, cpu: &bridge::CpuUse) {
             "{label}: CPU (% of a core) {} / broker / bench",
             subject_names(key).1
         ),
-        serde_json::json!({"bridge": json(cpu.bridge), "broker": json(cpu.broker), "bench": json(cpu.bench)}),
+        serde_json::json!({subject_names(key).0: json(cpu.bridge), "broker": json(cpu.broker), "bench": json(cpu.bench)}),
         format!("{} / {} / {}", show(cpu.bridge), show(cpu.broker), show(cpu.bench)),
     );
 }
