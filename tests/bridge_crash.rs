@@ -109,7 +109,17 @@ type Seen = Arc<Mutex<HashMap<String, u32>>>;
 /// Reads `client`'s notification frames into `seen` until the socket ends.
 fn record(mut client: Client, seen: Seen) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        while let Some(Ok(message)) = client.next().await {
+        while let Some(message) = client.next().await {
+            let message = match message {
+                Ok(message) => message,
+                Err(e) => {
+                    eprintln!("a reader's socket failed: {e}");
+                    break;
+                }
+            };
+            if let Message::Close(frame) = &message {
+                eprintln!("a reader's socket closed: {frame:?}");
+            }
             if let Message::Text(text) = message {
                 let frame: Value = serde_json::from_str(&text).unwrap();
                 if frame["type"] == "notification" {
@@ -153,10 +163,24 @@ async fn kill_9_leaves_unacked_and_later_messages_in_the_queue_for_the_restart()
             publisher.publish_all(&exchange, bodies).await;
         }
     });
-    eventually(Duration::from_secs(30), "the first deliveries", || {
-        before.lock().unwrap().len() as u64 >= KILL_AT
-    })
-    .await;
+    let started = tokio::time::Instant::now();
+    while (before.lock().unwrap().len() as u64) < KILL_AT {
+        if started.elapsed() > Duration::from_secs(30) {
+            let (left, consumers) = queue_depth(&place.queue).await;
+            let (_, metrics_text) = http_get(first.http_addr, "/metrics").await;
+            let outcomes: Vec<&str> = metrics_text
+                .lines()
+                .filter(|l| l.starts_with("notify_bridge_messages_total"))
+                .collect();
+            panic!(
+                "first deliveries: {} received, {left} left with {consumers} consumers, readers ended: {}, {outcomes:?}\n{}",
+                before.lock().unwrap().len(),
+                readers.iter().filter(|r| r.is_finished()).count(),
+                first.log()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     first.kill_9().await;
     assert!(first.pid_or_none().is_none(), "the first daemon is gone");
     stream.await.unwrap();
@@ -194,12 +218,26 @@ async fn kill_9_leaves_unacked_and_later_messages_in_the_queue_for_the_restart()
         .expect("the probed port is still free");
     let proxy = spawn_proxy(listener, broker_addr());
     second.wait_ready().await;
-    let drained = eventually(
-        Duration::from_secs(30),
-        "the restart drains its queue",
-        || after.lock().unwrap().len() as u64 >= u64::from(waiting),
-    )
-    .await;
+    let started = tokio::time::Instant::now();
+    while (after.lock().unwrap().len() as u64) < u64::from(waiting) {
+        if started.elapsed() > Duration::from_secs(30) {
+            let (left, consumers) = queue_depth(&place.queue).await;
+            let (_, metrics_text) = http_get(second.http_addr, "/metrics").await;
+            let outcomes: Vec<&str> = metrics_text
+                .lines()
+                .filter(|l| l.starts_with("notify_bridge_messages_total"))
+                .collect();
+            panic!(
+                "the restart did not drain its queue in 30 s: {} of {waiting} received, \
+                 {left} left with {consumers} consumers, readers ended: {}, {outcomes:?}\n{}",
+                after.lock().unwrap().len(),
+                readers.iter().filter(|r| r.is_finished()).count(),
+                second.log()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let drained = started.elapsed();
 
     // The second daemon consumed exactly what waited: nothing lost from the
     // queue, nothing consumed twice.

@@ -63,10 +63,13 @@ impl<T> Sender<T> {
     /// Queues `item`; an `urgent` one ends a receiver's wait for its
     /// deadline. `false` once the receiver is gone.
     pub fn send(&self, item: T, urgent: bool) -> bool {
+        // Counted before it is in the channel: a receiver on another thread
+        // may take it (and subtract it) the moment it is there.
+        let waiting = self.shared.waiting.fetch_add(1, Ordering::Relaxed) + 1;
         if self.items.send(item).is_err() {
+            self.shared.waiting.fetch_sub(1, Ordering::Relaxed);
             return false;
         }
-        let waiting = self.shared.waiting.fetch_add(1, Ordering::Relaxed) + 1;
         if urgent || waiting == self.shared.wake_at {
             self.shared.early.notify_one();
         }
@@ -120,6 +123,8 @@ mod tests {
 
     use futures_util::FutureExt;
     use tokio::time::{advance, Instant};
+
+    use std::sync::atomic::Ordering;
 
     use super::channel;
 
@@ -180,5 +185,40 @@ mod tests {
         assert_eq!(rx.recv(&mut batch, 256, None).await, Some(1));
         assert_eq!(rx.recv(&mut batch, 256, None).await, None);
         assert_eq!(batch, vec![7, 8]);
+    }
+
+    /// A receiver on another thread may take an item the moment it is in
+    /// the channel: the count of waiting items must already include it, or
+    /// the count wraps below zero (and the sender's next add overflows).
+    #[test]
+    fn a_receiver_racing_the_sender_never_sees_the_count_go_below_zero() {
+        const ITEMS: usize = 200_000;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .build()
+            .unwrap();
+        let (tx, mut rx) = channel::<usize>(usize::MAX);
+        let shared = tx.shared.clone();
+        let receiver = runtime.spawn(async move {
+            let (mut batch, mut taken, mut wrapped) = (Vec::new(), 0, 0);
+            while let Some(n) = rx.recv(&mut batch, 16, None).await {
+                taken += n;
+                batch.clear();
+                if rx.shared.waiting.load(Ordering::Relaxed) > ITEMS {
+                    wrapped += 1;
+                }
+            }
+            (taken, wrapped)
+        });
+        let sender = std::thread::spawn(move || {
+            for n in 0..ITEMS {
+                tx.send(n, false);
+            }
+        });
+        sender.join().expect("the sender must not panic");
+        let (taken, wrapped) = runtime.block_on(receiver).unwrap();
+        assert_eq!(taken, ITEMS);
+        assert_eq!(wrapped, 0, "the waiting count went below zero");
+        assert_eq!(shared.waiting.load(Ordering::Relaxed), 0);
     }
 }
