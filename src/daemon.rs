@@ -9,7 +9,7 @@ use std::{
 use anyhow::Context;
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::{
     amqp,
@@ -45,15 +45,41 @@ pub struct Running {
     pub metrics: Arc<Metrics>,
     pub readiness: Arc<Readiness>,
     pub router: Router,
-    done: JoinHandle<()>,
+    done: JoinHandle<Result<(), TaskEnded>>,
 }
 
 impl Running {
-    /// Waits until the bridge has shut down (after `shutdown` was cancelled).
-    pub async fn wait(self) {
-        let _ = self.done.await;
+    /// Waits until the bridge has shut down: after `shutdown` was
+    /// cancelled, or with an error when a task the delivery path needs
+    /// ended first (a panic), so that the process exits non-zero and its
+    /// supervisor restarts it instead of it staying up delivering nothing.
+    pub async fn wait(self) -> Result<(), TaskEnded> {
+        self.done.await.unwrap_or(Err(TaskEnded {
+            task: "drain",
+            detail: "the shutdown task itself failed".into(),
+        }))
     }
 }
+
+/// A task on the delivery path (the router or the consume loop) ended
+/// before shutdown: only a bug does that, and the bridge stops.
+#[derive(Debug)]
+pub struct TaskEnded {
+    pub task: &'static str,
+    pub detail: String,
+}
+
+impl std::fmt::Display for TaskEnded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the {} task ended before shutdown: {}",
+            self.task, self.detail
+        )
+    }
+}
+
+impl std::error::Error for TaskEnded {}
 
 /// Starts the bridge; it stops when `shutdown` is cancelled.
 ///
@@ -316,12 +342,20 @@ struct Tasks {
 /// Once `shutdown` is cancelled: stop accepting and consuming, close every
 /// client with 1001 and wait for their close frames, within `timeout`.
 async fn drain(
-    tasks: Tasks,
+    mut tasks: Tasks,
     router: Router,
     shutdown: CancellationToken,
     timeout: std::time::Duration,
-) {
-    shutdown.cancelled().await;
+) -> Result<(), TaskEnded> {
+    if let Some(ended) = delivery_task_ended(&mut tasks, &shutdown).await {
+        error!(task = ended.task, detail = %ended.detail,
+            "a task on the delivery path ended: stopping; unacknowledged deliveries go back to the broker");
+        shutdown.cancel();
+        for task in [&tasks.ws, &tasks.consumer, &tasks.http, &tasks.router] {
+            task.abort();
+        }
+        return Err(ended);
+    }
     info!("shutting down: closing clients with 1001");
     let Tasks {
         ws,
@@ -344,6 +378,25 @@ async fn drain(
     drop(router);
     router_task.abort();
     info!("stopped");
+    Ok(())
+}
+
+/// Waits for `shutdown`; `Some` if the router or the consume loop ended
+/// first, which they do only by panicking.
+async fn delivery_task_ended(tasks: &mut Tasks, shutdown: &CancellationToken) -> Option<TaskEnded> {
+    let (task, result) = tokio::select! {
+        // Shutdown first: the consume loop ends by itself once it is asked.
+        biased;
+        _ = shutdown.cancelled() => return None,
+        result = &mut tasks.router => ("router", result),
+        result = &mut tasks.consumer => ("consume loop", result),
+    };
+    let detail = match result {
+        Err(e) if e.is_panic() => "it panicked (the panic is logged above)".to_string(),
+        Err(e) => e.to_string(),
+        Ok(()) => "it returned".to_string(),
+    };
+    Some(TaskEnded { task, detail })
 }
 
 /// Joins the cluster: the instance's heartbeat and presence, its live link.
@@ -452,4 +505,66 @@ fn watch_database(
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// Tasks that run until aborted, but for the router and the consume
+    /// loop given.
+    fn tasks(router: JoinHandle<()>, consumer: JoinHandle<()>) -> Tasks {
+        let forever = || tokio::spawn(std::future::pending::<()>());
+        Tasks {
+            ws: forever(),
+            consumer,
+            http: forever(),
+            router,
+            sessions: TaskTracker::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_panicking_router_stops_the_bridge_with_an_error() {
+        let (router, _join) = Router::spawn(Arc::new(Metrics::default()));
+        let shutdown = CancellationToken::new();
+        let panicking = tokio::spawn(async { panic!("a bug in the router") });
+        let consumer = tokio::spawn(std::future::pending::<()>());
+        let drained = drain(
+            tasks(panicking, consumer),
+            router,
+            shutdown.clone(),
+            Duration::from_secs(1),
+        );
+        let ended = tokio::time::timeout(Duration::from_secs(5), drained)
+            .await
+            .expect("the drain must not wait for a shutdown that nobody asks for")
+            .expect_err("a panicked router is a failure");
+        assert_eq!(ended.task, "router");
+        assert!(ended.detail.contains("panicked"), "{ended}");
+        assert!(shutdown.is_cancelled(), "the rest of the bridge stops too");
+    }
+
+    /// On SIGTERM the consume loop ends by itself, often before the drain
+    /// looks: that is a clean stop, every time.
+    #[tokio::test]
+    async fn a_consume_loop_that_ended_for_a_requested_shutdown_is_a_clean_stop() {
+        for _ in 0..20 {
+            let (router, _join) = Router::spawn(Arc::new(Metrics::default()));
+            let shutdown = CancellationToken::new();
+            shutdown.cancel();
+            let consumer = tokio::spawn(async {});
+            tokio::task::yield_now().await;
+            let router_task = tokio::spawn(std::future::pending::<()>());
+            let drained = drain(
+                tasks(router_task, consumer),
+                router,
+                shutdown,
+                Duration::from_millis(20),
+            );
+            assert!(drained.await.is_ok());
+        }
+    }
 }

@@ -61,4 +61,4 @@ pub mod stage;
 pub mod tls;
 pub mod ws;
 
-pub use daemon::{run, Running};
+pub use daemon::{run, Running, TaskEnded};

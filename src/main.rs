@@ -112,10 +112,13 @@ fn serve(config: Config) -> ExitCode {
         let shutdown = CancellationToken::new();
         notify_bridge::shutdown::cancel_on_signal(shutdown.clone());
         match notify_bridge::run(config, shutdown).await {
-            Ok(running) => {
-                running.wait().await;
-                ExitCode::SUCCESS
-            }
+            Ok(running) => match running.wait().await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("notify-bridge: {e}");
+                    ExitCode::FAILURE
+                }
+            },
             Err(e) => {
                 // Logging is set up by now: one line, in the configured format.
                 tracing::error!("notify-bridge: {e:#}");

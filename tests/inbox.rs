@@ -213,7 +213,13 @@ async fn the_store_survives_a_restart() {
     // Stop without deleting the queue and exchange: the same instance comes back.
     bridge.shutdown.cancel();
     let mut bridge = bridge;
-    bridge.running.take().unwrap().wait().await;
+    bridge
+        .running
+        .take()
+        .unwrap()
+        .wait()
+        .await
+        .expect("a clean stop");
 
     let mut again = test_config();
     with_inbox(path)(&mut again);

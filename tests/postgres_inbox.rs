@@ -42,7 +42,13 @@ async fn offline_messages_are_stored_in_postgres_and_replayed_after_a_restart() 
     // Stop without deleting the queue and exchange: the same instance comes back.
     bridge.shutdown.cancel();
     let mut bridge = bridge;
-    bridge.running.take().unwrap().wait().await;
+    bridge
+        .running
+        .take()
+        .unwrap()
+        .wait()
+        .await
+        .expect("a clean stop");
 
     let mut again = test_config();
     with_postgres(db.clone())(&mut again);

@@ -194,7 +194,8 @@ impl Bridge {
         if let Some(running) = self.running.take() {
             tokio::time::timeout(Duration::from_secs(15), running.wait())
                 .await
-                .expect("bridge stops in time");
+                .expect("bridge stops in time")
+                .expect("a clean stop");
         }
         // Leave the shared broker as we found it.
         if let Ok(conn) = Connection::connect(&amqp_url(), ConnectionProperties::default()).await {
