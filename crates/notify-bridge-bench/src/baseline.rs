@@ -1,6 +1,10 @@
 //! The baseline: a bare lapin consumer with the bridge's prefetch and
-//! topology that decodes each body as JSON, reads its stamp and acks
-//! (`multiple`, one ack for what arrived together). No WebSockets.
+//! topology that decodes each body as JSON, reads its stamp and acks as
+//! the bridge does (one `multiple` ack at most [`ACK_DELAY`] after the
+//! first it owes, or once a quarter of the prefetch is owed: at a steady
+//! pace an ack per arrival would charge the floor a write and an I/O
+//! thread wake-up per message that the bridge does not pay). No
+//! WebSockets.
 //!
 //! It runs on a tokio runtime of its own, so its CPU can be told apart
 //! from the bench's publisher: its runtime's threads plus its
@@ -11,14 +15,19 @@
 use std::sync::{atomic::Ordering::Relaxed, Arc};
 
 use anyhow::Context;
-use futures_util::{FutureExt, StreamExt};
+use futures_util::StreamExt;
 use lapin::{
     options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions},
     types::FieldTable,
-    Connection, ConnectionProperties, Consumer,
+    Acker, Connection, ConnectionProperties, Consumer,
 };
+use notify_bridge::amqp::settle::ACK_DELAY;
 use testkit::proc;
-use tokio::{runtime::Runtime, task::JoinHandle};
+use tokio::{
+    runtime::Runtime,
+    task::JoinHandle,
+    time::{sleep_until, Instant},
+};
 
 use crate::clients::Recorders;
 
@@ -68,7 +77,8 @@ impl Baseline {
                 .into_iter()
                 .filter(|tid| !lapin_before.contains(tid)),
         );
-        let task = runtime.spawn(consume(consumer, recorders));
+        let ack_every = usize::from(prefetch / 4).max(1);
+        let task = runtime.spawn(consume(consumer, recorders, ack_every));
         Ok(Self {
             connection,
             task,
@@ -126,28 +136,44 @@ async fn connect(
     Ok((connection, consumer))
 }
 
-/// Records each delivery; everything already here is acked with one
-/// `multiple` ack.
-async fn consume(mut consumer: Consumer, recorders: Arc<Recorders>) -> anyhow::Result<()> {
-    while let Some(delivery) = consumer.next().await {
-        let mut last = delivery?;
-        record_delivery(&last.data, &recorders);
-        for _ in 0..255 {
-            match consumer.next().now_or_never() {
-                Some(Some(Ok(d))) => {
-                    record_delivery(&d.data, &recorders);
-                    last = d;
+/// Records each delivery; acks with the bridge's policy (the module's
+/// comment).
+async fn consume(
+    mut consumer: Consumer,
+    recorders: Arc<Recorders>,
+    ack_every: usize,
+) -> anyhow::Result<()> {
+    let (mut newest, mut owed, mut due): (Option<Acker>, usize, Option<Instant>) = (None, 0, None);
+    loop {
+        let next = match due {
+            None => consumer.next().await,
+            Some(when) => tokio::select! {
+                next = consumer.next() => next,
+                _ = sleep_until(when) => None,
+            },
+        };
+        match next {
+            Some(delivery) => {
+                let delivery = delivery?;
+                record_delivery(&delivery.data, &recorders);
+                newest = Some(delivery.acker);
+                owed += 1;
+                due.get_or_insert_with(|| Instant::now() + ACK_DELAY);
+                if owed < ack_every {
+                    continue;
                 }
-                Some(Some(Err(e))) => return Err(e.into()),
-                Some(None) | None => break,
             }
+            None if due.is_none() => return Ok(()),
+            None => {}
         }
-        last.acker
-            .ack(BasicAckOptions { multiple: true })
-            .await
-            .context("baseline ack failed")?;
+        if let Some(acker) = newest.take() {
+            acker
+                .ack(BasicAckOptions { multiple: true })
+                .await
+                .context("baseline ack failed")?;
+        }
+        (owed, due) = (0, None);
     }
-    Ok(())
 }
 
 fn record_delivery(data: &[u8], recorders: &Recorders) {
