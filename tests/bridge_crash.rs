@@ -131,6 +131,39 @@ fn record(mut client: Client, seen: Seen) -> tokio::task::JoinHandle<()> {
     })
 }
 
+/// Waits up to 30 s until `seen` holds `count` ids; a stall panics with
+/// what the daemon logged, its message outcomes, the queue's depth and how
+/// many readers' sockets ended, so that it says why.
+async fn await_received(
+    daemon: &Daemon,
+    place: &Placement,
+    seen: &Seen,
+    readers: &[tokio::task::JoinHandle<()>],
+    count: u64,
+    what: &str,
+) -> Duration {
+    let started = tokio::time::Instant::now();
+    while (seen.lock().unwrap().len() as u64) < count {
+        if started.elapsed() > Duration::from_secs(30) {
+            let (left, consumers) = queue_depth(&place.queue).await;
+            let (_, metrics_text) = http_get(daemon.http_addr, "/metrics").await;
+            let outcomes: Vec<&str> = metrics_text
+                .lines()
+                .filter(|l| l.starts_with("notify_bridge_messages_total"))
+                .collect();
+            panic!(
+                "not within 30 s: {what}: {} of {count} received, {left} left in the queue \
+                 with {consumers} consumers, readers ended: {}, {outcomes:?}\n{}",
+                seen.lock().unwrap().len(),
+                readers.iter().filter(|r| r.is_finished()).count(),
+                daemon.log()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    started.elapsed()
+}
+
 #[tokio::test]
 async fn kill_9_leaves_unacked_and_later_messages_in_the_queue_for_the_restart() {
     const USERS: u64 = 10;
@@ -163,24 +196,15 @@ async fn kill_9_leaves_unacked_and_later_messages_in_the_queue_for_the_restart()
             publisher.publish_all(&exchange, bodies).await;
         }
     });
-    let started = tokio::time::Instant::now();
-    while (before.lock().unwrap().len() as u64) < KILL_AT {
-        if started.elapsed() > Duration::from_secs(30) {
-            let (left, consumers) = queue_depth(&place.queue).await;
-            let (_, metrics_text) = http_get(first.http_addr, "/metrics").await;
-            let outcomes: Vec<&str> = metrics_text
-                .lines()
-                .filter(|l| l.starts_with("notify_bridge_messages_total"))
-                .collect();
-            panic!(
-                "first deliveries: {} received, {left} left with {consumers} consumers, readers ended: {}, {outcomes:?}\n{}",
-                before.lock().unwrap().len(),
-                readers.iter().filter(|r| r.is_finished()).count(),
-                first.log()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    await_received(
+        &first,
+        &place,
+        &before,
+        &readers,
+        KILL_AT,
+        "the first deliveries",
+    )
+    .await;
     first.kill_9().await;
     assert!(first.pid_or_none().is_none(), "the first daemon is gone");
     stream.await.unwrap();
@@ -218,26 +242,15 @@ async fn kill_9_leaves_unacked_and_later_messages_in_the_queue_for_the_restart()
         .expect("the probed port is still free");
     let proxy = spawn_proxy(listener, broker_addr());
     second.wait_ready().await;
-    let started = tokio::time::Instant::now();
-    while (after.lock().unwrap().len() as u64) < u64::from(waiting) {
-        if started.elapsed() > Duration::from_secs(30) {
-            let (left, consumers) = queue_depth(&place.queue).await;
-            let (_, metrics_text) = http_get(second.http_addr, "/metrics").await;
-            let outcomes: Vec<&str> = metrics_text
-                .lines()
-                .filter(|l| l.starts_with("notify_bridge_messages_total"))
-                .collect();
-            panic!(
-                "the restart did not drain its queue in 30 s: {} of {waiting} received, \
-                 {left} left with {consumers} consumers, readers ended: {}, {outcomes:?}\n{}",
-                after.lock().unwrap().len(),
-                readers.iter().filter(|r| r.is_finished()).count(),
-                second.log()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let drained = started.elapsed();
+    let drained = await_received(
+        &second,
+        &place,
+        &after,
+        &readers,
+        u64::from(waiting),
+        "the restart drains its queue",
+    )
+    .await;
 
     // The second daemon consumed exactly what waited: nothing lost from the
     // queue, nothing consumed twice.

@@ -211,15 +211,8 @@ async fn the_store_survives_a_restart() {
     publish_many(&bridge, &publisher, "keep", 0..3).await;
     wait_for_stored(&bridge, 3).await;
     // Stop without deleting the queue and exchange: the same instance comes back.
-    bridge.shutdown.cancel();
     let mut bridge = bridge;
-    bridge
-        .running
-        .take()
-        .unwrap()
-        .wait()
-        .await
-        .expect("a clean stop");
+    bridge.stop_keeping_topology().await;
 
     let mut again = test_config();
     with_inbox(path)(&mut again);

@@ -40,15 +40,8 @@ async fn offline_messages_are_stored_in_postgres_and_replayed_after_a_restart() 
     publisher.publish_all(&exchange, bodies).await;
     wait_for_stored(&bridge, 5).await;
     // Stop without deleting the queue and exchange: the same instance comes back.
-    bridge.shutdown.cancel();
     let mut bridge = bridge;
-    bridge
-        .running
-        .take()
-        .unwrap()
-        .wait()
-        .await
-        .expect("a clean stop");
+    bridge.stop_keeping_topology().await;
 
     let mut again = test_config();
     with_postgres(db.clone())(&mut again);

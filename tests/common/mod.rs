@@ -189,6 +189,18 @@ impl Bridge {
             .await;
     }
 
+    /// Stops the bridge and waits for a clean stop, leaving its queue and
+    /// exchange on the broker for a bridge started after it.
+    pub async fn stop_keeping_topology(&mut self) {
+        self.shutdown.cancel();
+        self.running
+            .take()
+            .expect("a running bridge")
+            .wait()
+            .await
+            .expect("a clean stop");
+    }
+
     pub async fn stop(mut self) {
         self.shutdown.cancel();
         if let Some(running) = self.running.take() {
