@@ -340,7 +340,8 @@ struct Tasks {
 }
 
 /// Once `shutdown` is cancelled: stop accepting and consuming, close every
-/// client with 1001 and wait for their close frames, within `timeout`.
+/// client with 1001 and wait for their close frames, within `timeout`. If
+/// the router or the consume loop ends first, stop at once with its error.
 async fn drain(
     mut tasks: Tasks,
     router: Router,
