@@ -11,11 +11,13 @@
 //! connection's lapin I/O thread. That CPU per message is the floor any
 //! lapin consumer pays on this machine, measured in the same run as the
 //! bridge's (issue 13: a target below it is a target for the AMQP client).
+//! With a [`FloorWork`] (`--floor`) it also does what no bridge can skip
+//! (`floor.rs`), and its readers, not the consumer, record the arrivals.
 
 use std::sync::{atomic::Ordering::Relaxed, Arc};
 
 use anyhow::Context;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use lapin::{
     options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions},
     types::FieldTable,
@@ -29,7 +31,10 @@ use tokio::{
     time::{sleep_until, Instant},
 };
 
-use crate::clients::Recorders;
+use crate::{
+    clients::Recorders,
+    floor::{FloorSide, FloorWork, BURST},
+};
 
 /// The name of the baseline runtime's threads.
 const THREAD_NAME: &str = "bare-consumer";
@@ -44,6 +49,18 @@ pub struct Baseline {
     /// another one's task, so it is shut down in the background).
     runtime: Option<Runtime>,
     threads: Vec<u32>,
+    floor: Option<FloorSide>,
+}
+
+/// What the baseline does besides decoding and acking.
+pub enum Extra {
+    /// Nothing: lapin's own floor.
+    Nothing,
+    /// The floor of any bridge (`floor.rs`); with a store in this folder
+    /// when it is `Some`.
+    Floor {
+        store_dir: Option<std::path::PathBuf>,
+    },
 }
 
 impl Baseline {
@@ -56,6 +73,7 @@ impl Baseline {
         queue: &str,
         prefetch: u16,
         recorders: Arc<Recorders>,
+        extra: Extra,
     ) -> anyhow::Result<Self> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .thread_name(THREAD_NAME)
@@ -77,13 +95,21 @@ impl Baseline {
                 .into_iter()
                 .filter(|tid| !lapin_before.contains(tid)),
         );
+        let (work, floor) = match extra {
+            Extra::Nothing => (None, None),
+            Extra::Floor { store_dir } => {
+                let (work, side) = FloorWork::open(&runtime, store_dir, &recorders).await?;
+                (Some(work), Some(side))
+            }
+        };
         let ack_every = usize::from(prefetch / 4).max(1);
-        let task = runtime.spawn(consume(consumer, recorders, ack_every));
+        let task = runtime.spawn(consume(consumer, recorders, ack_every, work));
         Ok(Self {
             connection,
             task,
             runtime: Some(runtime),
             threads,
+            floor,
         })
     }
 
@@ -92,10 +118,17 @@ impl Baseline {
         self.threads.clone()
     }
 
-    /// Closes the connection and ends the consumer and its runtime.
-    pub async fn stop(self) -> anyhow::Result<()> {
+    /// Closes the connection and ends the consumer and its runtime, once
+    /// the last ack it owed is out: unacked deliveries would come back to
+    /// the next consumer of the queue (the floor's run follows on it) as
+    /// duplicates.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        tokio::time::sleep(ACK_DELAY * 2).await;
         let _ = self.connection.close(200, "baseline done".into()).await;
         self.task.abort();
+        if let Some(floor) = self.floor.take() {
+            floor.finish();
+        }
         Ok(())
     }
 }
@@ -148,12 +181,14 @@ enum Next {
     End,
 }
 
-/// Records each delivery; acks with the bridge's policy (the module's
+/// Records each delivery (or, with `work`, hands it to the floor's work,
+/// whose readers record it); acks with the bridge's policy (the module's
 /// comment).
 async fn consume(
     mut consumer: Consumer,
     recorders: Arc<Recorders>,
     ack_every: usize,
+    mut work: Option<FloorWork>,
 ) -> anyhow::Result<()> {
     let (mut newest, mut owed, mut due): (Option<Acker>, usize, Option<Instant>) = (None, 0, None);
     loop {
@@ -165,9 +200,20 @@ async fn consume(
             Next::End => return Ok(()),
             Next::Delivery(delivery) => {
                 let delivery = delivery?;
-                record_delivery(&delivery.data, &recorders);
-                newest = Some(delivery.acker);
-                owed += 1;
+                let acker = match &mut work {
+                    None => {
+                        record_delivery(&delivery.data, &recorders);
+                        owed += 1;
+                        delivery.acker
+                    }
+                    Some(work) => {
+                        let burst = burst(delivery, &mut consumer, work.takes_bursts())?;
+                        work.deliver(&burst).await?;
+                        owed += burst.len();
+                        burst.into_iter().next_back().expect("a burst").acker
+                    }
+                };
+                newest = Some(acker);
                 due.get_or_insert_with(|| Instant::now() + ACK_DELAY);
                 if owed < ack_every {
                     continue;
@@ -183,6 +229,23 @@ async fn consume(
         }
         (owed, due) = (0, None);
     }
+}
+
+/// `first` and, when `gather`, every delivery that is already there (up
+/// to [`BURST`]), as the bridge's stage takes them.
+fn burst(
+    first: lapin::message::Delivery,
+    consumer: &mut Consumer,
+    gather: bool,
+) -> anyhow::Result<Vec<lapin::message::Delivery>> {
+    let mut burst = vec![first];
+    while gather && burst.len() < BURST {
+        match consumer.next().now_or_never() {
+            Some(Some(delivery)) => burst.push(delivery?),
+            Some(None) | None => break,
+        }
+    }
+    Ok(burst)
 }
 
 fn record_delivery(data: &[u8], recorders: &Recorders) {

@@ -20,6 +20,7 @@
 mod baseline;
 mod bridge;
 mod clients;
+mod floor;
 mod receipts;
 mod report;
 mod scenarios;
@@ -101,6 +102,12 @@ struct Cli {
     /// Skip the baseline run that unicast and broadcast do first.
     #[arg(long)]
     no_baseline: bool,
+    /// unicast: also run the floor, the bare consumer with the bridge's
+    /// decoder and one WebSocket frame written per message (and with
+    /// --inbox each burst committed to SQLite first): what any bridge pays
+    /// (docs/performance.md).
+    #[arg(long)]
+    floor: bool,
     /// Client sockets per source address (127.0.0.2, 127.0.0.3, …).
     #[arg(long, default_value_t = 1000)]
     per_source: usize,
@@ -213,6 +220,7 @@ impl Cli {
             inbox: self.inbox || self.scenario == ReplayStorm,
             receipts: self.receipts,
             baseline: !self.no_baseline,
+            floor: self.floor,
             per_source: self.per_source.max(1),
             connect_concurrency: self.connect_concurrency.max(1),
             hold: Duration::from_secs_f64(self.hold.max(0.0)),

@@ -18,7 +18,7 @@ mod cluster;
 pub use cluster::{cleanup as cluster_cleanup, cluster};
 
 use crate::{
-    baseline::Baseline,
+    baseline::{Baseline, Extra},
     bridge::{self, Bridge, BridgeOptions, Handle, Names},
     clients::{self, Publisher, Reader, Recorder, Recorders, Ws},
     report::{self, mib, Axis, Report, Series},
@@ -41,6 +41,8 @@ pub struct Options {
     /// unicast: receipts on, drained from a queue of the bench's.
     pub receipts: bool,
     pub baseline: bool,
+    /// unicast: the floor run as well (`floor.rs`).
+    pub floor: bool,
     pub per_source: usize,
     pub connect_concurrency: usize,
     pub hold: Duration,
@@ -393,9 +395,13 @@ async fn drive_unicast(
     Ok(Measured::of(&rec, published, cpu))
 }
 
-/// The bare consumer on the same stream.
-async fn run_baseline(ctx: &Ctx, targets: &[u32]) -> anyhow::Result<Measured> {
-    ctx.progress.phase("baseline");
+/// The bare consumer on the same stream; with [`Extra::Floor`], the floor.
+async fn run_baseline(ctx: &Ctx, targets: &[u32], extra: Extra) -> anyhow::Result<Measured> {
+    let phase = match extra {
+        Extra::Nothing => "baseline",
+        Extra::Floor { .. } => "floor",
+    };
+    ctx.progress.phase(phase);
     let recorders = ctx.recorders(vec![
         Recorder::unicast(ctx.opts.warmup),
         Recorder::unicast(targets.len() as u64),
@@ -406,6 +412,7 @@ async fn run_baseline(ctx: &Ctx, targets: &[u32]) -> anyhow::Result<Measured> {
         &ctx.names.baseline_queue,
         ctx.opts.prefetch,
         recorders.clone(),
+        extra,
     )
     .await?;
     let measured = drive_unicast(
@@ -413,7 +420,7 @@ async fn run_baseline(ctx: &Ctx, targets: &[u32]) -> anyhow::Result<Measured> {
         &ctx.names.baseline_exchange,
         &recorders,
         targets,
-        "baseline",
+        phase,
         bridge::Subject::Threads(consumer.threads()),
     )
     .await;
@@ -484,6 +491,7 @@ fn add_measured(r: &mut Report, key: &str, label: &str, m: &Measured, expected: 
 fn subject_names(key: &str) -> (&'static str, &'static str) {
     match key {
         "baseline" => ("consumer", "bare consumer"),
+        "floor" => ("consumer", "floor consumer"),
         _ => ("bridge", "bridge"),
     }
 }
@@ -570,7 +578,7 @@ pub async fn baseline(ctx: &Ctx) -> anyhow::Result<Report> {
     r.param("messages", o.messages);
     r.param("rate", o.rate);
     let targets = unicast_targets(o.seed, o.messages, o.users);
-    let m = run_baseline(ctx, &targets).await?;
+    let m = run_baseline(ctx, &targets, Extra::Nothing).await?;
     add_measured(&mut r, "baseline", "baseline", &m, o.messages);
     plot_latency(
         ctx,
@@ -594,13 +602,24 @@ pub async fn unicast(ctx: &Ctx) -> anyhow::Result<Report> {
     r.param("window", o.window as u64);
     let targets = unicast_targets(o.seed, o.messages, o.users);
     let base = if o.baseline {
-        Some(run_baseline(ctx, &targets).await?)
+        Some(run_baseline(ctx, &targets, Extra::Nothing).await?)
+    } else {
+        None
+    };
+    let floor = if o.floor {
+        let store_dir = o
+            .inbox
+            .then(|| bridge::work_dir(&o.out_dir, &ctx.names).join("floor-inbox"));
+        Some(run_baseline(ctx, &targets, Extra::Floor { store_dir }).await?)
     } else {
         None
     };
     let handle = ctx.start_bridge().await?;
     let (m, readers) = unicast_through_bridge(ctx, &mut r, &handle, &targets).await?;
-    let runs = unicast_figures(&mut r, o, &m, base.as_ref());
+    let mut runs = unicast_figures(&mut r, o, &m, base.as_ref());
+    if let Some(f) = &floor {
+        floor_figures(&mut r, o, &m, f, &mut runs);
+    }
     bridge_figures(&mut r, &handle).await;
     sockets_closed_early(&mut r, readers);
     let rate = if o.rate > 0.0 {
@@ -700,6 +719,32 @@ fn unicast_figures(
     runs
 }
 
+/// The floor's rows and the bridge's CPU over the floor's, in the same run.
+fn floor_figures(
+    r: &mut Report,
+    o: &Options,
+    m: &Measured,
+    f: &Measured,
+    runs: &mut Vec<(String, Vec<(f64, f64)>)>,
+) {
+    add_measured(r, "floor", "floor", f, o.messages);
+    if let (Some(bridge), Some(floor)) = (m.cpu_us_per_message(), f.cpu_us_per_message()) {
+        let ratio = bridge / floor.max(1e-3);
+        r.add(
+            "cpu_ratio_to_floor",
+            "bridge CPU ÷ floor CPU per notification",
+            (ratio * 1000.0).round() / 1000.0,
+            format!("{ratio:.2}"),
+        );
+    }
+    let what = if o.inbox {
+        "decode, commit, write"
+    } else {
+        "decode, write"
+    };
+    runs.push((format!("floor ({what}, one task)"), f.cdf.clone()));
+}
+
 /// How many sockets the bridge closed during the run (none should be);
 /// then stops the readers.
 fn sockets_closed_early(r: &mut Report, readers: Vec<Reader>) {
@@ -780,6 +825,7 @@ async fn broadcast_baseline(ctx: &Ctx) -> anyhow::Result<f64> {
         &ctx.names.baseline_queue,
         o.prefetch,
         recorders.clone(),
+        Extra::Nothing,
     )
     .await?;
     let publisher =
