@@ -74,6 +74,7 @@ impl Baseline {
         prefetch: u16,
         recorders: Arc<Recorders>,
         extra: Extra,
+        quorum: bool,
     ) -> anyhow::Result<Self> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .thread_name(THREAD_NAME)
@@ -88,7 +89,7 @@ impl Baseline {
             prefetch,
             ..Default::default()
         };
-        let (connection, consumer) = runtime.spawn(connect(config)).await??;
+        let (connection, consumer) = runtime.spawn(connect(config, quorum)).await??;
         let mut threads = proc::my_threads_named(THREAD_NAME);
         threads.extend(
             proc::my_threads_named(LAPIN_THREAD)
@@ -142,15 +143,21 @@ impl Drop for Baseline {
 }
 
 /// Connects, declares and starts consuming, on the baseline's runtime
-/// (lapin's connection lives on the runtime it was opened from).
+/// (lapin's connection lives on the runtime it was opened from). With
+/// `quorum`, the queue is declared as cluster mode declares its ingest
+/// queue (quorum, single active consumer): that leg's own latency.
 async fn connect(
     config: notify_bridge::config::AmqpConfig,
+    quorum: bool,
 ) -> anyhow::Result<(Connection, Consumer)> {
     let url = &config.url;
     let connection = Connection::connect(url, ConnectionProperties::default())
         .await
         .with_context(|| format!("cannot connect the baseline consumer to {url}"))?;
-    let ingest = notify_bridge::amqp::topology::IngestQueue::own(&config);
+    let ingest = match quorum {
+        true => notify_bridge::amqp::topology::IngestQueue::shared(config.queue.clone()),
+        false => notify_bridge::amqp::topology::IngestQueue::own(&config),
+    };
     let channel = notify_bridge::amqp::topology::declare(&connection, &config, &ingest)
         .await
         .context("cannot declare the baseline's exchange and queue")?;

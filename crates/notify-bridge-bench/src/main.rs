@@ -108,6 +108,11 @@ struct Cli {
     /// (docs/performance.md).
     #[arg(long)]
     floor: bool,
+    /// baseline and unicast: the baseline (and floor) consume a quorum
+    /// queue with single active consumer, as cluster mode's ingest queue:
+    /// the latency of that leg alone.
+    #[arg(long)]
+    quorum: bool,
     /// Client sockets per source address (127.0.0.2, 127.0.0.3, …).
     #[arg(long, default_value_t = 1000)]
     per_source: usize,
@@ -221,6 +226,7 @@ impl Cli {
             receipts: self.receipts,
             baseline: !self.no_baseline,
             floor: self.floor,
+            quorum: self.quorum,
             per_source: self.per_source.max(1),
             connect_concurrency: self.connect_concurrency.max(1),
             hold: Duration::from_secs_f64(self.hold.max(0.0)),

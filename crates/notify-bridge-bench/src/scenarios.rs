@@ -43,6 +43,9 @@ pub struct Options {
     pub baseline: bool,
     /// unicast: the floor run as well (`floor.rs`).
     pub floor: bool,
+    /// baseline, unicast: the baseline consumes a quorum queue, as the
+    /// cluster's ingest queue is.
+    pub quorum: bool,
     pub per_source: usize,
     pub connect_concurrency: usize,
     pub hold: Duration,
@@ -242,6 +245,18 @@ impl Measured {
         }
     }
 
+    /// How many latencies were above `nanos` (to the histogram's
+    /// resolution).
+    fn over(&self, nanos: u64) -> u64 {
+        let within = self
+            .cdf
+            .iter()
+            .take_while(|(v, _)| *v <= nanos as f64)
+            .last()
+            .map_or(0.0, |(_, f)| *f);
+        ((1.0 - within) * self.summary.count as f64).round() as u64
+    }
+
     /// The subject's CPU per message received, in µs (None: unknown or
     /// nothing received).
     fn cpu_us_per_message(&self) -> Option<f64> {
@@ -413,6 +428,7 @@ async fn run_baseline(ctx: &Ctx, targets: &[u32], extra: Extra) -> anyhow::Resul
         ctx.opts.prefetch,
         recorders.clone(),
         extra,
+        ctx.opts.quorum,
     )
     .await?;
     let measured = drive_unicast(
@@ -577,6 +593,7 @@ pub async fn baseline(ctx: &Ctx) -> anyhow::Result<Report> {
     r.param("users", o.users);
     r.param("messages", o.messages);
     r.param("rate", o.rate);
+    r.param("quorum", o.quorum);
     let targets = unicast_targets(o.seed, o.messages, o.users);
     let m = run_baseline(ctx, &targets, Extra::Nothing).await?;
     add_measured(&mut r, "baseline", "baseline", &m, o.messages);
@@ -826,6 +843,7 @@ async fn broadcast_baseline(ctx: &Ctx) -> anyhow::Result<f64> {
         o.prefetch,
         recorders.clone(),
         Extra::Nothing,
+        false,
     )
     .await?;
     let publisher =

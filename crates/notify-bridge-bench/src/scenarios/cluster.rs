@@ -377,19 +377,35 @@ struct Counters {
     /// instance (a live message, in a cluster) to the frame written.
     deliveries: f64,
     delivery_seconds: f64,
+    /// Commits, and last hops, that took more than [`SLOW`]: where a
+    /// publish→frame tail comes from, or does not.
+    slow_commits: f64,
+    slow_deliveries: f64,
 }
+
+/// The histograms' bucket bound counted as slow (`le`), in the metrics'
+/// own spelling.
+const SLOW: &str = "0.01";
 
 impl Counters {
     async fn read(handle: &Handle) -> Self {
         let m = |name: &'static str| async move { handle.metric(name, "").await.unwrap_or(-1.0) };
+        let within = |name: &'static str| async move {
+            let le = format!("le=\"{SLOW}\"");
+            handle.metric(name, &le).await.unwrap_or(0.0)
+        };
+        let commits = m("notify_bridge_inbox_commit_seconds_count").await;
+        let deliveries = m("notify_bridge_delivery_seconds_count").await;
         Self {
             live_received: m("notify_bridge_cluster_live_received_total").await,
             stored: m("notify_bridge_inbox_stored_total").await,
-            commits: m("notify_bridge_inbox_commit_seconds_count").await,
+            commits,
             commit_seconds: m("notify_bridge_inbox_commit_seconds_sum").await,
             gap_repairs: m("notify_bridge_inbox_gap_repairs_total").await,
-            deliveries: m("notify_bridge_delivery_seconds_count").await,
+            deliveries,
             delivery_seconds: m("notify_bridge_delivery_seconds_sum").await,
+            slow_commits: commits - within("notify_bridge_inbox_commit_seconds_bucket").await,
+            slow_deliveries: deliveries - within("notify_bridge_delivery_seconds_bucket").await,
         }
     }
 
@@ -410,6 +426,8 @@ impl Counters {
             gap_repairs: self.gap_repairs - b.gap_repairs,
             deliveries: self.deliveries - b.deliveries,
             delivery_seconds: self.delivery_seconds - b.delivery_seconds,
+            slow_commits: self.slow_commits - b.slow_commits,
+            slow_deliveries: self.slow_deliveries - b.slow_deliveries,
         }
     }
 }
@@ -566,7 +584,19 @@ fn add_breakdown(r: &mut Report, key: &str, label: &str, load: &Load) {
         serde_json::json!({"e2e": e2e, "commit": commit, "entries_per_commit": per_commit, "last_hop": last_hop}),
         format!("{e2e:.2} ms / {commit:.2} ms ({per_commit:.1}) / {last_hop:.2} ms"),
     );
+    let slow_commits = writer.map_or(0.0, |c| c.slow_commits);
+    let slow_hops: f64 = load.counters.iter().map(|c| c.slow_deliveries).sum();
+    let slow_e2e = load.measured.over(SLOW_NANOS);
+    r.add(
+        &format!("{key}_over_10ms"),
+        &format!("{label}: over 10 ms: publish→frame / commits / last hops"),
+        serde_json::json!({"e2e": slow_e2e, "commits": slow_commits, "last_hops": slow_hops}),
+        format!("{slow_e2e} / {slow_commits} / {slow_hops}"),
+    );
 }
+
+/// [`SLOW`] in nanoseconds, for the bench's own histogram.
+const SLOW_NANOS: u64 = 10_000_000;
 
 /// One figure of each of A, B and C in one row (a JSON array, `a / b / c`
 /// in the table); the figures.
