@@ -12,10 +12,11 @@
 //! queue, ports on 127.0.0.1:0), stops it and deletes the topology at the
 //! end, also on errors and Ctrl-C. See docs/performance.md.
 //!
-//! Modules: `scenarios` (what each scenario does), `clients` (WebSocket
-//! clients, publisher, baseline consumer), `stats` (histogram, loss and
-//! duplicates, progress), `report` (table, JSON line, SVG), `bridge` (the
-//! child process, /proc, /metrics, topology clean-up).
+//! Modules: `scenarios` (what each scenario does, a file each under
+//! `scenarios/`), `clients` (WebSocket clients, publisher), `baseline` (the
+//! bare consumer) and `floor` (its `--floor` work), `stats` (histogram,
+//! loss and duplicates, progress), `report` (table, JSON line, SVG),
+//! `bridge` (the child process, /proc, /metrics, topology clean-up).
 
 mod baseline;
 mod bridge;
