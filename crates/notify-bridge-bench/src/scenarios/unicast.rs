@@ -143,15 +143,7 @@ fn unicast_figures(
         if o.rate == 0.0 {
             r.target("unicast throughput ÷ baseline", ratio, 0.95, true, "×");
         }
-        if let (Some(bridge), Some(bare)) = (m.cpu_us_per_message(), b.cpu_us_per_message()) {
-            let ratio = bridge / bare.max(1e-3);
-            r.add(
-                "cpu_ratio_to_baseline",
-                "bridge CPU ÷ bare consumer CPU per notification",
-                (ratio * 1000.0).round() / 1000.0,
-                format!("{ratio:.2}"),
-            );
-        }
+        add_cpu_ratio(r, "cpu_ratio_to_baseline", "bare consumer", m, b);
         runs.push(("baseline (bare consumer)".to_string(), b.cdf.clone()));
     }
     if o.rate > 0.0 {
@@ -166,6 +158,20 @@ fn unicast_figures(
     runs
 }
 
+/// The bridge's CPU per notification over `other`'s, measured in the same
+/// run (the ratio is what a noisy machine leaves comparable).
+fn add_cpu_ratio(r: &mut Report, key: &str, other_label: &str, m: &Measured, other: &Measured) {
+    if let (Some(bridge), Some(them)) = (m.cpu_us_per_message(), other.cpu_us_per_message()) {
+        let ratio = bridge / them.max(1e-3);
+        r.add(
+            key,
+            &format!("bridge CPU ÷ {other_label} CPU per notification"),
+            (ratio * 1000.0).round() / 1000.0,
+            format!("{ratio:.2}"),
+        );
+    }
+}
+
 /// The floor's rows and the bridge's CPU over the floor's, in the same run.
 fn floor_figures(
     r: &mut Report,
@@ -175,15 +181,7 @@ fn floor_figures(
     runs: &mut Vec<(String, Vec<(f64, f64)>)>,
 ) {
     add_measured(r, "floor", "floor", f, o.messages);
-    if let (Some(bridge), Some(floor)) = (m.cpu_us_per_message(), f.cpu_us_per_message()) {
-        let ratio = bridge / floor.max(1e-3);
-        r.add(
-            "cpu_ratio_to_floor",
-            "bridge CPU ÷ floor CPU per notification",
-            (ratio * 1000.0).round() / 1000.0,
-            format!("{ratio:.2}"),
-        );
-    }
+    add_cpu_ratio(r, "cpu_ratio_to_floor", "floor", m, f);
     let what = if o.inbox {
         "decode, commit, write"
     } else {
