@@ -213,10 +213,14 @@ async fn consume(
 ) -> Result<(), String> {
     let limits = message::DecodeLimits::from_config(&ctx.config);
     let mut health_check = tokio::time::interval(Duration::from_secs(1));
+    // Registered once, not once per delivery: either ends the loop.
+    let shutdown = ctx.shutdown.cancelled();
+    let receipts_failed = connected.receipts_failed.cancelled();
+    tokio::pin!(shutdown, receipts_failed);
     loop {
         tokio::select! {
-            _ = ctx.shutdown.cancelled() => return Ok(()),
-            _ = connected.receipts_failed.cancelled() => {
+            _ = &mut shutdown => return Ok(()),
+            _ = &mut receipts_failed => {
                 return Err("receipts were not confirmed; reconnecting so their messages come back".to_string());
             }
             _ = health_check.tick() => {
