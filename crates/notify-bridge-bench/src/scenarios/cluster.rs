@@ -377,21 +377,21 @@ struct Counters {
     /// instance (a live message, in a cluster) to the frame written.
     deliveries: f64,
     delivery_seconds: f64,
-    /// Commits, and last hops, that took more than [`SLOW`]: where a
+    /// Commits, and last hops, that took more than [`SLOW_SECONDS`]: where a
     /// publish→frame tail comes from, or does not.
     slow_commits: f64,
     slow_deliveries: f64,
 }
 
-/// The histograms' bucket bound counted as slow (`le`), in the metrics'
-/// own spelling.
-const SLOW: &str = "0.01";
+/// What counts as slow, in seconds: one of the bridge's histogram bucket
+/// bounds (`metrics::LATENCY_BUCKETS`), so its `le` bucket is exact.
+const SLOW_SECONDS: f64 = 0.01;
 
 impl Counters {
     async fn read(handle: &Handle) -> Self {
         let m = |name: &'static str| async move { handle.metric(name, "").await.unwrap_or(-1.0) };
         let within = |name: &'static str| async move {
-            let le = format!("le=\"{SLOW}\"");
+            let le = format!("le=\"{SLOW_SECONDS}\"");
             handle.metric(name, &le).await.unwrap_or(0.0)
         };
         let commits = m("notify_bridge_inbox_commit_seconds_count").await;
@@ -586,7 +586,7 @@ fn add_breakdown(r: &mut Report, key: &str, label: &str, load: &Load) {
     );
     let slow_commits = writer.map_or(0.0, |c| c.slow_commits);
     let slow_hops: f64 = load.counters.iter().map(|c| c.slow_deliveries).sum();
-    let slow_e2e = load.measured.over(SLOW_NANOS);
+    let slow_e2e = load.measured.over((SLOW_SECONDS * 1e9) as u64);
     r.add(
         &format!("{key}_over_10ms"),
         &format!("{label}: over 10 ms: publish→frame / commits / last hops"),
@@ -594,9 +594,6 @@ fn add_breakdown(r: &mut Report, key: &str, label: &str, load: &Load) {
         format!("{slow_e2e} / {slow_commits} / {slow_hops}"),
     );
 }
-
-/// [`SLOW`] in nanoseconds, for the bench's own histogram.
-const SLOW_NANOS: u64 = 10_000_000;
 
 /// One figure of each of A, B and C in one row (a JSON array, `a / b / c`
 /// in the table); the figures.
@@ -741,6 +738,21 @@ mod tests {
         assert!(schema_name(&names)
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'));
+    }
+
+    /// The slow count reads the bucket `le="0.01"`: a bound that is not
+    /// one of the bridge's would match no line and count every commit.
+    #[test]
+    fn the_slow_bound_is_one_of_the_bridges_buckets() {
+        use notify_bridge::metrics::LATENCY_BUCKETS;
+        assert!(LATENCY_BUCKETS.contains(&SLOW_SECONDS));
+        let metrics = notify_bridge::metrics::Metrics::default();
+        metrics
+            .inbox_commit_seconds
+            .observe(std::time::Duration::from_millis(20));
+        let body = metrics.render();
+        let le = format!("notify_bridge_inbox_commit_seconds_bucket{{le=\"{SLOW_SECONDS}\"}} 0");
+        assert!(body.contains(&le), "no {le} in {body}");
     }
 
     #[test]
