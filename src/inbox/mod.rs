@@ -143,6 +143,17 @@ impl Inbox {
         }
     }
 
+    /// How long the commit stage lets a small batch gather before it is
+    /// committed: none for SQLite (a commit there costs an fsync, not
+    /// another process's CPU), [`postgres::GATHER_WINDOW`] for PostgreSQL,
+    /// whose per-transaction cost lands on a server every instance shares.
+    pub fn gather_window(&self) -> Option<Duration> {
+        match &self.backend {
+            Backend::Thread { .. } => None,
+            Backend::Postgres { .. } => Some(postgres::GATHER_WINDOW),
+        }
+    }
+
     /// Opens the readers and runs `store` on a dedicated thread.
     pub fn start(
         store: impl InboxStore,
