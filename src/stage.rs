@@ -149,9 +149,9 @@ async fn run(
 /// committed, taking what arrived meanwhile. Each commit has a fixed cost
 /// on the database server (about 0.6 ms of its CPU in the cluster bench,
 /// whatever the batch's size), paid by every instance sharing it: at 2,000
-/// msg/s a 1 ms window takes batches from 3 to 6.5 messages and the
-/// server's CPU per notification down by 40 %, and with it the contention
-/// that made the tail (docs/performance.md).
+/// msg/s a 1 ms window takes batches from 3 to 6–8 messages and the
+/// server's CPU per notification down by a third, and with it the
+/// contention that made the cluster's tail (docs/performance.md).
 async fn gather<T>(rx: &mut mpsc::Receiver<T>, batch: &mut Vec<T>, window: Option<Duration>) {
     let Some(window) = window else { return };
     if batch.len() >= GATHER_BELOW {
