@@ -382,6 +382,7 @@ pub struct CpuWindow {
     subject: Option<(Subject, u64)>,
     broker: Option<(Pid, u64)>,
     bench: Option<u64>,
+    host: Option<proc::HostCpu>,
     started: std::time::Instant,
 }
 
@@ -396,6 +397,10 @@ pub struct CpuUse {
     pub broker: Option<f64>,
     /// The bench's, without a subject's threads of its own.
     pub bench: Option<f64>,
+    /// The share of the machine's CPU time the hypervisor gave elsewhere
+    /// (steal), in percent: above a few percent the run is not one of a
+    /// quiet machine.
+    pub steal: Option<f64>,
 }
 
 impl CpuWindow {
@@ -406,6 +411,7 @@ impl CpuWindow {
             subject: subject.and_then(|s| Some((s.clone(), s.ticks()?))),
             broker: broker_pid().and_then(|p| at_start(Pid::Of(p))),
             bench: proc::cpu_ticks(Pid::Myself).ok(),
+            host: proc::HostCpu::now(),
             started: std::time::Instant::now(),
         }
     }
@@ -436,6 +442,10 @@ impl CpuWindow {
             bridge_seconds: subject.map(|t| t as f64 / 100.0),
             broker: pct(broker),
             bench: pct(bench),
+            steal: self
+                .host
+                .zip(proc::HostCpu::now())
+                .and_then(|(t0, t1)| t1.steal_percent_since(&t0)),
         }
     }
 }

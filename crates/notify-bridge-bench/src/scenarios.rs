@@ -541,6 +541,29 @@ fn add_cpu(r: &mut Report, key: &str, label: &str, cpu: &bridge::CpuUse) {
         serde_json::json!({subject_names(key).0: json(cpu.bridge), "broker": json(cpu.broker), "bench": json(cpu.bench)}),
         format!("{} / {} / {}", show(cpu.bridge), show(cpu.broker), show(cpu.bench)),
     );
+    add_steal(r, key, label, cpu.steal);
+}
+
+/// Above this share of the machine's CPU taken by the host, a run's
+/// figures get a note: they are not those of a quiet machine.
+const STEAL_NOTE_PERCENT: f64 = 5.0;
+
+/// The CPU the hypervisor took during the window: on a shared host it
+/// halved this machine's speed within an hour (docs/performance.md), and
+/// no figure of a run means much without it.
+fn add_steal(r: &mut Report, key: &str, label: &str, steal: Option<f64>) {
+    let Some(steal) = steal else { return };
+    r.add(
+        &format!("{key}_steal_percent"),
+        &format!("{label}: CPU taken by the host (steal, % of the machine)"),
+        (steal * 10.0).round() / 10.0,
+        format!("{steal:.1} %"),
+    );
+    if steal > STEAL_NOTE_PERCENT {
+        r.note(format!(
+            "{label}: the host took {steal:.0} % of this machine's CPU during the window (steal): not a quiet machine's figures"
+        ));
+    }
 }
 
 async fn bridge_figures(r: &mut Report, handle: &Handle) {

@@ -4,7 +4,7 @@
 
 use procfs::{
     process::{all_processes, ClearRefs, LimitValue, Process},
-    Current, LoadAverage, ProcResult,
+    Current, CurrentSI, KernelStats, LoadAverage, ProcResult,
 };
 
 /// Which process to read: the bridge (or broker) by pid, or the caller
@@ -110,6 +110,35 @@ pub fn load_average() -> Option<f32> {
     LoadAverage::current().ok().map(|l| l.one)
 }
 
+/// The whole machine's CPU time so far, in clock ticks, and the share of
+/// it the hypervisor gave to other guests (steal): a run during which the
+/// host took CPU away is slower for reasons no code of ours controls, and
+/// its figures say so.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HostCpu {
+    pub total: u64,
+    pub steal: u64,
+}
+
+impl HostCpu {
+    /// The machine's counters now (None where /proc/stat cannot be read).
+    pub fn now() -> Option<Self> {
+        let t = KernelStats::current().ok()?.total;
+        let opt = |v: Option<u64>| v.unwrap_or(0);
+        let steal = opt(t.steal);
+        let total = t.user + t.nice + t.system + t.idle;
+        let total = total + opt(t.iowait) + opt(t.irq) + opt(t.softirq) + steal;
+        Some(Self { total, steal })
+    }
+
+    /// Steal as a percentage of all the machine's CPU time since `earlier`.
+    pub fn steal_percent_since(&self, earlier: &Self) -> Option<f64> {
+        let total = self.total.checked_sub(earlier.total).filter(|t| *t > 0)?;
+        let steal = self.steal.saturating_sub(earlier.steal);
+        Some(steal as f64 * 100.0 / total as f64)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -132,6 +161,22 @@ mod tests {
         assert!(cpu_ticks(me).unwrap() <= cpu_ticks(Pid::Myself).unwrap());
         assert!(open_files_limit().is_none_or(|l| l > 0));
         assert!(load_average().is_some_and(|l| l >= 0.0));
+    }
+
+    #[test]
+    fn steal_is_a_share_of_the_machine_time_between_two_readings() {
+        let before = HostCpu {
+            total: 1_000,
+            steal: 10,
+        };
+        let after = HostCpu {
+            total: 1_400,
+            steal: 110,
+        };
+        assert_eq!(after.steal_percent_since(&before), Some(25.0));
+        assert_eq!(before.steal_percent_since(&before), None);
+        let now = HostCpu::now().expect("/proc/stat");
+        assert!(now.total > 0 && now.steal <= now.total);
     }
 
     #[test]
@@ -177,6 +222,13 @@ mod tests {
         assert!(mine < ticks, "the main thread did not spin: {mine} ticks");
         drop(stop_tx);
         busy.join().unwrap();
+        // `join` returns when the thread has cleared its tid, a moment
+        // before the kernel drops its /proc entry (this failed once in
+        // twenty runs when read at once).
+        let gone_by = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        while my_threads_cpu_ticks(&tids).unwrap() != 0 && std::time::Instant::now() < gone_by {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
         assert_eq!(
             my_threads_cpu_ticks(&tids).unwrap(),
             0,
