@@ -353,6 +353,60 @@ async fn four_concurrent_writers_on_overlapping_users_get_dense_unique_seqs() {
     }
 }
 
+/// Four stores append the same batches at once, as an instance taking
+/// over the ingest queue does with what the dead one committed but had
+/// not acked: each (user, id) is stored once, by one of them, the others
+/// told it was held, and every user's seqs stay 1..=N. A writer that
+/// waited for another's lock must see what that one committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn writers_racing_on_the_same_messages_store_each_once() {
+    let Some(url) = pg::fresh_schema().await else {
+        return;
+    };
+    const USERS: [&str; 3] = ["d0", "d1", "d2"];
+    const BATCHES: usize = 40;
+    let mut writers = Vec::new();
+    for _ in 0..4 {
+        let s = Arc::new(PgStore::connect(&url).await.unwrap());
+        writers.push(tokio::spawn(async move {
+            let mut stored = Vec::new();
+            for b in 0..BATCHES {
+                let batch: Vec<NewMessage> =
+                    (0..3).map(|i| msg(&USERS, &format!("b{b}-{i}"))).collect();
+                let seqs = s.append(&batch, 0, 100_000).await.unwrap();
+                for (m, seqs) in batch.iter().zip(seqs) {
+                    for (u, seq) in m.users.iter().zip(seqs) {
+                        stored.extend(seq.map(|seq| (u.clone(), m.id.clone(), seq)));
+                    }
+                }
+            }
+            stored
+        }));
+    }
+    let mut stored = Vec::new();
+    for w in writers {
+        stored.extend(w.await.unwrap());
+    }
+    let n = (BATCHES * 3) as u64;
+    assert_eq!(
+        stored.len() as u64,
+        n * USERS.len() as u64,
+        "each pair once"
+    );
+    let check = PgStore::connect(&url).await.unwrap();
+    for user in USERS {
+        let mut got: Vec<u64> = stored
+            .iter()
+            .filter(|(u, _, _)| u == user)
+            .map(|(_, _, seq)| *seq)
+            .collect();
+        got.sort_unstable();
+        assert_eq!(got, (1..=n).collect::<Vec<_>>(), "{user}'s seqs");
+        let replay = check.replay(user, Some(0), ALL).await.unwrap();
+        assert_eq!((replay.through, replay.counts.total), (n, n), "{user}");
+    }
+}
+
 #[tokio::test]
 async fn migrations_run_once_and_two_stores_may_start_at_once() {
     let Some(url) = pg::fresh_schema().await else {

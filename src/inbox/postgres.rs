@@ -10,7 +10,7 @@
 //! two batches never wait on each other in a circle. Read-state changes and
 //! ttl expiry lock the same rows first, in the same order.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Transaction};
 use tokio_postgres::{error::SqlState, types::ToSql, NoTls};
@@ -153,7 +153,20 @@ impl PgStore {
         now_ms: i64,
         max_per_user: usize,
     ) -> anyhow::Result<Vec<Vec<Option<u64>>>> {
-        transact!(self, tx => append_in(&tx, batch, now_ms, max_per_user))
+        let mut tries = 0;
+        loop {
+            let db = self.client().await?;
+            match append_once(&db, batch, now_ms, max_per_user).await {
+                Err(e) if retryable(&e) && tries + 1 < TRIES => {
+                    tries += 1;
+                    tracing::warn!(
+                        tries,
+                        "inbox append hit a deadlock or conflict; trying again"
+                    );
+                }
+                other => return Ok(other?),
+            }
+        }
     }
 
     /// Applies a read-state change; `true` when anything changed.
@@ -207,245 +220,42 @@ fn retryable(e: &tokio_postgres::Error) -> bool {
     )
 }
 
-/// Locks the users' rows in sorted order (creating missing ones) and
-/// reserves `k` seqs for each (`$2`, the user's distinct ids in the batch),
-/// returning `next_seq` after the reservation: the batch's seqs are the
-/// `k` before it. Reserving in the lock saves a second write of every row;
-/// only when some pairs turn out to be stored already is a user's
-/// `next_seq` moved back ([`NEXT_SEQ`]).
-const LOCK_USERS: &str = "INSERT INTO inbox_users (user_id, next_seq)
-     SELECT u, 1 + k FROM unnest($1::text[], $2::bigint[]) AS v (u, k) ORDER BY u
-     ON CONFLICT (user_id) DO UPDATE SET next_seq = inbox_users.next_seq + EXCLUDED.next_seq - 1
-     RETURNING user_id, next_seq, dropped_through";
+/// The whole append, in the database (schema version 3): one round trip
+/// and one implicit transaction per batch. As four statements inside
+/// BEGIN and COMMIT it took four round trips, each a wake-up of the
+/// server and of this process, the commit's largest cost when the two
+/// cores are busy (docs/performance.md).
+const APPEND: &str = "SELECT inbox_append($1, $2, $3, $4, $5, $6, $7)";
 
-/// The batch's (user, id) pairs already stored, probed pair by pair on
-/// the `(user_id, id)` index: the LATERAL subquery with its LIMIT cannot be
-/// turned into a join. As a join, the plan cached on a pooled connection
-/// while the table was small (a new database, the first batches) stayed a
-/// scan of every entry for the connection's life: 1.5 ms a batch after
-/// 20,000 entries (`pg_stat_statements` in the cluster bench).
-const HELD: &str = "SELECT b.user_id, b.id FROM unnest($1::text[], $2::text[]) AS b (user_id, id)
-     CROSS JOIN LATERAL (
-         SELECT 1 FROM inbox_entries e WHERE e.user_id = b.user_id AND e.id = b.id LIMIT 1
-     ) e";
-
-/// The batch's users, sorted and distinct, each with how many distinct ids
-/// the batch has for them.
-fn users_of(batch: &[NewMessage]) -> Vec<(&str, i64)> {
-    let mut pairs: Vec<(&str, &str)> = batch
-        .iter()
-        .flat_map(|m| m.users.iter().map(move |u| (u.as_str(), m.id.as_str())))
-        .collect();
-    pairs.sort_unstable();
-    pairs.dedup();
-    let mut users: Vec<(&str, i64)> = Vec::new();
-    for (user, _) in pairs {
-        match users.last_mut() {
-            Some((last, k)) if *last == user => *k += 1,
-            _ => users.push((user, 1)),
-        }
-    }
-    users
-}
-
-/// A user's seqs as the lock left them: `next` is the first one the batch
-/// may use, `reserved_end` the `next_seq` the lock wrote, and
-/// `dropped_through` the highest seq retention has dropped.
-struct Reserved {
-    next: i64,
-    reserved_end: i64,
-    dropped_through: i64,
-}
-
-impl Reserved {
-    /// Whether retention may have something to drop: every entry the user
-    /// can hold after this batch has a seq in `(dropped_through,
-    /// reserved_end)` (removals and expiry only leave fewer), so with no
-    /// more than `max` such seqs there is nothing past the limit.
-    fn may_exceed(&self, max: i64) -> bool {
-        self.reserved_end - 1 - self.dropped_through > max
-    }
-}
-
-/// Locks the users' rows (reserving their seqs), then finds the batch's
-/// (user, id) pairs already stored. The two statements are pipelined (sent
-/// together, run by the server in that order, so the lookup sees what the
-/// lock waited for).
-async fn lock_and_find(
-    tx: &Transaction<'_>,
-    users: &[(&str, i64)],
-    batch: &[NewMessage],
-) -> Result<(HashMap<String, Reserved>, HashSet<(String, String)>), tokio_postgres::Error> {
-    let (pair_users, ids): (Vec<&str>, Vec<&str>) = batch
-        .iter()
-        .flat_map(|m| m.users.iter().map(move |u| (u.as_str(), m.id.as_str())))
-        .unzip();
-    let (names, counts): (Vec<&str>, Vec<i64>) = users.iter().copied().unzip();
-    let lock = tx.prepare_cached(LOCK_USERS).await?;
-    let find = tx.prepare_cached(HELD).await?;
-    let lock_params: [&(dyn ToSql + Sync); 2] = [&names, &counts];
-    let find_params: [&(dyn ToSql + Sync); 2] = [&pair_users, &ids];
-    let (locked, held) =
-        futures_util::try_join!(tx.query(&lock, &lock_params), tx.query(&find, &find_params))?;
-    let reserved_for: HashMap<&str, i64> = users.iter().copied().collect();
-    let reserved = locked
-        .iter()
-        .map(|r| {
-            let user: String = r.get(0);
-            let reserved_end: i64 = r.get(1);
-            let next = reserved_end - reserved_for[user.as_str()];
-            let dropped_through = r.get(2);
-            let seqs = Reserved {
-                next,
-                reserved_end,
-                dropped_through,
-            };
-            (user, seqs)
-        })
-        .collect();
-    Ok((
-        reserved,
-        held.iter().map(|r| (r.get(0), r.get(1))).collect(),
-    ))
-}
-
-/// One entry to insert.
-struct Row<'a> {
-    user: &'a str,
-    seq: i64,
-    id: &'a str,
-    payload: usize,
-}
-
-async fn append_in(
-    tx: &Transaction<'_>,
+/// Stores a batch through [`APPEND`]; each message's users get their new
+/// seq, or `None` where they already held that id.
+async fn append_once(
+    db: &deadpool_postgres::Object,
     batch: &[NewMessage],
     now_ms: i64,
     max_per_user: usize,
 ) -> Result<Vec<Vec<Option<u64>>>, tokio_postgres::Error> {
-    let users = users_of(batch);
-    let (mut next, mut seen) = lock_and_find(tx, &users, batch).await?;
-    let mut rows = Vec::new();
-    let mut needed: Vec<&NewMessage> = Vec::new();
-    let mut seqs = Vec::with_capacity(batch.len());
-    for m in batch {
-        let mut for_message = Vec::with_capacity(m.users.len());
-        for user in &m.users {
-            if !seen.insert((user.clone(), m.id.clone())) {
-                for_message.push(None);
-                continue;
-            }
-            // Written when the first user needs it, once per message.
-            if needed.last().is_none_or(|last| !std::ptr::eq(*last, m)) {
-                needed.push(m);
-            }
-            let seq = &mut next
-                .get_mut(user.as_str())
-                .expect("every user was locked")
-                .next;
-            rows.push(Row {
-                user,
-                seq: *seq,
-                id: &m.id,
-                payload: needed.len() - 1,
-            });
-            for_message.push(Some(*seq as u64));
-            *seq += 1;
-        }
-        seqs.push(for_message);
-    }
-    write(tx, &needed, &rows, &next, now_ms, max_per_user).await?;
-    Ok(seqs)
-}
-
-/// The payloads (ids drawn from their sequence in the same statement, each
-/// entry joined to its payload by position) and the entries.
-const INSERT: &str = "WITH p AS (
-         SELECT nextval(pg_get_serial_sequence('inbox_payloads', 'pid')) AS pid, n.*
-         FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS n (i, e, b, k)
-     ), payloads AS (
-         INSERT INTO inbox_payloads (pid, id, event, payload, created_at)
-         SELECT pid, i, e, b, $4 FROM p
-     )
-     INSERT INTO inbox_entries (user_id, seq, id, created_at, payload_ref)
-     SELECT r.u, r.s, r.i, $4, p.pid
-     FROM unnest($5::text[], $6::bigint[], $7::text[], $8::bigint[]) AS r (u, s, i, k)
-     JOIN p ON p.k = r.k";
-
-/// Moves back the `next_seq` of users for whom fewer seqs were used than
-/// the lock reserved (some of the batch's pairs were stored already).
-const NEXT_SEQ: &str = "UPDATE inbox_users u SET next_seq = v.n
-     FROM unnest($1::text[], $2::bigint[]) AS v (user_id, n) WHERE u.user_id = v.user_id";
-
-/// Drops the touched users' oldest entries past `max_per_user`,
-/// remembering the highest dropped seq for `gap`.
-const TRIM: &str = "WITH cut AS (
-         SELECT u.user_id, (SELECT seq FROM inbox_entries e WHERE e.user_id = u.user_id
-                            ORDER BY seq DESC LIMIT 1 OFFSET $2) AS seq
-         FROM unnest($1::text[]) AS u (user_id)
-     ), gone AS (
-         DELETE FROM inbox_entries e USING cut
-         WHERE cut.seq IS NOT NULL AND e.user_id = cut.user_id AND e.seq <= cut.seq
-     )
-     UPDATE inbox_users u SET dropped_through = GREATEST(u.dropped_through, cut.seq)
-     FROM cut WHERE cut.seq IS NOT NULL AND u.user_id = cut.user_id";
-
-/// Inserts, moves back over-reserved `next_seq`s and applies retention:
-/// the statements needed, pipelined, run by the server in that order
-/// (retention sees the new entries).
-async fn write(
-    tx: &Transaction<'_>,
-    needed: &[&NewMessage],
-    rows: &[Row<'_>],
-    reserved: &HashMap<String, Reserved>,
-    now_ms: i64,
-    max_per_user: usize,
-) -> Result<(), tokio_postgres::Error> {
-    let ids: Vec<&str> = needed.iter().map(|m| m.id.as_str()).collect();
-    let events: Vec<&str> = needed.iter().map(|m| m.event.as_str()).collect();
-    let payloads: Vec<&str> = needed.iter().map(|m| m.payload.as_str()).collect();
-    let users: Vec<&str> = rows.iter().map(|r| r.user).collect();
-    let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
-    let entry_ids: Vec<&str> = rows.iter().map(|r| r.id).collect();
-    let refs: Vec<i64> = rows.iter().map(|r| r.payload as i64 + 1).collect();
-    let (names, nexts): (Vec<&str>, Vec<i64>) = reserved
+    let ids: Vec<&str> = batch.iter().map(|m| m.id.as_str()).collect();
+    let events: Vec<&str> = batch.iter().map(|m| m.event.as_str()).collect();
+    let payloads: Vec<&str> = batch.iter().map(|m| m.payload.as_str()).collect();
+    let (users, messages): (Vec<&str>, Vec<i32>) = batch
         .iter()
-        .filter(|(_, r)| r.next != r.reserved_end)
-        .map(|(u, r)| (u.as_str(), r.next))
+        .zip(1..)
+        .flat_map(|(m, k)| m.users.iter().map(move |u| (u.as_str(), k)))
         .unzip();
-    let max = max_per_user as i64;
-    // Only the users who may be past the limit: for the others the trim
-    // would read their newest entries to find nothing to drop (a fifth of
-    // the batch's statement time in the cluster bench).
-    let mut touched: Vec<&str> = rows
+    if users.is_empty() {
+        return Ok(batch.iter().map(|_| Vec::new()).collect());
+    }
+    let max = i64::try_from(max_per_user).unwrap_or(i64::MAX);
+    let params: [&(dyn ToSql + Sync); 7] =
+        [&ids, &events, &payloads, &now_ms, &users, &messages, &max];
+    let statement = db.prepare_cached(APPEND).await?;
+    let seqs: Vec<Option<i64>> = db.query_one(&statement, &params).await?.get(0);
+    let mut seqs = seqs.into_iter().map(|s| s.map(|s| s as u64));
+    Ok(batch
         .iter()
-        .map(|r| r.user)
-        .filter(|u| reserved[*u].may_exceed(max))
-        .collect();
-    touched.sort_unstable();
-    touched.dedup();
-    let insert_params: [&(dyn ToSql + Sync); 8] = [
-        &ids, &events, &payloads, &now_ms, &users, &seqs, &entry_ids, &refs,
-    ];
-    let next_params: [&(dyn ToSql + Sync); 2] = [&names, &nexts];
-    let trim_params: [&(dyn ToSql + Sync); 2] = [&touched, &max];
-    let mut statements = Vec::with_capacity(3);
-    if !rows.is_empty() {
-        statements.push((tx.prepare_cached(INSERT).await?, &insert_params[..]));
-    }
-    if !names.is_empty() {
-        statements.push((tx.prepare_cached(NEXT_SEQ).await?, &next_params[..]));
-    }
-    if !touched.is_empty() {
-        statements.push((tx.prepare_cached(TRIM).await?, &trim_params[..]));
-    }
-    futures_util::future::try_join_all(
-        statements
-            .iter()
-            .map(|(statement, params)| tx.execute(statement, params)),
-    )
-    .await?;
-    Ok(())
+        .map(|m| seqs.by_ref().take(m.users.len()).collect())
+        .collect())
 }
 
 async fn change_in(

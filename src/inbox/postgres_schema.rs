@@ -19,18 +19,21 @@
 //!   writes its users' presence again;
 //!   `cluster_tickets`, the one-time WebSocket tickets every instance can
 //!   redeem, once.
+//! - version 3: `inbox_append`, the whole append of a batch in one call:
+//!   one round trip and one implicit transaction instead of BEGIN, four
+//!   statements and COMMIT from the bridge (docs/performance.md).
 
 use deadpool_postgres::Object;
 
 /// The schema this code reads and writes.
-pub const VERSION: i32 = 2;
+pub const VERSION: i32 = 3;
 
 /// An arbitrary constant: the advisory lock every instance's migration
 /// takes (`pg_advisory_xact_lock`), released at commit or rollback.
 const MIGRATION_LOCK: i64 = 0x6e62_5f69_6e62_6f78; // "nb_inbox"
 
 /// The migrations, index `i` bringing the schema from `i` to `i + 1`.
-const MIGRATIONS: [&str; VERSION as usize] = [V1, V2];
+const MIGRATIONS: [&str; VERSION as usize] = [V1, V2, V3];
 
 const V1: &str = "
 CREATE TABLE inbox_users (
@@ -101,6 +104,105 @@ CREATE TABLE cluster_tickets (
     expires_at TIMESTAMPTZ NOT NULL
 );
 CREATE INDEX cluster_tickets_expiry ON cluster_tickets (expires_at);
+";
+
+/// Stores a batch: the messages (`m_*`, the payload once each) and the
+/// `(user, message)` pairs in batch order (`p_users`, `p_msgs` indexing
+/// `m_ids` from 1); returns each pair's new seq, NULL where that user
+/// already holds that id (stored before, or earlier in the batch).
+///
+/// The steps are those the bridge ran as separate statements, each with
+/// its own snapshot (a VOLATILE function's statements see what committed
+/// before them): lock the users' rows in sorted order reserving one seq per
+/// distinct id (seqs stay dense and unique under concurrent writers); find
+/// what is stored already (after the lock, so a writer it waited for is
+/// seen); insert the payloads and entries; move back the `next_seq` of
+/// users with fewer new entries than reserved; drop, for users who may be
+/// past `max_per_user`, their oldest entries, remembering the highest
+/// dropped seq for `gap`.
+const V3: &str = "
+CREATE FUNCTION inbox_append(
+    m_ids TEXT[], m_events TEXT[], m_payloads TEXT[], now_ms BIGINT,
+    p_users TEXT[], p_msgs INTEGER[], max_per_user BIGINT
+) RETURNS BIGINT[] LANGUAGE plpgsql AS $$
+DECLARE
+    l_users TEXT[];
+    l_firsts BIGINT[];
+    l_ends BIGINT[];
+    reserved BIGINT;
+    seqs BIGINT[];
+    stored BIGINT;
+    trim_users TEXT[];
+BEGIN
+    WITH wanted AS (
+        SELECT p.u, count(DISTINCT m_ids[p.k]) AS n
+        FROM unnest(p_users, p_msgs) AS p (u, k) GROUP BY p.u
+    ), locked AS (
+        INSERT INTO inbox_users AS iu (user_id, next_seq)
+        SELECT u, 1 + n FROM wanted ORDER BY u
+        ON CONFLICT (user_id) DO UPDATE SET next_seq = iu.next_seq + EXCLUDED.next_seq - 1
+        RETURNING iu.user_id, iu.next_seq, iu.dropped_through
+    )
+    SELECT array_agg(l.user_id), array_agg(l.next_seq - w.n), array_agg(l.next_seq), sum(w.n),
+           array_agg(l.user_id) FILTER (WHERE l.next_seq - 1 - l.dropped_through > max_per_user)
+    INTO l_users, l_firsts, l_ends, reserved, trim_users
+    FROM locked l JOIN wanted w ON w.u = l.user_id;
+
+    -- Each pair is probed on the (user_id, id) index: the LATERAL subquery
+    -- with its LIMIT cannot be turned into a join (a scan of every entry
+    -- when the plan was made on a small table).
+    WITH pair AS (
+        SELECT p.u, p.k, p.pos, m_ids[p.k] AS id
+        FROM unnest(p_users, p_msgs) WITH ORDINALITY AS p (u, k, pos)
+    ), fresh AS (
+        SELECT DISTINCT ON (pair.u, pair.id) pair.u, pair.k, pair.pos, pair.id
+        FROM pair LEFT JOIN LATERAL (
+            SELECT 1 AS held FROM inbox_entries e
+            WHERE e.user_id = pair.u AND e.id = pair.id LIMIT 1
+        ) h ON true
+        WHERE h.held IS NULL
+        ORDER BY pair.u, pair.id, pair.pos
+    ), numbered AS (
+        SELECT f.u, f.k, f.pos, f.id,
+               r.first - 1 + row_number() OVER (PARTITION BY f.u ORDER BY f.pos) AS seq
+        FROM fresh f JOIN unnest(l_users, l_firsts) AS r (u, first) ON r.u = f.u
+    ), needed AS (
+        SELECT nextval('inbox_payloads_pid_seq') AS pid, m.k, m.i, m.e, m.b
+        FROM unnest(m_ids, m_events, m_payloads) WITH ORDINALITY AS m (i, e, b, k)
+        WHERE m.k IN (SELECT k FROM numbered)
+    ), payloads AS (
+        INSERT INTO inbox_payloads (pid, id, event, payload, created_at)
+        SELECT pid, i, e, b, now_ms FROM needed
+    ), entries AS (
+        INSERT INTO inbox_entries (user_id, seq, id, created_at, payload_ref)
+        SELECT n.u, n.seq, n.id, now_ms, d.pid FROM numbered n JOIN needed d ON d.k = n.k
+    )
+    SELECT array_agg(n.seq ORDER BY pair.pos), count(n.seq)
+    INTO seqs, stored
+    FROM pair LEFT JOIN numbered n ON n.pos = pair.pos;
+
+    IF stored < reserved THEN
+        UPDATE inbox_users iu SET next_seq = r.first + c.used
+        FROM unnest(l_users, l_firsts, l_ends) AS r (u, first, fin)
+        JOIN (SELECT p.u, count(p.s) AS used FROM unnest(p_users, seqs) AS p (u, s) GROUP BY p.u) c
+          ON c.u = r.u
+        WHERE iu.user_id = r.u AND r.first + c.used <> r.fin;
+    END IF;
+
+    IF trim_users IS NOT NULL THEN
+        WITH cut AS (
+            SELECT t.u, (SELECT seq FROM inbox_entries e WHERE e.user_id = t.u
+                         ORDER BY seq DESC LIMIT 1 OFFSET max_per_user) AS seq
+            FROM unnest(trim_users) AS t (u)
+        ), gone AS (
+            DELETE FROM inbox_entries e USING cut
+            WHERE cut.seq IS NOT NULL AND e.user_id = cut.u AND e.seq <= cut.seq
+        )
+        UPDATE inbox_users iu SET dropped_through = GREATEST(iu.dropped_through, cut.seq)
+        FROM cut WHERE cut.seq IS NOT NULL AND iu.user_id = cut.u;
+    END IF;
+    RETURN seqs;
+END $$;
 ";
 
 /// Brings the database to [`VERSION`]: creates the tables when empty,
