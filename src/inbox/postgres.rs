@@ -34,7 +34,8 @@ const TRIES: usize = 3;
 
 /// Runs `$work` (using the transaction `$tx`) and commits, again (up to
 /// [`TRIES`] times in all) when PostgreSQL aborted it for a deadlock or a
-/// serialization failure: every write goes through here. A macro, because
+/// serialization failure: every write but the append (one call, retried
+/// the same way in [`PgStore::append`]) goes through here. A macro, because
 /// a closure returning a future that borrows the transaction is not `Send`
 /// in today's Rust.
 macro_rules! transact {
