@@ -18,7 +18,10 @@ mod stream;
 
 use std::time::Duration;
 
-use common::{scripts::run_script, *};
+use common::{
+    scripts::{ours_to_stop, run_script},
+    *,
+};
 use serde_json::{json, Value};
 use tokio::{net::TcpListener, sync::Mutex, time::Instant};
 
@@ -225,12 +228,9 @@ impl BrokerFault {
 
 /// The outage tests need to stop the broker: only our own node can be.
 fn assert_our_node() {
-    let said = run_script("rabbitmq", &["status"]);
-    assert!(
-        said.contains("our node") && said.contains("is running"),
-        "the outage tests stop and kill the broker, so they need the node that \
-         scripts/rabbitmq starts, not a broker it merely reuses: {said}"
-    );
+    if let Err(why) = ours_to_stop("rabbitmq", &amqp_url()) {
+        panic!("the outage tests stop and kill the broker: {why}");
+    }
 }
 
 /// Streams confirmed messages to connected users through `outages`, and
